@@ -1,0 +1,78 @@
+# ivcache developer and CI targets.  `make test` is what CI runs (.ci/run).
+VENV ?= .venv
+PY = $(VENV)/bin/python
+WHEEL_VENV ?= .venv-wheel
+WHEEL_DIR = .build/wheel
+PYTEST = $(VENV)/bin/pytest
+EDITABLE = --config-settings editable_mode=strict
+
+# A strict editable install links each file into build/__editable__.*: a file added to the
+# source folders is invisible until reinstalled, so the install depends on every file there.
+SRC := $(shell find core adapters entrypoints -type f ! -path '*/__pycache__/*' ! -name '*.py[co]' 2>/dev/null)
+
+.PHONY: install demo lint ruff mypy imports bare-imports test unit integration e2e wheel-test bench clean
+
+install: $(VENV)/.installed
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -U pip
+
+$(VENV)/.installed: pyproject.toml $(SRC) | $(PY)
+	$(PY) -m pip install -q -e '.[test]' $(EDITABLE)
+	touch $@
+
+demo: install
+	$(VENV)/bin/ivcache demo
+
+lint: install ruff mypy imports bare-imports
+
+ruff: install
+	$(VENV)/bin/ruff check .
+
+# mypy checks the installed package names (-p), then the tests (a separate run: mypy cannot
+# mix -p and paths).  Errors in the package are reported under build/__editable__.*/ivcache/,
+# whose files are symlinks to core/, adapters/, entrypoints/.
+mypy: install
+	$(VENV)/bin/mypy -p ivcache.core -p ivcache.adapters -p ivcache.entrypoints
+	if find tests -name '*.py' | grep -q .; then $(VENV)/bin/mypy tests; fi
+
+imports: install
+	$(VENV)/bin/lint-imports
+
+bare-imports:
+	python3 tools/check_bare_imports.py
+
+test: install lint
+	$(PYTEST) tests/unit tests/integration tests/e2e
+	$(MAKE) wheel-test
+
+unit: install
+	$(PYTEST) tests/unit
+
+integration: install
+	$(PYTEST) tests/integration
+
+e2e: install
+	$(PYTEST) tests/e2e
+
+# Build a real wheel, install it into its own venv and run the tests from a copy of tests/
+# outside the repository, so the source folders are not importable: a package or data file
+# missing from the wheel fails here (an editable install hides such omissions).
+wheel-test:
+	rm -rf $(WHEEL_DIR) build/lib build/bdist.* *.egg-info
+	$(or $(wildcard $(PY)),python3) -m pip wheel --no-deps -w $(WHEEL_DIR) .
+	test -x $(WHEEL_VENV)/bin/python || python3 -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/python -m pip uninstall -y -q ivcache
+	$(WHEEL_VENV)/bin/python -m pip install "$$(ls $(WHEEL_DIR)/ivcache-*.whl)[test]"
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	  cp -r tests pyproject.toml "$$tmp"/ && \
+	  if [ -f conftest.py ]; then cp conftest.py "$$tmp"/; fi && \
+	  cd "$$tmp" && $(abspath $(WHEEL_VENV))/bin/pytest -p no:cacheprovider tests/e2e tests/unit -x -q
+
+bench: install
+	$(VENV)/bin/python bench/run.py
+
+clean:
+	rm -rf $(VENV) $(WHEEL_VENV) .build build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

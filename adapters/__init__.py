@@ -1,0 +1,1 @@
+"""Adapters that implement the core's ports (storage, SQL, images, notifications)."""

@@ -1,0 +1,212 @@
+"""In-memory fakes of the ports, for unit tests. Small and honest, typed against the ports."""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import hashlib
+import threading
+from collections.abc import Iterator
+from types import TracebackType
+
+import attrs
+
+from ivcache.core.errors import AlreadyClaimed, ImageNotFound
+from ivcache.core.events import Event
+from ivcache.core.model import CacheEntry, EntryState, HostTotals, Image, RequestContext
+
+__all__ = [
+    "FakeClock",
+    "InMemoryImageSource",
+    "InMemoryRepository",
+    "InMemoryUnitOfWork",
+    "RecordingNotifier",
+]
+
+
+class InMemoryRepository:
+    """Entries in a dict; totals derived by the same add/remove calls the SQL one makes."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, CacheEntry] = {}
+        self._totals: dict[str, HostTotals] = {}
+
+    def lock_host(self, host: str) -> HostTotals:
+        # Like the SQL one, locking a host makes its totals row exist.
+        self._totals.setdefault(host, HostTotals(host))
+        return self._totals[host]
+
+    def totals(self, host: str) -> HostTotals:
+        return self._totals.get(host, HostTotals(host))
+
+    def all_totals(self) -> list[HostTotals]:
+        return sorted(self._totals.values(), key=lambda t: t.host)
+
+    def count_stats(self, host: str, *, hits: int = 0, misses: int = 0, evictions: int = 0,
+                    downloads: int = 0, bytes_downloaded: int = 0) -> None:
+        t = self.totals(host)
+        self._totals[host] = attrs.evolve(
+            t, hits=t.hits + hits, misses=t.misses + misses, evictions=t.evictions + evictions,
+            downloads=t.downloads + downloads,
+            bytes_downloaded=t.bytes_downloaded + bytes_downloaded)
+
+    def get(self, entry_id: str) -> CacheEntry | None:
+        e = self._entries.get(entry_id)
+        return copy.copy(e) if e else None
+
+    def find(self, host: str, image_id: str) -> CacheEntry | None:
+        for e in self._entries.values():
+            if e.host == host and e.image_id == image_id:
+                return copy.copy(e)
+        return None
+
+    def find_by_volume(self, volume_id: str) -> CacheEntry | None:
+        for e in self._entries.values():
+            if e.volume_id == volume_id:
+                return copy.copy(e)
+        return None
+
+    def list(self, host: str | None = None, image_id: str | None = None) -> list[CacheEntry]:
+        found = [copy.copy(e) for e in self._entries.values()
+                 if (host is None or e.host == host)
+                 and (image_id is None or e.image_id == image_id)]
+        return sorted(found, key=lambda e: (e.host, e.last_used, e.id))
+
+    def add(self, entry: CacheEntry) -> None:
+        if self.find(entry.host, entry.image_id) is not None:
+            raise AlreadyClaimed(entry.host, entry.image_id)
+        self._entries[entry.id] = copy.copy(entry)
+        t = self.totals(entry.host)
+        self._totals[entry.host] = attrs.evolve(t, count=t.count + 1,
+                                                size_gb=t.size_gb + entry.size_gb)
+
+    def save(self, entry: CacheEntry) -> None:
+        old = self._entries.get(entry.id)
+        if old is None:
+            return
+        self._entries[entry.id] = copy.copy(entry)
+        if old.size_gb != entry.size_gb:
+            t = self.totals(entry.host)
+            self._totals[entry.host] = attrs.evolve(
+                t, size_gb=t.size_gb + entry.size_gb - old.size_gb)
+
+    def remove(self, entry: CacheEntry) -> bool:
+        gone = self._entries.pop(entry.id, None)
+        if gone is None:
+            return False
+        t = self.totals(gone.host)
+        self._totals[gone.host] = attrs.evolve(t, count=t.count - 1,
+                                               size_gb=t.size_gb - gone.size_gb)
+        return True
+
+    def lru_victims(self, host: str, now: dt.datetime) -> Iterator[CacheEntry]:
+        for e in self.list(host=host):
+            if e.state is EntryState.READY and not e.pinned and not e.leased(now):
+                yield e
+
+
+class InMemoryUnitOfWork:
+    """Snapshot on enter, restore on rollback; a lock stands in for the database's."""
+
+    def __init__(self, repo: InMemoryRepository | None = None) -> None:
+        self.entries = repo if repo is not None else InMemoryRepository()
+        self.committed = False
+        self._lock = threading.RLock()
+        self._snapshot: tuple[dict[str, CacheEntry], dict[str, HostTotals]] | None = None
+
+    def __enter__(self) -> InMemoryUnitOfWork:
+        self._lock.acquire()
+        self._snapshot = (
+            {k: copy.copy(v) for k, v in self.entries._entries.items()},
+            dict(self.entries._totals),
+        )
+        self.committed = False
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        try:
+            # Back to the last commit: what came after it in the block is dropped, as in SQL.
+            self.rollback()
+        finally:
+            self._snapshot = None
+            self._lock.release()
+
+    def commit(self) -> None:
+        self.committed = True
+        if self._snapshot is not None:
+            self._snapshot = (
+                {k: copy.copy(v) for k, v in self.entries._entries.items()},
+                dict(self.entries._totals),
+            )
+
+    def rollback(self) -> None:
+        if self._snapshot is not None:
+            self.entries._entries, self.entries._totals = (
+                {k: copy.copy(v) for k, v in self._snapshot[0].items()},
+                dict(self._snapshot[1]),
+            )
+
+
+class InMemoryImageSource:
+    """Images and their bytes in dicts, with Glance's visibility rules."""
+
+    def __init__(self, chunk_size: int = 1 << 20) -> None:
+        self.images: dict[str, Image] = {}
+        self.data: dict[str, bytes] = {}
+        self.chunk_size = chunk_size
+        self.downloads = 0
+
+    def add(self, image: Image, data: bytes, *, with_hash: bool = True) -> Image:
+        if with_hash and image.os_hash_value is None and image.checksum is None:
+            image = attrs.evolve(image, size=len(data), os_hash_algo="sha512",
+                                 os_hash_value=hashlib.sha512(data).hexdigest())
+        self.images[image.id] = image
+        self.data[image.id] = data
+        return image
+
+    def _visible(self, ctx: RequestContext, image: Image) -> bool:
+        return (ctx.is_admin or image.visibility in ("public", "community")
+                or image.owner == ctx.project_id)
+
+    def get_image(self, ctx: RequestContext, image_id: str) -> Image:
+        image = self.images.get(image_id)
+        if image is None or not self._visible(ctx, image):
+            raise ImageNotFound(image_id)
+        return image
+
+    def open_data(self, ctx: RequestContext, image_id: str) -> Iterator[bytes]:
+        self.get_image(ctx, image_id)
+        self.downloads += 1
+        data = self.data[image_id]
+        return (data[i:i + self.chunk_size] for i in range(0, len(data), self.chunk_size))
+
+    def list_images(self, ctx: RequestContext) -> list[Image]:
+        return [i for i in self.images.values() if self._visible(ctx, i)]
+
+
+class RecordingNotifier:
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    def publish(self, event: Event) -> None:
+        self.events.append(event)
+
+    def of(self, kind: type[Event]) -> list[Event]:
+        return [e for e in self.events if isinstance(e, kind)]
+
+
+class FakeClock:
+    """Time that moves only when told to (``sleep`` advances it)."""
+
+    def __init__(self, start: dt.datetime | None = None) -> None:
+        self.current = start or dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+
+    def now(self) -> dt.datetime:
+        return self.current
+
+    def sleep(self, seconds: float) -> None:
+        self.advance(seconds)
+
+    def advance(self, seconds: float) -> None:
+        self.current += dt.timedelta(seconds=seconds)

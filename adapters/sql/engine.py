@@ -1,0 +1,142 @@
+"""Engines for the SQL adapter, and its schema migrations (alembic) run from code.
+
+    engine = make_engine("sqlite:////var/lib/ivcache/ivcache.db")
+    upgrade(engine)                      # idempotent: creates or migrates to the newest schema
+    uow = SqlUnitOfWork(engine)
+
+The migrations ship inside the package (``migrations/``); no ``alembic.ini`` is needed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import URL, Connection, Engine, create_engine, event, make_url, text
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.pool import ConnectionPoolEntry
+
+from ivcache.core.errors import ConfigError
+
+__all__ = [
+    "SQLITE_BUSY_TIMEOUT_MS",
+    "current_revision",
+    "head_revision",
+    "make_engine",
+    "upgrade",
+]
+
+#: How long a SQLite writer waits for another one's lock before giving up.
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+# resolve(): with a strict editable install this module is a link into the source tree, and
+# alembic must see the source's migrations directory, new revisions included.
+_MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+
+# Any constant: concurrent `upgrade` calls on PostgreSQL queue on this advisory lock.
+_PG_MIGRATION_LOCK = 0x69766361
+
+
+def make_engine(url: str | URL) -> Engine:
+    """An engine for ``url``, set up for ivcache's transactions.
+
+    For SQLite: WAL journal, a busy timeout, foreign keys on, and every transaction
+    ``BEGIN IMMEDIATE`` so concurrent writers queue for the lock instead of failing on a
+    lock upgrade. The database is opened once here, so a path that cannot be opened raises
+    ``ConfigError`` now rather than on the first request. (An in-memory SQLite database
+    exists once per connection, so threads would not share it: use a file.)
+    """
+    sa_url = make_url(url)
+    if sa_url.get_backend_name() != "sqlite":
+        return create_engine(sa_url, pool_pre_ping=True)
+    engine = create_engine(sa_url)
+    event.listen(engine, "connect", _sqlite_on_connect)
+    event.listen(engine, "begin", _sqlite_on_begin)
+    try:
+        _connect(engine).close()
+    except ConfigError:
+        engine.dispose()
+        raise
+    return engine
+
+
+def upgrade(url_or_engine: str | URL | Engine) -> None:
+    """Create the schema, or migrate it to the newest revision; a no-op when up to date.
+
+    The whole upgrade is one transaction. Concurrent callers queue (SQLite: ``BEGIN
+    IMMEDIATE``; PostgreSQL: an advisory lock) and the later ones find nothing to do.
+    """
+    if isinstance(url_or_engine, Engine):
+        engine, owned = url_or_engine, False
+    else:
+        engine, owned = make_engine(url_or_engine), True
+    try:
+        with _connect(engine) as conn, conn.begin():
+            if conn.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"),
+                             {"key": _PG_MIGRATION_LOCK})
+            command.upgrade(_alembic_config(conn), "head")
+    finally:
+        if owned:
+            engine.dispose()
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The schema revision of the database, or None if it was never upgraded."""
+    with _connect(engine) as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def head_revision() -> str | None:
+    """The newest schema revision this version of ivcache knows."""
+    return ScriptDirectory.from_config(_alembic_config()).get_current_head()
+
+
+def _alembic_config(connection: Connection | None = None) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(_MIGRATIONS).replace("%", "%%"))
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+def _connect(engine: Engine) -> Connection:
+    """A connection, or ConfigError naming the database if it cannot be opened."""
+    try:
+        return engine.connect()
+    except OperationalError as exc:
+        url = engine.url
+        if url.get_backend_name() == "sqlite":
+            where = url.database or ":memory:"
+        else:
+            where = url.render_as_string(hide_password=True)
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else "cannot connect"
+        raise ConfigError(
+            f"cannot open the database {where}: {reason} (check database_url, and that the "
+            "directory exists and is writable)"
+        ) from exc
+
+
+def _sqlite_on_connect(dbapi_connection: Any, connection_record: ConnectionPoolEntry) -> None:
+    # The driver must not BEGIN (deferred) on its own: _sqlite_on_begin does it.
+    # dbapi_connection is a sqlite3.Connection (typed Any: the DBAPI protocol lacks the
+    # attribute).
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        # The timeout first: switching to WAL itself may wait for another connection.
+        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA foreign_keys = ON")
+    finally:
+        cursor.close()
+
+
+def _sqlite_on_begin(conn: Connection) -> None:
+    # Take the write lock at BEGIN: two deferred transactions that both read and then write
+    # cannot both upgrade their lock, and one would fail at once with "database is locked".
+    conn.exec_driver_sql("BEGIN IMMEDIATE")

@@ -1,0 +1,115 @@
+"""The tables of the SQL adapter, as SQLAlchemy Core ``Table`` objects.
+
+The schema itself is created by the alembic migrations in ``migrations/versions``; these
+definitions are what the repository queries, and a test checks that the two agree.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Dialect,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    UniqueConstraint,
+    false,
+    text,
+)
+from sqlalchemy.types import TypeDecorator
+
+__all__ = [
+    "NAMING_CONVENTION",
+    "UTCDateTime",
+    "cache_entries",
+    "host_totals",
+    "metadata",
+]
+
+#: Constraint and index names, so that migrations (and SQLite batch mode) can refer to them.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+_ZERO = text("0")
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """An aware UTC ``datetime`` on every dialect.
+
+    PostgreSQL stores ``timestamptz``. SQLite has no time zones: the value is stored as naive
+    UTC in SQLAlchemy's fixed-width text format, so that comparing and ordering the column
+    compare instants. Values read back are always aware, in ``datetime.UTC``. A naive value
+    is refused: the core speaks aware UTC only, and guessing a zone would hide a bug.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None,
+                           dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(f"naive datetime {value.isoformat()}: use an aware UTC datetime")
+        value = value.astimezone(dt.UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: dt.datetime | None,
+                             dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=dt.UTC)
+        return value.astimezone(dt.UTC)
+
+
+cache_entries = Table(
+    "cache_entries",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("host", String(255), nullable=False),
+    Column("image_id", String(255), nullable=False),
+    Column("volume_id", String(255), nullable=False),
+    Column("size_gb", Integer, nullable=False),
+    Column("image_updated_at", UTCDateTime, nullable=True),
+    Column("image_hash", String(255), nullable=True),
+    Column("state", String(16), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("last_used", UTCDateTime, nullable=False),
+    Column("hits", Integer, nullable=False, server_default=_ZERO),
+    Column("pinned", Boolean, nullable=False, server_default=false()),
+    Column("claim_expires", UTCDateTime, nullable=True),
+    Column("lease_until", UTCDateTime, nullable=True),
+    UniqueConstraint("host", "image_id"),
+    CheckConstraint("state IN ('creating', 'ready')", name="state"),
+    Index("ix_cache_entries_host_last_used_id", "host", "last_used", "id"),
+    Index("ix_cache_entries_volume_id", "volume_id"),
+)
+
+host_totals = Table(
+    "host_totals",
+    metadata,
+    Column("host", String(255), primary_key=True),
+    Column("count", Integer, nullable=False, server_default=_ZERO),
+    Column("size_gb", Integer, nullable=False, server_default=_ZERO),
+    Column("hits", Integer, nullable=False, server_default=_ZERO),
+    Column("misses", Integer, nullable=False, server_default=_ZERO),
+    Column("evictions", Integer, nullable=False, server_default=_ZERO),
+    Column("downloads", Integer, nullable=False, server_default=_ZERO),
+    Column("bytes_downloaded", BigInteger, nullable=False, server_default=_ZERO),
+)

@@ -1,0 +1,12 @@
+"""Storage back-end adapters: implementations of the core's ``StorageBackend`` port.
+
+``FakeLvmStorage`` (thick) and ``FakeRbdStorage`` (thin, copy-on-write) simulate volume
+groups and pools in memory or in a state directory; ``FileStorage`` keeps real volumes as
+sparse files.
+"""
+
+from ivcache.adapters.storage.fake_lvm import FakeLvmStorage
+from ivcache.adapters.storage.fake_rbd import FakeRbdStorage
+from ivcache.adapters.storage.file import FileStorage
+
+__all__ = ["FakeLvmStorage", "FakeRbdStorage", "FileStorage"]

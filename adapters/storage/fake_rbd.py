@@ -1,0 +1,405 @@
+"""A fake Ceph RBD pool: thin images, copy-on-write clones of snapshots, deferred delete."""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import threading
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from ivcache.adapters.storage._common import (
+    BLOCK,
+    ZERO_BLOCK,
+    BlockWriter,
+    StateDir,
+    already_exists,
+    check_grow,
+    check_size,
+    check_volume_id,
+    merge_tail,
+    read_range,
+)
+from ivcache.core.errors import NoSpace, StorageError, VolumeNotFound
+from ivcache.core.model import GIB, Volume
+
+__all__ = ["FakeRbdStorage"]
+
+_KIND = "fake-rbd"
+
+
+@attrs.define
+class _Snapshot:
+    """A protected snapshot of an image, made for one clone and removed with it."""
+
+    child: str
+    blocks: dict[int, bytes] | None
+    file: str = ""
+
+
+@attrs.define
+class _Image:
+    """An RBD image. ``key`` is its internal id (RBD's image id): it outlives the name, which
+    a trashed image gives up, and it is what ``parent`` (``key@snapshot``) points to."""
+
+    key: str
+    name: str | None
+    size_gb: int
+    owner: str
+    parent: str | None = None
+    # None until first used: a persisted pool loads data only when it is needed.
+    blocks: dict[int, bytes] | None = attrs.Factory(dict)
+    snaps: dict[str, _Snapshot] = attrs.Factory(dict)
+    # Objects held by the image and its snapshots, kept so that the pool's usage is known
+    # without loading every image's data.
+    objects: int = 0
+    file: str = ""
+    dirty: bool = False
+
+
+class FakeRbdStorage:
+    """A simulated RBD pool of ``capacity_gb``: thin images and copy-on-write clones.
+
+    An image takes only the 1 MiB objects written into it. A clone is a child of a protected
+    snapshot of its source, made for that clone: it reads through to the snapshot for what it
+    has not written, and takes no space until written. An image with clones cannot go:
+    deleting it moves it to the trash (no longer listed, its name free again), and it is
+    purged when its last clone goes. A clone deeper than ``max_clone_depth`` is flattened
+    (gets its own copy of every block) instead, as Cinder's ``rbd_max_clone_depth`` does.
+    With ``state_path`` the pool lives in that directory, shared by every process.
+    """
+
+    pool = "ivcache-fake-pool"
+
+    def __init__(self, capacity_gb: int = 1000, *, host: str = "",
+                 state_path: Path | None = None, max_clone_depth: int = 5) -> None:
+        if capacity_gb < 1:
+            raise ValueError(f"capacity_gb must be at least 1, not {capacity_gb}")
+        if max_clone_depth < 0:
+            raise ValueError(f"max_clone_depth must be at least 0, not {max_clone_depth}")
+        self.capacity_gb = capacity_gb
+        self.host = host
+        self.max_clone_depth = max_clone_depth
+        self._lock = threading.RLock()
+        self._images: dict[str, _Image] = {}
+        self._names: dict[str, str] = {}
+        self._state = StateDir(state_path) if state_path is not None else None
+        self._serial: str | None = None
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of the pool taken by objects: images, trashed ones, and snapshot data that
+        their image has since overwritten."""
+        with self._txn():
+            return self._used_blocks() * BLOCK
+
+    def create_volume(self, volume_id: str, size_gb: int, owner: str) -> Volume:
+        check_volume_id(volume_id)
+        check_size(size_gb)
+        with self._txn(write=True):
+            if volume_id in self._names:
+                raise already_exists(volume_id)
+            return self._volume(self._add(volume_id, size_gb, owner))
+
+    def write_image(self, volume_id: str, chunks: Iterable[bytes]) -> int:
+        check_volume_id(volume_id)
+        with self._txn():
+            image = self._get(volume_id)
+            key, size_gb, used = image.key, image.size_gb, self._used_blocks()
+            existing = frozenset(self._head(image))
+        free = self.capacity_gb * GIB // BLOCK - used
+        # The stream is consumed without the lock. Each new object takes room, and zeros can
+        # free at most the objects already there: a lower bound of the room the write needs,
+        # so an image far too big fails early; the exact check is made when applying.
+        writer = BlockWriter(volume_id, size_gb, existing=existing)
+        for chunk in chunks:
+            writer.feed(chunk)
+            if writer.new_data_blocks - len(existing) > free:
+                raise self._no_space(volume_id)
+        staged = writer.finish()
+        with self._txn(write=True):
+            image = self._get(volume_id)
+            if image.key != key:
+                raise VolumeNotFound(volume_id)
+            blocks = dict(self._head(image))
+            for index, data in staged.blocks.items():
+                self._put(image, blocks, index, data)
+            if staged.tail is not None:
+                index, data = staged.tail
+                old = blocks.get(index)
+                if old is None:
+                    old = self._parent_block(image, index)
+                self._put(image, blocks, index, merge_tail(data, old))
+            objects = self._count(image, blocks)
+            if self._used_blocks() - image.objects + objects > self.capacity_gb * GIB // BLOCK:
+                raise self._no_space(volume_id)
+            image.blocks, image.objects, image.dirty = blocks, objects, True
+        return staged.written
+
+    def clone_volume(self, src_id: str, dst_id: str, size_gb: int, owner: str) -> Volume:
+        check_volume_id(src_id)
+        check_volume_id(dst_id)
+        check_size(size_gb)
+        with self._txn(write=True):
+            src = self._get(src_id)
+            if dst_id in self._names:
+                raise already_exists(dst_id)
+            check_grow(src_id, src.size_gb, size_gb, clone=True)
+            if self._depth(src) + 1 > self.max_clone_depth:
+                blocks = self._flattened(src)
+                if self._used_blocks() + len(blocks) > self.capacity_gb * GIB // BLOCK:
+                    raise self._no_space(dst_id)
+                clone = self._add(dst_id, size_gb, owner)
+                clone.blocks, clone.objects, clone.dirty = blocks, len(blocks), True
+            else:
+                clone = self._add(dst_id, size_gb, owner)
+                snap_name = f"clone-{clone.key}"
+                # The snapshot shares the image's current block file (both are immutable), and
+                # takes no space until the image changes.
+                src.snaps[snap_name] = _Snapshot(clone.key, dict(self._head(src)), src.file)
+                clone.parent = f"{src.key}@{snap_name}"
+            return self._volume(clone)
+
+    def extend_volume(self, volume_id: str, size_gb: int) -> Volume:
+        check_volume_id(volume_id)
+        check_size(size_gb)
+        with self._txn(write=True):
+            image = self._get(volume_id)
+            check_grow(volume_id, image.size_gb, size_gb)
+            image.size_gb = size_gb
+            return self._volume(image)
+
+    def delete_volume(self, volume_id: str) -> None:
+        check_volume_id(volume_id)
+        with self._txn(write=True):
+            image = self._get(volume_id)
+            del self._names[volume_id]
+            if image.snaps:
+                image.name = None
+            else:
+                self._purge(image)
+
+    def get_volume(self, volume_id: str) -> Volume:
+        check_volume_id(volume_id)
+        with self._txn():
+            return self._volume(self._get(volume_id))
+
+    def list_volumes(self, owner: str | None = None) -> list[Volume]:
+        with self._txn():
+            images = (self._images[key] for _, key in sorted(self._names.items()))
+            return [self._volume(image) for image in images
+                    if owner is None or image.owner == owner]
+
+    def read(self, volume_id: str, offset: int, length: int) -> bytes:
+        """Bytes ``[offset, offset + length)`` of a volume, cut at its end (for tests)."""
+        check_volume_id(volume_id)
+        with self._txn():
+            image = self._get(volume_id)
+            return read_range(image.size_gb * GIB,
+                              lambda index: self._block(image, index), offset, length)
+
+    def depth(self, volume_id: str) -> int:
+        """How many snapshots a read of this volume may go through: 0 for a flat image."""
+        check_volume_id(volume_id)
+        with self._txn():
+            return self._depth(self._get(volume_id))
+
+    def _get(self, volume_id: str) -> _Image:
+        key = self._names.get(volume_id)
+        if key is None:
+            raise VolumeNotFound(volume_id)
+        return self._images[key]
+
+    def _add(self, name: str, size_gb: int, owner: str) -> _Image:
+        image = _Image(secrets.token_hex(8), name, size_gb, owner)
+        self._images[image.key] = image
+        self._names[name] = image.key
+        return image
+
+    def _snapshot(self, ref: str) -> tuple[_Image, _Snapshot]:
+        key, _, snap_name = ref.partition("@")
+        image = self._images[key]
+        return image, image.snaps[snap_name]
+
+    def _depth(self, image: _Image) -> int:
+        depth, parent = 0, image.parent
+        while parent is not None:
+            depth += 1
+            parent = self._snapshot(parent)[0].parent
+        return depth
+
+    def _parent_block(self, image: _Image, index: int) -> bytes | None:
+        parent = image.parent
+        while parent is not None:
+            owner, snap = self._snapshot(parent)
+            data = self._snap_blocks(snap).get(index)
+            if data is not None:
+                return data
+            parent = owner.parent
+        return None
+
+    def _block(self, image: _Image, index: int) -> bytes | None:
+        data = self._head(image).get(index)
+        return data if data is not None else self._parent_block(image, index)
+
+    def _flattened(self, image: _Image) -> dict[int, bytes]:
+        indexes = set(self._head(image))
+        parent = image.parent
+        while parent is not None:
+            owner, snap = self._snapshot(parent)
+            indexes.update(self._snap_blocks(snap))
+            parent = owner.parent
+        blocks = {}
+        for index in indexes:
+            data = self._block(image, index)
+            if data is not None and data != ZERO_BLOCK:
+                blocks[index] = data
+        return blocks
+
+    def _put(self, image: _Image, blocks: dict[int, bytes], index: int,
+             data: bytes | None) -> None:
+        if data is not None and data != ZERO_BLOCK:
+            blocks[index] = data
+        elif self._parent_block(image, index) is not None:
+            # Zeros over the parent's data must be stored, or reads would fall through.
+            blocks[index] = ZERO_BLOCK
+        else:
+            blocks.pop(index, None)
+
+    def _purge(self, image: _Image) -> None:
+        """Remove an image without clones; a trashed parent left without clones goes too."""
+        while True:
+            del self._images[image.key]
+            if image.parent is None:
+                return
+            parent, _ = self._snapshot(image.parent)
+            del parent.snaps[image.parent.partition("@")[2]]
+            if parent.name is not None or parent.snaps:
+                parent.objects = self._count(parent)
+                return
+            image = parent
+
+    def _used_blocks(self) -> int:
+        return sum(image.objects for image in self._images.values())
+
+    def _count(self, image: _Image, head: dict[int, bytes] | None = None) -> int:
+        """Objects of an image (with ``head`` for its blocks) and of its snapshots.
+
+        A snapshot takes space only where its image has since changed; several snapshots
+        holding the same old object count it once.
+        """
+        blocks = head if head is not None else self._head(image)
+        if not image.snaps:
+            return len(blocks)
+        distinct: dict[int, list[bytes]] = {index: [data] for index, data in blocks.items()}
+        for snap in image.snaps.values():
+            for index, data in self._snap_blocks(snap).items():
+                seen = distinct.setdefault(index, [])
+                if not any(data is other or data == other for other in seen):
+                    seen.append(data)
+        return sum(len(seen) for seen in distinct.values())
+
+    def _head(self, image: _Image) -> dict[int, bytes]:
+        if image.blocks is None:
+            image.blocks = self._read(image.file)
+        return image.blocks
+
+    def _snap_blocks(self, snap: _Snapshot) -> dict[int, bytes]:
+        if snap.blocks is None:
+            snap.blocks = self._read(snap.file)
+        return snap.blocks
+
+    def _read(self, file: str) -> dict[int, bytes]:
+        assert self._state is not None  # only a persisted pool defers loading
+        return self._state.read_blocks(file)
+
+    def _no_space(self, volume_id: str) -> NoSpace:
+        free = max(0, self.capacity_gb * GIB - self._used_blocks() * BLOCK)
+        return NoSpace(f"pool {self.pool} has {free // (1024 * 1024)} MiB free of "
+                       f"{self.capacity_gb} GiB: no room for the data of volume {volume_id}")
+
+    def _volume(self, image: _Image) -> Volume:
+        assert image.name is not None  # only visible images are ever returned
+        return Volume(image.name, image.size_gb, image.owner, self.host,
+                      f"{self.pool}/{image.name}", "rbd_image")
+
+    @contextlib.contextmanager
+    def _txn(self, *, write: bool = False) -> Iterator[None]:
+        """Hold the lock; with a state directory, load before and (``write``) save after.
+
+        Every operation checks before it changes anything, so a failed one leaves memory as
+        it was; a persisted pool reloads after a failure all the same.
+        """
+        with self._lock:
+            if self._state is None:
+                yield
+                return
+            with self._state.locked():
+                self._refresh(self._state)
+                try:
+                    yield
+                    if write:
+                        self._save(self._state)
+                except BaseException:
+                    self._serial = None
+                    raise
+
+    def _refresh(self, state: StateDir) -> None:
+        doc = state.load()
+        if doc is None:
+            self._images, self._names, self._serial = {}, {}, None
+            return
+        if doc.get("serial") == self._serial:
+            return
+        if doc.get("kind") != _KIND:
+            raise StorageError(f"{state.path} holds the state of a {doc.get('kind')!r} "
+                               f"backend, not {_KIND!r}")
+        try:
+            images = {}
+            for key, rec in doc["images"].items():
+                snaps = {name: _Snapshot(str(s["child"]), None if s["file"] else {},
+                                         str(s["file"]))
+                         for name, s in rec["snaps"].items()}
+                images[key] = _Image(str(key), rec["name"], int(rec["size_gb"]),
+                                     str(rec["owner"]), rec["parent"],
+                                     None if rec["file"] else {}, snaps, int(rec["objects"]),
+                                     str(rec["file"]))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise StorageError(f"state file {state.path / 'index.json'} is corrupt: "
+                               f"{exc!r}") from exc
+        self._images = images
+        self._names = {image.name: key for key, image in images.items()
+                       if image.name is not None}
+        self._serial = str(doc["serial"])
+        state.forget_all_but(self._files())
+
+    def _save(self, state: StateDir) -> None:
+        for image in self._images.values():
+            if image.dirty:
+                image.file = state.write_blocks(image.key, self._head(image))
+                image.dirty = False
+        records: dict[str, Any] = {
+            image.key: {
+                "name": image.name, "size_gb": image.size_gb, "owner": image.owner,
+                "parent": image.parent, "file": image.file, "objects": image.objects,
+                "snaps": {name: {"child": snap.child, "file": snap.file}
+                          for name, snap in image.snaps.items()},
+            }
+            for image in self._images.values()
+        }
+        serial = secrets.token_hex(16)
+        state.save({"kind": _KIND, "serial": serial, "capacity_gb": self.capacity_gb,
+                    "max_clone_depth": self.max_clone_depth, "images": records},
+                   keep=self._files())
+        self._serial = serial
+
+    def _files(self) -> set[str]:
+        """The block files the pool's images and snapshots are stored in."""
+        files = {image.file for image in self._images.values()}
+        files.update(snap.file for image in self._images.values()
+                     for snap in image.snaps.values())
+        files.discard("")
+        return files

@@ -1,0 +1,466 @@
+"""Real storage: every volume a raw sparse file in one directory.
+
+Layout of ``root``::
+
+    <id>.raw        the volume's data, a sparse file of exactly size_gb GiB
+    <id>.json       its sidecar (size, owner): the volume exists once this file does
+    .tmp-<pid>-*    a volume or sidecar being made: never visible, removed if its maker died
+    .lock           flock'ed around every change, so processes sharing root stay consistent
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import secrets
+import threading
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Literal
+
+import attrs
+
+from ivcache.adapters.storage._common import (
+    BLOCK,
+    already_exists,
+    atomic_write,
+    check_grow,
+    check_size,
+    check_volume_id,
+    does_not_fit,
+    fsync_dir,
+    is_zero,
+    no_space_errors,
+)
+from ivcache.core.errors import InvalidIdentifier, NoSpace, StorageError, VolumeNotFound
+from ivcache.core.model import GIB, Volume
+
+__all__ = ["CloneMethod", "FileStorage"]
+
+CloneMethod = Literal["reflink", "copy_file_range", "copy"]
+
+FICLONE = 0x40049409
+# Zero runs this long (and aligned) become holes: small enough to keep an image's holes,
+# large enough that the zero test is not the cost of a write.
+_HOLE_GRAIN = 64 * 1024
+_COPY_MAX = 1024**3
+# What a filesystem or kernel that cannot do the faster method answers.
+_NO_REFLINK = frozenset({errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL,
+                         errno.ENOSYS})
+_NO_COPY_FILE_RANGE = frozenset({errno.EOPNOTSUPP, errno.EXDEV, errno.ENOSYS, errno.EINVAL})
+
+
+@attrs.frozen
+class _Meta:
+    size_gb: int
+    owner: str
+
+
+class FileStorage:
+    """Volumes as raw sparse files under ``root``; real, and shared between processes.
+
+    Clones use a reflink (FICLONE) where the filesystem has one (XFS, btrfs), else
+    ``copy_file_range`` per data extent (found with SEEK_DATA/SEEK_HOLE, so holes stay
+    holes), else read/write per extent; ``last_clone_method`` says which one ran.
+    ``capacity_gb`` (0 = unlimited) caps the sum of the volumes' apparent sizes.
+    """
+
+    def __init__(self, root: Path, *, host: str = "", capacity_gb: int = 0) -> None:
+        if capacity_gb < 0:
+            raise ValueError(f"capacity_gb must be 0 (unlimited) or more, not {capacity_gb}")
+        self.root = Path(root).absolute()
+        self.host = host
+        self.capacity_gb = capacity_gb
+        self.last_clone_method: CloneMethod | None = None
+        self._lock = threading.Lock()
+        with no_space_errors(f"creating {self.root}"):
+            self.root.mkdir(parents=True, exist_ok=True)
+        with self._locked():
+            self._reap()
+
+    def create_volume(self, volume_id: str, size_gb: int, owner: str) -> Volume:
+        check_volume_id(volume_id)
+        check_size(size_gb)
+        meta = _Meta(size_gb, owner)
+        with self._locked():
+            if self._read_meta(volume_id) is not None:
+                raise already_exists(volume_id)
+            self._reserve(size_gb)
+            tmp, fd = self._temp()
+            try:
+                with no_space_errors(f"creating volume {volume_id}"):
+                    os.ftruncate(fd, size_gb * GIB)
+                    os.fsync(fd)
+                os.close(fd)
+                fd = -1
+                self._commit(volume_id, tmp, meta)
+            except BaseException:
+                _discard(tmp, fd)
+                raise
+        return self._volume(volume_id, meta)
+
+    def write_image(self, volume_id: str, chunks: Iterable[bytes]) -> int:
+        """Stream ``chunks`` into the volume from offset 0, leaving zero runs as holes."""
+        check_volume_id(volume_id)
+        meta = self._require(volume_id)
+        limit = meta.size_gb * GIB
+        try:
+            fd = os.open(self._data(volume_id), os.O_WRONLY | os.O_CLOEXEC)
+        except FileNotFoundError as exc:
+            raise VolumeNotFound(volume_id) from exc
+        written = 0
+        try:
+            writer = _SparseWriter(fd, fresh=False)
+            for chunk in chunks:
+                view = memoryview(chunk).cast("B")
+                if written + len(view) > limit:
+                    raise does_not_fit(volume_id, meta.size_gb)
+                with no_space_errors(f"writing volume {volume_id}"):
+                    writer.write(view, written)
+                written += len(view)
+            with no_space_errors(f"writing volume {volume_id}"):
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        return written
+
+    def clone_volume(self, src_id: str, dst_id: str, size_gb: int, owner: str) -> Volume:
+        check_volume_id(src_id)
+        check_volume_id(dst_id)
+        check_size(size_gb)
+        meta = _Meta(size_gb, owner)
+        with self._locked():
+            src = self._require(src_id)
+            if self._read_meta(dst_id) is not None:
+                raise already_exists(dst_id)
+            check_grow(src_id, src.size_gb, size_gb, clone=True)
+            self._reserve(size_gb)
+            tmp, fd = self._temp()
+            try:
+                # The temp file takes its final apparent size before the lock is let go: it
+                # is the reservation that other creators count while the copy runs.
+                with no_space_errors(f"cloning volume {src_id} to {dst_id}"):
+                    os.ftruncate(fd, size_gb * GIB)
+            except BaseException:
+                _discard(tmp, fd)
+                raise
+        try:
+            with no_space_errors(f"cloning volume {src_id} to {dst_id}"):
+                method = self._copy_from(src_id, fd, size_gb * GIB)
+                os.fsync(fd)
+            os.close(fd)
+            fd = -1
+            with self._locked():
+                if self._read_meta(dst_id) is not None:
+                    raise already_exists(dst_id)
+                self._commit(dst_id, tmp, meta)
+        except BaseException:
+            _discard(tmp, fd)
+            raise
+        self.last_clone_method = method
+        return self._volume(dst_id, meta)
+
+    def extend_volume(self, volume_id: str, size_gb: int) -> Volume:
+        check_volume_id(volume_id)
+        check_size(size_gb)
+        with self._locked():
+            old = self._require(volume_id)
+            check_grow(volume_id, old.size_gb, size_gb)
+            self._reserve(size_gb - old.size_gb)
+            meta = _Meta(size_gb, old.owner)
+            data = self._data(volume_id)
+            with no_space_errors(f"extending volume {volume_id}"):
+                os.truncate(data, size_gb * GIB)
+            try:
+                self._write_meta(volume_id, meta)
+            except BaseException:
+                # Nothing can have been written past the old end: writers stop at the size
+                # the sidecar gave them.
+                with contextlib.suppress(OSError):
+                    os.truncate(data, old.size_gb * GIB)
+                raise
+        return self._volume(volume_id, meta)
+
+    def delete_volume(self, volume_id: str) -> None:
+        check_volume_id(volume_id)
+        with self._locked():
+            self._require(volume_id)
+            with no_space_errors(f"deleting volume {volume_id}"):
+                # Sidecar first: from then on the volume is gone, even if a crash leaves
+                # the data behind (invisible, and replaced by the next volume of that id).
+                self._meta(volume_id).unlink()
+                with contextlib.suppress(FileNotFoundError):
+                    self._data(volume_id).unlink()
+                fsync_dir(self.root)
+
+    def get_volume(self, volume_id: str) -> Volume:
+        check_volume_id(volume_id)
+        return self._volume(volume_id, self._require(volume_id))
+
+    def list_volumes(self, owner: str | None = None) -> list[Volume]:
+        volumes = []
+        for name in os.listdir(self.root):
+            if name.startswith(".") or not name.endswith(".json"):
+                continue
+            volume_id = name.removesuffix(".json")
+            try:
+                check_volume_id(volume_id)
+            except InvalidIdentifier:
+                continue  # not ours: someone dropped a file here
+            meta = self._read_meta(volume_id)
+            if meta is not None and (owner is None or meta.owner == owner):
+                volumes.append(self._volume(volume_id, meta))
+        return sorted(volumes, key=lambda volume: volume.id)
+
+    def _data(self, volume_id: str) -> Path:
+        return self.root / f"{volume_id}.raw"
+
+    def _meta(self, volume_id: str) -> Path:
+        return self.root / f"{volume_id}.json"
+
+    def _volume(self, volume_id: str, meta: _Meta) -> Volume:
+        return Volume(volume_id, meta.size_gb, meta.owner, self.host,
+                      str(self._data(volume_id)), "path")
+
+    def _read_meta(self, volume_id: str) -> _Meta | None:
+        path = self._meta(volume_id)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StorageError(f"cannot read {path}: {exc}") from exc
+        try:
+            doc = json.loads(raw)
+            size_gb, owner = doc["size_gb"], doc["owner"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StorageError(f"sidecar {path} is corrupt: {exc!r}") from exc
+        if isinstance(size_gb, bool) or not isinstance(size_gb, int) \
+                or not isinstance(owner, str):
+            raise StorageError(f"sidecar {path} is corrupt: bad size_gb or owner")
+        return _Meta(size_gb, owner)
+
+    def _require(self, volume_id: str) -> _Meta:
+        meta = self._read_meta(volume_id)
+        if meta is None:
+            raise VolumeNotFound(volume_id)
+        return meta
+
+    def _write_meta(self, volume_id: str, meta: _Meta) -> None:
+        doc = {"id": volume_id, "size_gb": meta.size_gb, "owner": meta.owner}
+        atomic_write(self._meta(volume_id), json.dumps(doc, sort_keys=True).encode())
+
+    def _commit(self, volume_id: str, tmp: Path, meta: _Meta) -> None:
+        """Make a finished temp file the volume; call with the lock held."""
+        data = self._data(volume_id)
+        with no_space_errors(f"creating volume {volume_id}"):
+            os.replace(tmp, data)
+        try:
+            self._write_meta(volume_id, meta)  # the commit point: visible from here on
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                data.unlink()
+            raise
+
+    def _temp(self) -> tuple[Path, int]:
+        path = self.root / f".tmp-{os.getpid()}-{secrets.token_hex(6)}.raw"
+        with no_space_errors(f"creating a file in {self.root}"):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        return path, fd
+
+    def _reserve(self, size_gb: int) -> None:
+        """Raise NoSpace unless ``size_gb`` more fits under ``capacity_gb``; lock held."""
+        if not self.capacity_gb:
+            return
+        names = set(os.listdir(self.root))
+        used = 0
+        for name in names:
+            # Volumes, and the temp files of volumes being made (their reservations).
+            if name.endswith(".raw") and (name.startswith(".tmp-")
+                                          or f"{name.removesuffix('.raw')}.json" in names):
+                with contextlib.suppress(FileNotFoundError):
+                    used += os.stat(self.root / name, follow_symlinks=False).st_size
+        free = self.capacity_gb * GIB - used
+        if size_gb * GIB > free:
+            raise NoSpace(f"storage {self.root} has {max(free, 0) // GIB} GiB free of "
+                          f"{self.capacity_gb} GiB; {size_gb} GiB asked")
+
+    def _copy_from(self, src_id: str, dst_fd: int, size: int) -> CloneMethod:
+        try:
+            src_fd = os.open(self._data(src_id), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError as exc:
+            raise VolumeNotFound(src_id) from exc
+        try:
+            method = _clone_file(src_fd, dst_fd)
+        finally:
+            os.close(src_fd)
+        os.ftruncate(dst_fd, size)
+        return method
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        # A new open file description per use: flock excludes other threads as well.
+        with self._lock, open(self.root / ".lock", "a+b") as lock_file:
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+    def _reap(self) -> None:
+        """Remove the temp files of processes that died making a volume.
+
+        A crash between the two renames of a commit leaves ``<id>.raw`` without a sidecar:
+        invisible, not counted, and replaced by the next volume of that id. It is left
+        alone because a file that merely looks like ours may be an operator's.
+        """
+        for name in os.listdir(self.root):
+            pid = name.split("-")[1] if name.startswith(".tmp-") else ""
+            if pid.isdigit() and not _alive(int(pid)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.root / name)
+
+
+class _SparseWriter:
+    """Write data at offsets, leaving aligned zero runs as holes.
+
+    A zero run over data already in the file must be written, or the old bytes would show
+    through; ``fresh`` says the file has no data yet (a new temp file), so no need to look.
+    """
+
+    def __init__(self, fd: int, *, fresh: bool) -> None:
+        self._fd = fd
+        self._fresh = fresh
+        # SEEK_DATA from _hole_from found data next at _data_at: [_hole_from, _data_at) is a
+        # hole. Writes only go forward, so the answer holds for later, larger offsets.
+        self._hole_from = 0
+        self._data_at = -1
+
+    def write(self, view: memoryview, offset: int) -> None:
+        n = len(view)
+        pos = 0
+        run = -1  # start of the bytes still to write
+        while pos < n:
+            end = min(n, (offset + pos) // _HOLE_GRAIN * _HOLE_GRAIN + _HOLE_GRAIN - offset)
+            if is_zero(view[pos:end]) and self._is_hole(offset + pos, offset + end):
+                if run >= 0:
+                    _pwrite_all(self._fd, view[run:pos], offset + run)
+                    run = -1
+            elif run < 0:
+                run = pos
+            pos = end
+        if run >= 0:
+            _pwrite_all(self._fd, view[run:], offset + run)
+
+    def _is_hole(self, start: int, end: int) -> bool:
+        if self._fresh:
+            return True
+        if not self._hole_from <= start < self._data_at:
+            self._hole_from = start
+            try:
+                self._data_at = os.lseek(self._fd, start, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # no data from here to the end of the file
+                    self._data_at = 1 << 63
+                elif exc.errno == errno.EINVAL:  # no SEEK_DATA here: assume data everywhere
+                    self._data_at = start
+                else:
+                    raise
+        return end <= self._data_at
+
+
+def _clone_file(src_fd: int, dst_fd: int) -> CloneMethod:
+    """Make dst hold src's bytes by the fastest means the filesystem has; keep holes."""
+    try:
+        fcntl.ioctl(dst_fd, FICLONE, src_fd)
+    except OSError as exc:
+        if exc.errno not in _NO_REFLINK:
+            raise
+    else:
+        return "reflink"
+    method: CloneMethod = "copy_file_range"
+    for start, length in _data_extents(src_fd, os.fstat(src_fd).st_size):
+        done = 0
+        if method == "copy_file_range":
+            done = _copy_file_range(src_fd, dst_fd, start, length)
+            if done < length:
+                method = "copy"
+        if done < length:
+            _copy_sparse(src_fd, dst_fd, start + done, length - done)
+    return method
+
+
+def _data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """(offset, length) of every data extent of the file, in order."""
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # only a hole from pos to the end
+                return
+            if exc.errno != errno.EINVAL:
+                raise
+            yield pos, size - pos  # no SEEK_DATA on this filesystem: all of it is data
+            return
+        if start >= size:
+            return
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        yield start, end - start
+        pos = end
+
+
+def _copy_file_range(src_fd: int, dst_fd: int, start: int, length: int) -> int:
+    """Copy in the kernel; return how much was copied before the method gave up."""
+    done = 0
+    while done < length:
+        try:
+            n = os.copy_file_range(src_fd, dst_fd, min(length - done, _COPY_MAX),
+                                   start + done, start + done)
+        except OSError as exc:
+            if exc.errno in _NO_COPY_FILE_RANGE:
+                return done
+            raise
+        if n == 0:  # some filesystems copy nothing rather than fail
+            return done
+        done += n
+    return done
+
+
+def _copy_sparse(src_fd: int, dst_fd: int, start: int, length: int) -> None:
+    writer = _SparseWriter(dst_fd, fresh=True)
+    pos, end = start, start + length
+    while pos < end:
+        data = os.pread(src_fd, min(BLOCK, end - pos), pos)
+        if not data:
+            return
+        writer.write(memoryview(data), pos)
+        pos += len(data)
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _discard(tmp: Path, fd: int) -> None:
+    if fd >= 0:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()

@@ -1,0 +1,166 @@
+"""``make bench``: the figures the issues ask for, as ratios measured in one run.
+
+Prints a table and writes ``.bench/results.json`` as ``{"figures": {name: number}}``.
+``BENCH_QUICK=1`` shrinks every workload so the whole run takes under a minute.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from ivcache.adapters.images.local import LocalImageSource
+from ivcache.adapters.memory import InMemoryImageSource, RecordingNotifier
+from ivcache.adapters.sql.engine import make_engine, upgrade
+from ivcache.adapters.sql.repository import SqlUnitOfWork
+from ivcache.adapters.sql.tables import cache_entries, host_totals
+from ivcache.adapters.storage.fake_lvm import FakeLvmStorage
+from ivcache.adapters.storage.file import FileStorage
+from ivcache.core.model import GIB, Image, Outcome, RequestContext
+from ivcache.core.service import CacheService
+from ivcache.entrypoints.demo import make_sparse_image
+
+QUICK = bool(os.environ.get("BENCH_QUICK"))
+MIB = 1 << 20
+CTX = RequestContext.for_project("bench")
+Figures = dict[str, float]
+
+
+def _median_time(fn: Callable[[], object], runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def hit_vs_miss_file(work: Path) -> Figures:
+    """A 1 GiB image holding 512 MiB of data (quick: 256 MiB / 128 MiB), file storage."""
+    virtual, data = (1, 512) if not QUICK else (1, 128)
+    raw = make_sparse_image(work / "img.raw", virtual_mib=virtual * 1024, data_mib=data)
+    images = LocalImageSource(work / "images")
+    image = images.add_image(CTX, raw)
+    raw.unlink()
+    engine = make_engine(f"sqlite:///{work / 'file.db'}")
+    upgrade(engine)
+    storage = FileStorage(work / "volumes")
+    service = CacheService(host="bench", storage=storage, images=images,
+                           uow=SqlUnitOfWork(engine), notifier=RecordingNotifier())
+    miss = service.create_volume(CTX, image.id, virtual)
+    assert miss.outcome is Outcome.MISS
+    hits = []
+    for _ in range(3 if QUICK else 5):
+        hit = service.create_volume(CTX, image.id, virtual)
+        assert hit.outcome is Outcome.HIT
+        hits.append(hit.seconds)
+        service.delete_volume(CTX, hit.volume.id)
+    hit_s = statistics.median(hits)
+    return {"hit_vs_miss_speedup_file": miss.seconds / hit_s,
+            "miss_seconds_file": miss.seconds, "hit_seconds_file": hit_s}
+
+
+def bookkeeping(work: Path) -> Figures:
+    """Service overhead per hit with fakes for storage and images, SQLite holding N entries."""
+    entries = 10_000 if not QUICK else 2_000
+    engine = make_engine(f"sqlite:///{work / 'book.db'}")
+    upgrade(engine)
+    now = dt.datetime.now(dt.UTC)
+    rows = [{"id": f"e{i}", "host": "bench", "image_id": f"filler-{i}",
+             "volume_id": f"v{i}", "size_gb": 1, "image_updated_at": now,
+             "image_hash": None, "state": "ready", "created_at": now,
+             "last_used": now - dt.timedelta(seconds=entries - i), "hits": 0,
+             "pinned": False, "claim_expires": None, "lease_until": None}
+            for i in range(entries)]
+    with engine.begin() as conn:
+        conn.execute(cache_entries.insert(), rows)
+        conn.execute(host_totals.insert(), [{"host": "bench", "count": entries,
+                                             "size_gb": entries, "hits": 0, "misses": 0,
+                                             "evictions": 0, "downloads": 0,
+                                             "bytes_downloaded": 0}])
+    images = InMemoryImageSource()
+    images.add(Image(id="hot", name="hot", virtual_size=GIB, updated_at=now), b"x" * 4096)
+    service = CacheService(host="bench", storage=FakeLvmStorage(10**7), images=images,
+                           uow=SqlUnitOfWork(engine), notifier=RecordingNotifier())
+    service.create_volume(CTX, "hot", 1)
+    times = []
+    for _ in range(200 if not QUICK else 50):
+        started = time.perf_counter()
+        result = service.create_volume(CTX, "hot", 1)
+        times.append(time.perf_counter() - started)
+        assert result.outcome is Outcome.HIT
+    return {"bookkeeping_ms_p50": statistics.median(times) * 1000}
+
+
+_RSS_CHILD = """
+import resource, sys, tempfile
+from pathlib import Path
+from ivcache.adapters.images.local import LocalImageSource
+from ivcache.adapters.memory import InMemoryUnitOfWork, RecordingNotifier
+from ivcache.adapters.storage.file import FileStorage
+from ivcache.core.model import RequestContext
+from ivcache.core.service import CacheService
+work = Path(sys.argv[1]); mib = int(sys.argv[2])
+ctx = RequestContext.for_project("bench")
+raw = work / "rss.raw"
+with open(raw, "wb") as fh:
+    block = bytes(range(256)) * 4096
+    for _ in range(mib):
+        fh.write(block)
+images = LocalImageSource(work / "images")
+image = images.add_image(ctx, raw)
+raw.unlink()
+service = CacheService(host="rss", storage=FileStorage(work / "volumes"), images=images,
+                       uow=InMemoryUnitOfWork(), notifier=RecordingNotifier())
+size = max(1, -(-mib // 1024))
+service.create_volume(ctx, image.id, size)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def rss(work: Path) -> Figures:
+    """Peak RSS of caching a big image over a small one (2 GiB vs 200 MiB; quick: 1 GiB)."""
+    big, small = (2048, 200) if not QUICK else (1024, 200)
+    peaks = {}
+    for mib in (big, small):
+        sub = work / f"rss-{mib}"
+        sub.mkdir()
+        out = subprocess.run([sys.executable, "-c", _RSS_CHILD, str(sub), str(mib)],
+                             capture_output=True, text=True, check=True)
+        peaks[mib] = int(out.stdout.strip().splitlines()[-1])
+    return {"rss_ratio_2g_vs_200m": peaks[big] / peaks[small],
+            "rss_peak_mib_big": peaks[big] / 1024}
+
+
+BENCHES: list[Callable[[Path], Figures]] = [hit_vs_miss_file, bookkeeping, rss]
+
+
+def main() -> None:
+    figures: Figures = {}
+    for bench in BENCHES:
+        with tempfile.TemporaryDirectory(prefix=f"ivcache-bench-{bench.__name__}-",
+                                         dir=os.environ.get("BENCH_DIR")) as tmp:
+            started = time.perf_counter()
+            figures.update(bench(Path(tmp)))
+            print(f"# {bench.__name__}: {time.perf_counter() - started:.1f} s",
+                  file=sys.stderr)
+    width = max(len(k) for k in figures)
+    print(f"{'figure'.ljust(width)}  value")
+    for name, value in figures.items():
+        print(f"{name.ljust(width)}  {value:,.3f}")
+    out = Path(".bench")
+    out.mkdir(exist_ok=True)
+    (out / "results.json").write_text(json.dumps(
+        {"figures": figures, "quick": QUICK}, indent=2) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

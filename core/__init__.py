@@ -1,0 +1,1 @@
+"""The domain core of ivcache: entries, policy, tenants and the cache service."""

@@ -1,0 +1,209 @@
+"""The words of the domain: images, volumes, cache entries, who is asking."""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import math
+import re
+import uuid
+
+import attrs
+
+from ivcache.core.errors import InvalidIdentifier
+
+__all__ = [
+    "GIB",
+    "CacheEntry",
+    "CreateResult",
+    "EntryState",
+    "HostTotals",
+    "Image",
+    "InternalTenant",
+    "Outcome",
+    "RequestContext",
+    "Volume",
+    "check_id",
+    "new_id",
+]
+
+GIB = 1024**3
+
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_id(kind: str, value: str) -> str:
+    """Return ``value`` if it is safe as a file name or pool object name, else raise.
+
+    Ids end up in paths and RBD image names, so ``/``, ``..`` and NUL must never pass.
+    """
+    if not isinstance(value, str) or not _ID.fullmatch(value) or ".." in value:
+        raise InvalidIdentifier(kind, str(value))
+    return value
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+@attrs.frozen
+class Image:
+    """What the image source says of an image."""
+
+    id: str
+    name: str = ""
+    size: int = 0
+    virtual_size: int | None = None
+    min_disk: int = 0
+    updated_at: dt.datetime | None = None
+    owner: str | None = None
+    visibility: str = "public"
+    status: str = "active"
+    os_hash_algo: str | None = None
+    os_hash_value: str | None = None
+    checksum: str | None = None
+    disk_format: str = "raw"
+    container_format: str = "bare"
+
+    @property
+    def min_size_gb(self) -> int:
+        """The smallest volume, in GiB, that can hold this image (at least 1)."""
+        data = self.virtual_size if self.virtual_size else self.size
+        return max(1, math.ceil(data / GIB), self.min_disk)
+
+    @property
+    def content_hash(self) -> str | None:
+        """``algo:value`` of the best hash known, or None: what staleness compares."""
+        if self.os_hash_algo and self.os_hash_value:
+            return f"{self.os_hash_algo}:{self.os_hash_value}"
+        if self.checksum:
+            return f"md5:{self.checksum}"
+        return None
+
+
+@attrs.frozen
+class Volume:
+    """A volume on a storage backend.
+
+    ``location`` is where it lives for the backend's users: a path for file and qcow2
+    backends, an image name for RBD; ``location_kind`` says which (``path``, ``rbd_image``).
+    """
+
+    id: str
+    size_gb: int
+    owner: str
+    host: str = ""
+    location: str = ""
+    location_kind: str = "path"
+
+
+@attrs.frozen
+class RequestContext:
+    """Who is calling."""
+
+    project_id: str
+    user_id: str
+    roles: tuple[str, ...] = ("member", "reader")
+    is_admin: bool = False
+
+    @classmethod
+    def for_project(cls, project_id: str, *, user_id: str | None = None,
+                    admin: bool = False) -> RequestContext:
+        roles = ("member", "reader", "admin") if admin else ("member", "reader")
+        return cls(project_id, user_id or f"{project_id}-user", roles, admin)
+
+
+@attrs.frozen
+class InternalTenant:
+    """The project and user that own every cache volume, and their quota (0 = unlimited)."""
+
+    project_id: str = "internal"
+    user_id: str = "internal"
+    quota_gb: int = 0
+    quota_volumes: int = 0
+
+    def context(self) -> RequestContext:
+        """The cache's own identity, used to ask whether an image is gone for everyone."""
+        return RequestContext(self.project_id, self.user_id, ("admin", "member", "reader"),
+                              is_admin=True)
+
+
+class EntryState(enum.Enum):
+    CREATING = "creating"
+    READY = "ready"
+
+
+class Outcome(enum.Enum):
+    HIT = "hit"
+    MISS = "miss"
+    MISS_UNCACHED = "miss-uncached"
+    DISABLED = "disabled"
+
+
+@attrs.define
+class CacheEntry:
+    """One cached image on one host: a minimal-size volume owned by the internal tenant.
+
+    A CREATING entry is a claim: it reserves its size and count while its owner
+    downloads, and ``claim_expires`` says when another worker may take it over.
+    ``lease_until`` keeps eviction off an entry that a clone is reading from.
+    """
+
+    id: str
+    host: str
+    image_id: str
+    volume_id: str
+    size_gb: int
+    image_updated_at: dt.datetime | None
+    image_hash: str | None
+    state: EntryState
+    created_at: dt.datetime
+    last_used: dt.datetime
+    hits: int = 0
+    pinned: bool = False
+    claim_expires: dt.datetime | None = None
+    lease_until: dt.datetime | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.state is EntryState.READY
+
+    def leased(self, now: dt.datetime) -> bool:
+        return self.lease_until is not None and self.lease_until > now
+
+    def claim_expired(self, now: dt.datetime) -> bool:
+        return (self.state is EntryState.CREATING and self.claim_expires is not None
+                and self.claim_expires <= now)
+
+    def is_stale_for(self, image: Image) -> bool:
+        """Whether the cached bytes may differ from the image's.
+
+        A known hash decides; with no hash on either side, a changed ``updated_at``
+        means stale (Cinder's rule).
+        """
+        current = image.content_hash
+        if current is not None and self.image_hash is not None:
+            return current != self.image_hash
+        return self.image_updated_at != image.updated_at
+
+
+@attrs.frozen
+class HostTotals:
+    """Per-host bookkeeping, kept in one row updated with the entries."""
+
+    host: str
+    count: int = 0
+    size_gb: int = 0
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    downloads: int = 0
+    bytes_downloaded: int = 0
+
+
+@attrs.frozen
+class CreateResult:
+    volume: Volume
+    outcome: Outcome
+    entry_id: str | None = None
+    seconds: float = 0.0

@@ -1,0 +1,153 @@
+"""The ports: what the core needs from the world, as small Protocols."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager
+from types import TracebackType
+from typing import Protocol
+
+from ivcache.core.events import Event
+from ivcache.core.model import CacheEntry, HostTotals, Image, RequestContext, Volume
+
+__all__ = [
+    "CacheRepository",
+    "Clock",
+    "ImageSource",
+    "Notifier",
+    "Span",
+    "StorageBackend",
+    "Tracer",
+    "UnitOfWork",
+]
+
+
+class StorageBackend(Protocol):
+    """Volumes on one storage host. Ids are checked with ``check_id`` by every backend.
+
+    Errors: ``VolumeNotFound``, ``NoSpace``, ``InvalidIdentifier``.
+    """
+
+    def create_volume(self, volume_id: str, size_gb: int, owner: str) -> Volume: ...
+
+    def write_image(self, volume_id: str, chunks: Iterable[bytes]) -> int:
+        """Write the chunks from offset 0; return the bytes written.
+
+        If ``chunks`` raises, the exception propagates; the volume is left for the
+        caller to delete.
+        """
+        ...
+
+    def clone_volume(self, src_id: str, dst_id: str, size_gb: int, owner: str) -> Volume:
+        """Make ``dst_id``, a copy of ``src_id`` of ``size_gb`` (>= the source's size)."""
+        ...
+
+    def extend_volume(self, volume_id: str, size_gb: int) -> Volume: ...
+
+    def delete_volume(self, volume_id: str) -> None: ...
+
+    def get_volume(self, volume_id: str) -> Volume: ...
+
+    def list_volumes(self, owner: str | None = None) -> list[Volume]: ...
+
+
+class ImageSource(Protocol):
+    """Where images come from. Every call carries the caller's identity.
+
+    ``get_image`` raises ``ImageNotFound`` both for an image that does not exist and for
+    one the caller may not see.
+    """
+
+    def get_image(self, ctx: RequestContext, image_id: str) -> Image: ...
+
+    def open_data(self, ctx: RequestContext, image_id: str) -> Iterator[bytes]: ...
+
+    def list_images(self, ctx: RequestContext) -> list[Image]: ...
+
+
+class CacheRepository(Protocol):
+    """Cache entries and per-host totals, inside one unit of work.
+
+    ``add`` and ``remove`` keep the host's totals row in step; ``lock_host`` takes the
+    row's lock for the rest of the transaction, so limit checks and claims are atomic
+    across threads, processes and machines.
+    """
+
+    def lock_host(self, host: str) -> HostTotals: ...
+
+    def totals(self, host: str) -> HostTotals: ...
+
+    def all_totals(self) -> list[HostTotals]: ...
+
+    def count_stats(self, host: str, *, hits: int = 0, misses: int = 0, evictions: int = 0,
+                    downloads: int = 0, bytes_downloaded: int = 0) -> None: ...
+
+    def get(self, entry_id: str) -> CacheEntry | None: ...
+
+    def find(self, host: str, image_id: str) -> CacheEntry | None: ...
+
+    def find_by_volume(self, volume_id: str) -> CacheEntry | None: ...
+
+    def list(self, host: str | None = None, image_id: str | None = None) -> list[CacheEntry]:
+        ...
+
+    def add(self, entry: CacheEntry) -> None:
+        """Insert; raise ``AlreadyClaimed`` if (host, image_id) is taken."""
+        ...
+
+    def save(self, entry: CacheEntry) -> None:
+        """Write back state, last_used, hits, pinned, leases and image fields."""
+        ...
+
+    def remove(self, entry: CacheEntry) -> bool:
+        """Delete; return False if it was already gone."""
+        ...
+
+    def lru_victims(self, host: str, now: dt.datetime) -> Iterator[CacheEntry]:
+        """READY, unpinned, unleased entries of ``host``, least recently used first.
+
+        Lazily, from an index on (host, last_used): the cost of taking k victims does not
+        grow with the number of entries.
+        """
+        ...
+
+
+class UnitOfWork(Protocol):
+    """A transaction. Leaving the ``with`` block without ``commit()`` rolls back."""
+
+    @property
+    def entries(self) -> CacheRepository: ...
+
+    def __enter__(self) -> UnitOfWork: ...
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None: ...
+
+    def commit(self) -> None: ...
+
+    def rollback(self) -> None: ...
+
+
+class Notifier(Protocol):
+    def publish(self, event: Event) -> None: ...
+
+
+class Clock(Protocol):
+    def now(self) -> dt.datetime:
+        """Aware UTC time."""
+        ...
+
+    def sleep(self, seconds: float) -> None: ...
+
+
+class Span(Protocol):
+    def set_attribute(self, key: str, value: str | int | float | bool) -> None: ...
+
+
+class Tracer(Protocol):
+    """Spans around requests; the OTel adapter implements it, the core has a null one."""
+
+    def span(self, name: str,
+             attributes: dict[str, str | int | float | bool]) -> AbstractContextManager[Span]:
+        ...

@@ -1,0 +1,135 @@
+"""The composition root: the only place that knows which adapter serves which port."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import attrs
+
+from ivcache.adapters.images.local import LocalImageSource
+from ivcache.adapters.notify.log import LogNotifier
+from ivcache.adapters.sql.engine import make_engine, upgrade
+from ivcache.adapters.sql.repository import SqlUnitOfWork
+from ivcache.core.errors import ConfigError
+from ivcache.core.model import Image, RequestContext
+from ivcache.core.ports import ImageSource, Notifier, StorageBackend, Tracer
+from ivcache.core.service import CacheService, SystemClock
+from ivcache.entrypoints.config import Config
+
+__all__ = ["Wiring", "build_images", "build_storage", "wire"]
+
+Progress = Callable[[str, int], Callable[[int], None]]
+
+
+@attrs.define
+class Wiring:
+    """Everything ``wire`` built: the service and the adapters behind it."""
+
+    config: Config
+    service: CacheService
+    images: ImageSource
+    storage: StorageBackend
+
+    @property
+    def local_images(self) -> LocalImageSource:
+        if not isinstance(self.images, LocalImageSource):
+            raise ConfigError("image add is for the local image source only "
+                              f"(image_source = {self.config.image_source}); upload images "
+                              "to Glance with the Glance client")
+        return self.images
+
+
+def _ensure_dir(path: Path, what: str) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create {what} directory {path}: {exc.strerror}") from exc
+    return path
+
+
+def build_storage(config: Config) -> StorageBackend:
+    path = config.storage_path
+    if config.storage == "file":
+        from ivcache.adapters.storage.file import FileStorage
+        return FileStorage(_ensure_dir(path, "storage_path"), host=config.host)
+    if config.storage == "fake-lvm":
+        from ivcache.adapters.storage.fake_lvm import FakeLvmStorage
+        return FakeLvmStorage(config.storage_capacity_gb, host=config.host,
+                              state_path=_ensure_dir(path, "storage_path"))
+    if config.storage == "fake-rbd":
+        from ivcache.adapters.storage.fake_rbd import FakeRbdStorage
+        return FakeRbdStorage(config.storage_capacity_gb, host=config.host,
+                              state_path=_ensure_dir(path, "storage_path"),
+                              max_clone_depth=config.rbd_max_clone_depth)
+    raise ConfigError(f"storage = {config.storage} is not available in this version; "
+                      "use file, fake-lvm or fake-rbd")
+
+
+def build_images(config: Config) -> ImageSource:
+    if config.image_source == "local":
+        return LocalImageSource(_ensure_dir(config.images_path, "images_path"))
+    raise ConfigError(f"image_source = {config.image_source} is not available in this "
+                      "version; use local")
+
+
+def build_notifier(config: Config) -> tuple[Notifier, Tracer | None]:
+    if config.notifier == "otel":
+        from ivcache.adapters.notify.otel import OtelNotifier
+        otel = OtelNotifier()
+        return otel, otel
+    if config.notifier == "none":
+        from ivcache.adapters.memory import RecordingNotifier
+        return RecordingNotifier(), None
+    return LogNotifier(), None
+
+
+class ProgressImages:
+    """An image source whose downloads report progress (for the CLI's progress bar)."""
+
+    def __init__(self, inner: ImageSource, progress: Progress) -> None:
+        self.inner = inner
+        self.progress = progress
+
+    def get_image(self, ctx: RequestContext, image_id: str) -> Image:
+        return self.inner.get_image(ctx, image_id)
+
+    def list_images(self, ctx: RequestContext) -> list[Image]:
+        return self.inner.list_images(ctx)
+
+    def open_data(self, ctx: RequestContext, image_id: str) -> Iterator[bytes]:
+        image = self.inner.get_image(ctx, image_id)
+        chunks = self.inner.open_data(ctx, image_id)
+        return self._report(chunks, self.progress(f"downloading {image.name or image_id}",
+                                                  image.size))
+
+    @staticmethod
+    def _report(chunks: Iterator[bytes], update: Callable[[int], None]) -> Iterator[bytes]:
+        for chunk in chunks:
+            update(len(chunk))
+            yield chunk
+
+
+def wire(config: Config, *, progress: Progress | None = None) -> Wiring:
+    """Build the service for ``config``: the database schema is created or upgraded here."""
+    if config.database_url.startswith("sqlite:///"):
+        db_path = Path(config.database_url[len("sqlite:///"):])
+        if str(db_path) and not str(db_path).startswith(":memory:"):
+            _ensure_dir(db_path.parent, "database")
+    engine = make_engine(config.database_url)
+    upgrade(engine)
+    images = build_images(config)
+    storage = build_storage(config)
+    notifier, tracer = build_notifier(config)
+    service = CacheService(
+        host=config.host,
+        storage=storage,
+        images=ProgressImages(images, progress) if progress else images,
+        uow=SqlUnitOfWork(engine),
+        notifier=notifier,
+        policy=config.policy,
+        tenant=config.tenant,
+        clock=SystemClock(),
+        tracer=tracer,
+    )
+    return Wiring(config, service, images, storage)

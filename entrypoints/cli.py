@@ -1,0 +1,379 @@
+"""The ``ivcache`` command. Thin: every decision is the core's.
+
+Exit codes: 0 ok, 1 domain error (one line on stderr), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sys
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from ivcache.core.errors import IvcacheError
+from ivcache.core.model import CacheEntry, HostTotals, Image, RequestContext, Volume
+from ivcache.entrypoints.bootstrap import Wiring, wire
+from ivcache.entrypoints.config import load_config
+
+__all__ = ["cli", "main"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+# ------------------------------------------------------------------ plumbing
+
+class _State:
+    def __init__(self) -> None:
+        self.config_path: str | None = None
+        self.json = False
+
+
+def _state() -> _State:
+    ctx = click.get_current_context()
+    root = ctx.find_root()
+    if not isinstance(root.obj, _State):
+        root.obj = _State()
+    return root.obj
+
+
+def _set_config(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value:
+        _state().config_path = value
+
+
+def _set_json(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        _state().json = True
+
+
+def common(func: F) -> F:
+    """``--config`` and ``--json``, accepted on the group and on every command."""
+    func = click.option("--json", "as_json", is_flag=True, expose_value=False,
+                        callback=_set_json, is_eager=True,
+                        help="Print one JSON document on stdout.")(func)
+    func = click.option("--config", "config_path", metavar="FILE", expose_value=False,
+                        callback=_set_config, is_eager=True, envvar="IVCACHE_CONFIG",
+                        help="INI config file [env IVCACHE_CONFIG].")(func)
+    return func
+
+
+def caller(func: F) -> F:
+    """Who is calling: ``--project``, ``--user``, ``--admin``."""
+    func = click.option("--admin", is_flag=True,
+                        help="Act as an operator who may touch any volume.")(func)
+    func = click.option("--user", metavar="U", default=None,
+                        help="User id [default: derived from the project].")(func)
+    func = click.option("--project", metavar="P", envvar="IVCACHE_PROJECT", default="demo",
+                        show_default=True, help="Project to act for [env IVCACHE_PROJECT].")(
+        func)
+    return func
+
+
+def _context(project: str, user: str | None, admin: bool) -> RequestContext:
+    return RequestContext.for_project(project, user_id=user, admin=admin)
+
+
+def _progress(label: str, total: int) -> Callable[[int], None]:
+    """A click progress bar on stderr, only when stderr is a terminal."""
+    if not sys.stderr.isatty() or total <= 0:
+        return lambda n: None
+    bar: AbstractContextManager[Any] = click.progressbar(
+        length=total, label=label, file=sys.stderr, show_pos=False, show_percent=True)
+    state = bar.__enter__()
+    seen = 0
+
+    def update(n: int) -> None:
+        nonlocal seen
+        seen += n
+        state.update(n)
+        if seen >= total:
+            bar.__exit__(None, None, None)
+
+    return update
+
+
+def _wiring(host: str | None = None) -> Wiring:
+    config = load_config(_state().config_path).with_host(host)
+    return wire(config, progress=_progress)
+
+
+def _emit(document: object, human: Callable[[], None]) -> None:
+    if _state().json:
+        click.echo(json.dumps(document, indent=2, default=str))
+    else:
+        human()
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def _image_doc(image: Image) -> dict[str, object]:
+    return {
+        "id": image.id, "name": image.name, "size": image.size,
+        "virtual_size": image.virtual_size, "min_disk": image.min_disk,
+        "os_hash_algo": image.os_hash_algo, "os_hash_value": image.os_hash_value,
+        "checksum": image.checksum, "owner": image.owner, "visibility": image.visibility,
+        "status": image.status, "disk_format": image.disk_format,
+        "updated_at": _iso(image.updated_at),
+    }
+
+
+def _volume_doc(volume: Volume, host: str) -> dict[str, object]:
+    doc: dict[str, object] = {"id": volume.id, "size_gb": volume.size_gb,
+                              "project": volume.owner, "host": volume.host or host}
+    doc[volume.location_kind] = volume.location
+    return doc
+
+
+def _entry_doc(entry: CacheEntry) -> dict[str, object]:
+    return {
+        "id": entry.id, "image_id": entry.image_id, "host": entry.host,
+        "volume_id": entry.volume_id, "size_gb": entry.size_gb, "state": entry.state.value,
+        "last_used": _iso(entry.last_used), "hits": entry.hits, "pinned": entry.pinned,
+        "created_at": _iso(entry.created_at), "image_updated_at": _iso(entry.image_updated_at),
+    }
+
+
+def _stats_doc(totals: HostTotals) -> dict[str, object]:
+    return {"host": totals.host, "hits": totals.hits, "misses": totals.misses,
+            "evictions": totals.evictions, "entries": totals.count, "size_gb": totals.size_gb,
+            "downloads": totals.downloads, "bytes_downloaded": totals.bytes_downloaded}
+
+
+def _table(rows: list[dict[str, object]], columns: list[str]) -> None:
+    if not rows:
+        click.echo("(none)")
+        return
+    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for row in cells:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+
+
+def _fields(doc: dict[str, object]) -> None:
+    width = max(len(k) for k in doc)
+    for key, value in doc.items():
+        click.echo(f"{key.ljust(width)}  {value}")
+
+
+# ------------------------------------------------------------------ commands
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@common
+def cli() -> None:
+    """ivcache: an image-volume cache for block storage."""
+
+
+@cli.command()
+@common
+def demo() -> None:
+    """A self-contained walk-through on the embedded default."""
+    from ivcache.entrypoints.demo import run_demo
+    run_demo(json_output=_state().json)
+
+
+@cli.group()
+@common
+def db() -> None:
+    """The cache's database."""
+
+
+@db.command("upgrade")
+@common
+def db_upgrade() -> None:
+    """Create or upgrade the database schema."""
+    from ivcache.adapters.sql.engine import current_revision, make_engine, upgrade
+    config = load_config(_state().config_path)
+    if config.database_url.startswith("sqlite:///"):
+        Path(config.database_url[len("sqlite:///"):]).parent.mkdir(parents=True,
+                                                                    exist_ok=True)
+    engine = make_engine(config.database_url)
+    upgrade(engine)
+    revision = current_revision(engine)
+    _emit({"database_url": engine.url.render_as_string(hide_password=True),
+           "revision": revision},
+          lambda: click.echo(f"database at revision {revision}"))
+
+
+@cli.group()
+@common
+def image() -> None:
+    """Images (``add`` is for the local image source)."""
+
+
+@image.command("add")
+@common
+@caller
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--name", metavar="N", default=None, help="Image name [default: file name].")
+@click.option("--private", is_flag=True, help="Only the project may see it.")
+def image_add(file: Path, name: str | None, private: bool, project: str, user: str | None,
+              admin: bool) -> None:
+    """Register an image FILE with the local image source."""
+    wiring = _wiring()
+    source = wiring.local_images
+    size = file.stat().st_size if file.is_file() else 0
+    update = _progress(f"copying {file.name}", size)
+    added = source.add_image(_context(project, user, admin), file, name=name,
+                             visibility="private" if private else "public", progress=update)
+    _emit(_image_doc(added), lambda: _fields(_image_doc(added)))
+
+
+@image.command("list")
+@common
+@caller
+def image_list(project: str, user: str | None, admin: bool) -> None:
+    """Images the caller may see."""
+    found = _wiring().images.list_images(_context(project, user, admin))
+    docs = [_image_doc(i) for i in found]
+    _emit(docs, lambda: _table(docs, ["id", "name", "size", "owner", "visibility"]))
+
+
+@cli.group()
+@common
+def volume() -> None:
+    """Volumes."""
+
+
+@volume.command("create")
+@common
+@caller
+@click.option("--image", "image_id", metavar="ID", required=True, help="Image to copy.")
+@click.option("--size", "size_gb", metavar="GB", type=int, required=True,
+              help="Size in GiB.")
+@click.option("--host", metavar="H", default=None, help="Storage host [default: config].")
+def volume_create(image_id: str, size_gb: int, host: str | None, project: str,
+                  user: str | None, admin: bool) -> None:
+    """Create a volume from an image, through the cache."""
+    wiring = _wiring(host)
+    result = wiring.service.create_volume(_context(project, user, admin), image_id, size_gb)
+    doc = _volume_doc(result.volume, wiring.config.host)
+    doc.update(outcome=result.outcome.value, entry_id=result.entry_id,
+               seconds=round(result.seconds, 6))
+    _emit(doc, lambda: _fields(doc))
+
+
+@volume.command("list")
+@common
+@caller
+@click.option("--all", "all_projects", is_flag=True, help="Every project's (needs --admin).")
+def volume_list(all_projects: bool, project: str, user: str | None, admin: bool) -> None:
+    """The caller's volumes."""
+    wiring = _wiring()
+    found = wiring.service.list_volumes(_context(project, user, admin),
+                                        all_projects=all_projects)
+    docs = [_volume_doc(v, wiring.config.host) for v in found]
+    _emit(docs, lambda: _table(docs, ["id", "size_gb", "project", "host"]))
+
+
+@volume.command("delete")
+@common
+@caller
+@click.argument("volume_id", metavar="ID")
+def volume_delete(volume_id: str, project: str, user: str | None, admin: bool) -> None:
+    """Delete a volume (an admin deleting a cache volume also drops its entry)."""
+    _wiring().service.delete_volume(_context(project, user, admin), volume_id)
+    _emit({"id": volume_id, "deleted": True}, lambda: click.echo(f"deleted {volume_id}"))
+
+
+@cli.group()
+@common
+def cache() -> None:
+    """The image-volume cache (operator commands)."""
+
+
+def _host_option(func: F) -> F:
+    return click.option("--host", metavar="H", default=None,
+                        help="Storage host [default: config].")(func)
+
+
+@cache.command("list")
+@common
+@_host_option
+def cache_list(host: str | None) -> None:
+    """Cache entries, of one host or of all."""
+    docs = [_entry_doc(e) for e in _wiring().service.list_entries(host)]
+    _emit(docs, lambda: _table(docs, ["id", "image_id", "host", "size_gb", "state", "hits",
+                                      "last_used"]))
+
+
+@cache.command("show")
+@common
+@click.argument("entry_id", metavar="ENTRY_ID")
+def cache_show(entry_id: str) -> None:
+    """One cache entry."""
+    doc = _entry_doc(_wiring().service.get_entry(entry_id))
+    _emit(doc, lambda: _fields(doc))
+
+
+@cache.command("evict")
+@common
+@_host_option
+@click.option("--image", "image_id", metavar="ID", default=None)
+@click.option("--entry", "entry_id", metavar="ID", default=None)
+@click.option("--all", "everything", is_flag=True)
+def cache_evict(host: str | None, image_id: str | None, entry_id: str | None,
+                everything: bool) -> None:
+    """Evict entries: by image, by entry, or all (of the host)."""
+    if sum((image_id is not None, entry_id is not None, everything)) != 1:
+        raise click.UsageError("give exactly one of --image, --entry or --all")
+    gone = _wiring(host).service.evict(image_id=image_id, entry_id=entry_id,
+                                       everything=everything)
+    docs = [_entry_doc(e) for e in gone]
+    _emit({"evicted": docs}, lambda: click.echo(f"evicted {len(docs)} entr"
+                                                f"{'y' if len(docs) == 1 else 'ies'}"))
+
+
+@cache.command("prune")
+@common
+@_host_option
+def cache_prune(host: str | None) -> None:
+    """Evict least recently used entries until the host is within its limits."""
+    docs = [_entry_doc(e) for e in _wiring(host).service.prune()]
+    _emit({"evicted": docs}, lambda: click.echo(f"pruned {len(docs)}"))
+
+
+@cache.command("stats")
+@common
+@_host_option
+def cache_stats(host: str | None) -> None:
+    """Hits, misses, evictions and downloads of a host."""
+    doc = _stats_doc(_wiring(host).service.stats())
+    _emit(doc, lambda: _fields(doc))
+
+
+# ------------------------------------------------------------------ entry point
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; domain errors become one line on stderr and exit code 1."""
+    try:
+        code = cli.main(args=argv, prog_name="ivcache", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(1)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except IvcacheError as exc:
+        click.echo(f"ivcache: error: {_one_line(exc)}", err=True)
+        sys.exit(1)
+    except OSError as exc:
+        where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
+        click.echo(f"ivcache: error:{where} {exc.strerror or exc}", err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
+
