@@ -163,3 +163,35 @@ def test_without_providers_the_api_defaults_are_used_and_nothing_fails() -> None
     with notifier.span("ivcache.create_volume", {"image_id": "img-1"}) as span:
         span.set_attribute("outcome", "hit")
         notifier.publish(CacheHit("img-1", "node-1"))
+
+
+def test_the_service_makes_one_span_per_request_with_its_outcome_and_cache_events(
+        notifier: OtelNotifier, spans: InMemorySpanExporter,
+        reader: InMemoryMetricReader) -> None:
+    from ivcache.adapters.memory import InMemoryImageSource, InMemoryUnitOfWork
+    from ivcache.adapters.storage.fake_lvm import FakeLvmStorage
+    from ivcache.core.model import GIB, Image, RequestContext
+    from ivcache.core.policy import CachePolicy
+    from ivcache.core.service import CacheService
+
+    images = InMemoryImageSource()
+    for name in ("a", "b"):
+        images.add(Image(id=name, name=name, virtual_size=GIB), name.encode() * 100)
+    service = CacheService(host="node-1", storage=FakeLvmStorage(), images=images,
+                           uow=InMemoryUnitOfWork(), notifier=notifier, tracer=notifier,
+                           policy=CachePolicy(max_count=1))
+    ctx = RequestContext.for_project("p")
+    service.create_volume(ctx, "a", 1)
+    service.create_volume(ctx, "a", 1)
+    service.create_volume(ctx, "b", 1)
+
+    requests = [s for s in spans.get_finished_spans() if s.name == "ivcache.create_volume"]
+    assert [(s.attributes or {}).get("outcome") for s in requests] == ["miss", "hit", "miss"]
+    assert all((s.attributes or {}).get("host") == "node-1" for s in requests)
+    names = [[e.name for e in s.events] for s in requests]
+    assert "image_volume_cache.miss" in names[0] and "image_volume_cache.create" in names[0]
+    assert names[1] == ["image_volume_cache.hit"]
+    assert "image_volume_cache.evict" in names[2]
+    assert sum(counter(reader, "ivcache.cache.hits").values()) == 1
+    assert sum(counter(reader, "ivcache.cache.misses").values()) == 2
+    assert sum(counter(reader, "ivcache.cache.evictions").values()) == 1
