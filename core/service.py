@@ -59,7 +59,7 @@ from ivcache.core.ports import (
     UnitOfWork,
 )
 
-__all__ = ["CacheService", "NullTracer", "SystemClock"]
+__all__ = ["CacheService", "Finding", "NullTracer", "SystemClock"]
 
 T = TypeVar("T")
 
@@ -82,6 +82,18 @@ class NullTracer:
     def span(self, name: str,
              attributes: dict[str, str | int | float | bool]) -> Iterator[Span]:
         yield _NullSpan()
+
+
+@attrs.frozen
+class Finding:
+    """What ``reconcile`` found: ``kind`` is ``missing-volume``, ``expired-claim`` or
+    ``orphan-volume``."""
+
+    kind: str
+    volume_id: str
+    entry_id: str | None = None
+    image_id: str | None = None
+    fixed: bool = False
 
 
 @attrs.frozen
@@ -502,6 +514,80 @@ class CacheService:
 
     def stats(self, host: str | None = None) -> HostTotals:
         return self._read(lambda uow: uow.entries.totals(host or self.host))
+
+    def warm(self, image_id: str) -> CacheEntry:
+        """Cache an image on this host ahead of demand, as the cache's own identity."""
+        image = self._authorize(self.tenant.context(), image_id)
+        while True:
+            entry = self._read(lambda uow: uow.entries.find(self.host, image.id))
+            if entry is not None and entry.ready:
+                if not entry.is_stale_for(image):
+                    return entry
+                self._evict([entry], EvictReason.STALE)
+                continue
+            if entry is not None and not entry.claim_expired(self.clock.now()):
+                raise AlreadyClaimed(self.host, image.id)
+            if entry is not None:
+                self._evict([entry], EvictReason.RECONCILE, creating_too=True)
+                continue
+            try:
+                claim = self._claim(image)
+            except AlreadyClaimed:
+                continue
+            if claim is None:
+                raise NoSpace(f"image {image.id} ({image.min_size_gb} GiB) cannot be cached "
+                              f"on host {self.host}: over the cache's limits or quota, and "
+                              "nothing can be evicted")
+            self._drop_volumes(claim.victims, EvictReason.LRU)
+            ready = self._fill(self.tenant.context(), image, claim.entry)
+            if ready is None:
+                raise NoSpace(f"no room on host {self.host}'s storage for image {image.id}")
+            return ready
+
+    def pin(self, image_id: str, pinned: bool = True) -> CacheEntry:
+        """Pin (or unpin) the image's entry on this host: a pinned entry is never evicted
+        to make room (an admin may still evict it)."""
+        with self.uow as uow:
+            entry = uow.entries.find(self.host, image_id)
+            if entry is None:
+                raise EntryNotFound(f"for image {image_id} on host {self.host}")
+            entry.pinned = pinned
+            uow.entries.save(entry)
+            uow.commit()
+        return entry
+
+    def reconcile(self, *, fix: bool = False) -> list[Finding]:
+        """Compare this host's entries with its storage; with ``fix``, repair what differs.
+
+        Finds entries whose volume is gone, claims whose owner died, and cache volumes no
+        entry owns (left by a crash between an eviction and its volume's deletion).
+        """
+        # Volumes first: an entry is committed before its volume is made, so any volume
+        # listed here that has an entry will show it in the entries read after.
+        volumes = {v.id for v in self.storage.list_volumes(owner=self.tenant.project_id)}
+        every_host = self.list_entries(None)
+        entries = [e for e in every_host if e.host == self.host]
+        now = self.clock.now()
+        findings: list[Finding] = []
+        # Any host's entry counts as an owner: hosts may share one storage directory.
+        owned = {e.volume_id for e in every_host}
+        for entry in entries:
+            if entry.claim_expired(now):
+                kind = "expired-claim"
+            elif entry.ready and entry.volume_id not in volumes:
+                kind = "missing-volume"
+            else:
+                continue
+            if fix:
+                fixed = bool(self._evict([entry], EvictReason.RECONCILE, creating_too=True))
+            else:
+                fixed = False
+            findings.append(Finding(kind, entry.volume_id, entry.id, entry.image_id, fixed))
+        for volume_id in sorted(volumes - owned):
+            if fix:
+                self._delete_quietly(volume_id)
+            findings.append(Finding("orphan-volume", volume_id, fixed=fix))
+        return findings
 
     # ------------------------------------------------------------------ volumes
 

@@ -349,6 +349,49 @@ def cache_stats(host: str | None) -> None:
     _emit(doc, lambda: _fields(doc))
 
 
+@cache.command("warm")
+@common
+@_host_option
+@click.argument("image_id", metavar="IMAGE_ID")
+def cache_warm(image_id: str, host: str | None) -> None:
+    """Cache an image on a host ahead of demand."""
+    doc = _entry_doc(_wiring(host).service.warm(image_id))
+    _emit(doc, lambda: _fields(doc))
+
+
+@cache.command("pin")
+@common
+@_host_option
+@click.argument("image_id", metavar="IMAGE_ID")
+def cache_pin(image_id: str, host: str | None) -> None:
+    """Keep an image's entry from being evicted to make room."""
+    doc = _entry_doc(_wiring(host).service.pin(image_id, True))
+    _emit(doc, lambda: click.echo(f"pinned {image_id} on {doc['host']}"))
+
+
+@cache.command("unpin")
+@common
+@_host_option
+@click.argument("image_id", metavar="IMAGE_ID")
+def cache_unpin(image_id: str, host: str | None) -> None:
+    """Let an image's entry be evicted again."""
+    doc = _entry_doc(_wiring(host).service.pin(image_id, False))
+    _emit(doc, lambda: click.echo(f"unpinned {image_id} on {doc['host']}"))
+
+
+@cache.command("reconcile")
+@common
+@_host_option
+@click.option("--fix", is_flag=True, help="Repair what differs (default: report only).")
+def cache_reconcile(host: str | None, fix: bool) -> None:
+    """Compare entries with the storage: missing volumes, dead claims, orphan volumes."""
+    findings = _wiring(host).service.reconcile(fix=fix)
+    docs: list[dict[str, object]] = [
+        {"kind": f.kind, "volume_id": f.volume_id, "entry_id": f.entry_id,
+         "image_id": f.image_id, "fixed": f.fixed} for f in findings]
+    _emit(docs, lambda: _table(docs, ["kind", "volume_id", "entry_id", "fixed"]))
+
+
 # ------------------------------------------------------------------ entry point
 
 def _one_line(exc: BaseException) -> str:

@@ -211,3 +211,26 @@ def test_image_add_of_a_missing_file_is_a_clear_error(cli: Cli, tmp_path: Path) 
 def test_usage_errors_exit_two(cli: Cli) -> None:
     cli.fails("volume", "create", "--size", "1", code=2)
     cli.fails("no-such-command", code=2)
+
+
+def test_warm_pin_unpin_and_reconcile_from_the_command_line(cli: Cli,
+                                                             image_file: Path) -> None:
+    image = cli.ok("image", "add", str(image_file), "--private", "--project", "alice",
+                   "--json").json()
+    entry = cli.ok("cache", "warm", image["id"], "--json").json()
+    assert entry["state"] == "ready" and entry["image_id"] == image["id"]
+    created = cli.ok("volume", "create", "--image", image["id"], "--size", "1",
+                     "--project", "alice", "--json").json()
+    assert created["outcome"] == "hit"
+    assert cli.ok("cache", "pin", image["id"], "--json").json()["pinned"] is True
+    assert cli.ok("cache", "list", "--json").json()[0]["pinned"] is True
+    assert cli.ok("cache", "unpin", image["id"], "--json").json()["pinned"] is False
+    cli.fails("cache", "pin", "no-such-image")
+
+    assert cli.ok("cache", "reconcile", "--json").json() == []
+    (cli.home / "volumes" / f"{entry['volume_id']}.json").unlink()
+    found = cli.ok("cache", "reconcile", "--json").json()
+    assert [(f["kind"], f["fixed"]) for f in found] == [("missing-volume", False)]
+    fixed = cli.ok("cache", "reconcile", "--fix", "--json").json()
+    assert [(f["kind"], f["fixed"]) for f in fixed] == [("missing-volume", True)]
+    assert cli.ok("cache", "list", "--json").json() == []

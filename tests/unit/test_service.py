@@ -509,3 +509,75 @@ def test_evict_by_image_entry_or_all(world: World) -> None:
     assert service.list_entries() == []
     assert [r for _, r in evictions(world)] == ["admin"] * 3
     assert service.stats().evictions == 3
+
+
+# ---------------------------------------------------------------- warm, pin, reconcile
+
+def test_warm_caches_an_image_ahead_of_demand_so_the_first_create_is_a_hit(
+        world: World) -> None:
+    world.image("img", owner="alice", visibility="private")
+    service = world.service()
+    entry = service.warm("img")
+    assert entry.ready and world.images.downloads == 1
+    assert service.warm("img").id == entry.id and world.images.downloads == 1
+    assert service.create_volume(world.alice, "img", 1).outcome is Outcome.HIT
+
+
+def test_warm_refuses_an_image_that_cannot_fit(world: World) -> None:
+    world.image("huge", gib=50)
+    with pytest.raises(NoSpace):
+        world.service(policy=CachePolicy(max_size_gb=10)).warm("huge")
+    assert world.service().list_entries() == []
+
+
+def test_a_pinned_entry_is_never_evicted_to_make_room_until_unpinned(world: World) -> None:
+    service = world.service(policy=CachePolicy(max_count=1))
+    world.image("a")
+    world.image("b")
+    service.create_volume(world.alice, "a", 1)
+    assert service.pin("a").pinned
+    assert service.create_volume(world.alice, "b", 1).outcome is Outcome.MISS_UNCACHED
+    service.pin("a", pinned=False)
+    assert service.create_volume(world.alice, "b", 1).outcome is Outcome.MISS
+    assert [e.image_id for e in service.list_entries()] == ["b"]
+
+
+def test_pinning_an_image_with_no_entry_is_an_error(world: World) -> None:
+    from ivcache.core.errors import EntryNotFound
+    with pytest.raises(EntryNotFound):
+        world.service().pin("nothing")
+
+
+def test_reconcile_finds_and_fixes_missing_volumes_dead_claims_and_orphans(
+        world: World) -> None:
+    service = world.service()
+    for name in ("a", "b"):
+        world.image(name)
+        service.create_volume(world.alice, name, 1)
+    lost = service.list_entries()[0]
+    world.storage().delete_volume(lost.volume_id)
+    claim(world, "c", expires_in=-1)
+    world.storage().create_volume("orphan-1", 1, "internal")
+    world.storage().create_volume("users-own", 1, "alice")
+
+    found = {(f.kind, f.volume_id) for f in service.reconcile()}
+    assert found == {("missing-volume", lost.volume_id), ("expired-claim", "vol-claim"),
+                     ("orphan-volume", "orphan-1")}
+    assert len(service.list_entries()) == 3  # a dry run changes nothing
+
+    assert all(f.fixed for f in service.reconcile(fix=True))
+    assert service.reconcile() == []
+    assert len(service.list_entries()) == 1
+    assert {v.id for v in world.storage().list_volumes(owner="alice")} >= {"users-own"}
+    assert ("c", "reconcile") in evictions(world)
+
+
+def test_reconcile_leaves_the_volumes_of_other_hosts_sharing_the_storage_alone(
+        world: World) -> None:
+    world.image("img")
+    shared = world.storage("node-1")
+    world.storages["node-2"] = shared
+    world.service(host="node-2").create_volume(world.alice, "img", 1)
+    assert world.service(host="node-1").reconcile(fix=True) == []
+    assert world.service(host="node-2").create_volume(world.alice, "img", 1).outcome \
+        is Outcome.HIT
