@@ -131,6 +131,9 @@ def _sqlite_on_connect(dbapi_connection: Any, connection_record: ConnectionPoolE
         # The timeout first: switching to WAL itself may wait for another connection.
         cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
         cursor.execute("PRAGMA journal_mode = WAL")
+        # In WAL mode NORMAL is still crash-safe (no corruption); a power cut may lose the
+        # last commits, which reconcile repairs. FULL would fsync on every hit.
+        cursor.execute("PRAGMA synchronous = NORMAL")
         cursor.execute("PRAGMA foreign_keys = ON")
     finally:
         cursor.close()
