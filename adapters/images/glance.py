@@ -241,7 +241,8 @@ class GlanceImageSource:
         try:
             response: requests.Response = conn.image.request(
                 path, method, stream=stream, headers=headers or {}, params=params,
-                timeout=self.timeout, connect_retries=0, raise_exc=False)
+                timeout=self.timeout, connect_retries=0, status_code_retries=0,
+                raise_exc=False)
         except ks_exceptions.DiscoveryFailure as exc:
             raise _Retry(self._why_no_discovery(exc)) from exc
         except _TRANSIENT as exc:
