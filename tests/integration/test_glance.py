@@ -182,6 +182,21 @@ def test_an_image_deleted_in_glance_fails_the_next_create_and_its_entry_is_evict
     assert [v.id for v in world.storage.list_volumes()] == [first.volume.id]
 
 
+def test_a_deactivated_image_is_refused_and_its_entry_is_evicted(
+        world: World, alice: tuple[Identity, RequestContext]) -> None:
+    who, ctx = alice
+    image_id = world.glance.create_image(who, _data(1))
+    world.service.create_volume(ctx, image_id, 1)
+    operator = GlanceServer.identity(_project("ops"), admin=True)
+    world.glance.call(operator, "POST", f"/images/{image_id}/actions/deactivate")
+
+    with pytest.raises(ImageNotActive, match="deactivated"):
+        world.service.create_volume(ctx, image_id, 1)
+
+    assert world.entry(image_id) is None
+    assert [e.reason for e in world.evictions()] == [EvictReason.IMAGE_DELETED]
+
+
 def test_a_corrupted_download_is_a_checksum_error_and_leaves_no_entry_and_no_volume(
         world: World, alice: tuple[Identity, RequestContext]) -> None:
     who, ctx = alice

@@ -18,7 +18,8 @@ from ivcache.adapters.images.glance import GlanceImageSource
 from ivcache.adapters.memory import InMemoryUnitOfWork, RecordingNotifier
 from ivcache.adapters.storage.file import FileStorage
 from ivcache.core.errors import ConfigError, ImageNotFound, ImageUnavailable
-from ivcache.core.model import RequestContext
+from ivcache.core.events import CacheEvict, EvictReason
+from ivcache.core.model import Outcome, RequestContext
 from ivcache.core.service import CacheService
 
 MIB = 1 << 20
@@ -45,16 +46,21 @@ class Script:
     plan: dict[str, list[str]] = attrs.Factory(dict)
     seen: list[Seen] = attrs.Factory(list)
     members: dict[tuple[str, str], str] = attrs.Factory(dict)
+    hashes: bool = True
+    updated_at: str = "2026-11-26T12:07:08Z"
 
     def doc(self, image_id: str) -> dict[str, object]:
-        return {"id": image_id, "name": "disk", "status": "active", "size": len(self.data),
+        doc = {"id": image_id, "name": "disk", "status": "active", "size": len(self.data),
                 "virtual_size": None, "min_disk": 0, "owner": "alice",
                 "visibility": "shared" if image_id == SHARED else "private",
                 "os_hash_algo": "sha512",
                 "os_hash_value": hashlib.sha512(self.data).hexdigest(),
                 "checksum": hashlib.md5(self.data).hexdigest(),
                 "disk_format": "raw", "container_format": "bare",
-                "updated_at": "2026-11-26T12:07:08Z"}
+                "updated_at": self.updated_at}
+        if not self.hashes:
+            doc.update(os_hash_algo=None, os_hash_value=None, checksum=None)
+        return doc
 
     def next(self, kind: str) -> str:
         queue = self.plan.get(kind) or []
@@ -277,6 +283,23 @@ def test_a_short_read_through_the_cache_leaves_no_entry_and_no_volume(
 
     assert service.list_entries() == []
     assert storage.list_volumes() == []
+
+
+def test_with_no_hash_known_a_changed_updated_at_makes_the_entry_stale(
+        script: Script, url: str, sleeps: Sleeps, tmp_path: Path) -> None:
+    script.hashes = False
+    notifier = RecordingNotifier()
+    service = CacheService(host="h", storage=FileStorage(tmp_path / "volumes"),
+                           images=_source(url, sleeps), uow=InMemoryUnitOfWork(),
+                           notifier=notifier)
+    outcomes = [service.create_volume(ALICE, IMAGE, 1).outcome for _ in range(2)]
+    script.updated_at = "2026-11-26T13:00:00Z"
+
+    outcomes.append(service.create_volume(ALICE, IMAGE, 1).outcome)
+
+    assert outcomes == [Outcome.MISS, Outcome.HIT, Outcome.MISS]
+    assert [e.reason for e in notifier.of(CacheEvict) if isinstance(e, CacheEvict)] == [
+        EvictReason.STALE]
 
 
 def test_the_callers_identity_goes_out_as_trusted_headers(

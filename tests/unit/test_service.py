@@ -509,3 +509,23 @@ def test_evict_by_image_entry_or_all(world: World) -> None:
     assert service.list_entries() == []
     assert [r for _, r in evictions(world)] == ["admin"] * 3
     assert service.stats().evictions == 3
+
+
+def test_when_the_source_cannot_say_whether_an_image_is_gone_the_entry_stays(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ivcache.core.errors import ImageUnavailable
+
+    world.image("secret", owner="alice", visibility="private")
+    service = world.service()
+    service.create_volume(world.alice, "secret", 1)
+    real = world.images.get_image
+
+    def tenant_check_fails(ctx: RequestContext, image_id: str) -> object:
+        if ctx.project_id == "internal":
+            raise ImageUnavailable("glance at http://g is unavailable: connection refused")
+        return real(ctx, image_id)
+
+    monkeypatch.setattr(world.images, "get_image", tenant_check_fails)
+    with pytest.raises(ImageNotFound):
+        service.create_volume(world.bob, "secret", 1)
+    assert len(service.list_entries()) == 1 and evictions(world) == []
