@@ -9,13 +9,15 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from ivcache.adapters.images.local import LocalImageSource
 from ivcache.adapters.memory import InMemoryImageSource, RecordingNotifier
@@ -140,7 +142,81 @@ def rss(work: Path) -> Figures:
             "rss_peak_mib_big": peaks[big] / 1024}
 
 
+def _glance_server_module() -> Any:
+    # The glance-api the tests run (tests/glance_server.py): not part of the package.
+    root = str(Path(__file__).resolve().parent.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    import tests.glance_server
+    return tests.glance_server
+
+
+def glance(work: Path) -> Figures:
+    """A local glance-api: ivcache's download of a 256 MiB image against curl's (quick:
+    32 MiB), and 10 volumes from one 512 MiB image with the cache on vs off, file storage
+    (quick: 3 volumes, 64 MiB)."""
+    from ivcache.adapters.images.glance import GlanceImageSource
+    from ivcache.core.policy import CachePolicy
+
+    server_module = _glance_server_module()
+    dl_mib, many_mib, count, runs = (256, 512, 10, 3) if not QUICK else (32, 64, 3, 1)
+    block = os.urandom(MIB)
+
+    def chunks(mib: int) -> Iterator[bytes]:
+        for i in range(mib):
+            yield block[:-8] + i.to_bytes(8, "big")
+
+    venv = server_module.ensure_glance_venv()
+    with server_module.GlanceServer(work / "glance", venv=venv) as server:
+        project, user, roles = server.identity(CTX.project_id)
+        dl_id = server.create_image((project, user, roles), chunks(dl_mib), name="bench-dl")
+        source = GlanceImageSource(url=server.url, auth="trusted-headers")
+
+        def ours() -> None:
+            got = sum(len(c) for c in source.open_data(CTX, dl_id))
+            assert got == dl_mib * MIB, got
+
+        curl_cmd = ["curl", "-sSf", "-o", "/dev/null",
+                    "-H", "X-Identity-Status: Confirmed", "-H", f"X-Project-Id: {project}",
+                    "-H", f"X-User-Id: {user}", "-H", f"X-Roles: {','.join(roles)}",
+                    f"{server.url}/v2/images/{dl_id}/file"]
+
+        def theirs() -> None:
+            subprocess.run(curl_cmd, check=True)
+
+        ours()  # warm both: the session's version discovery, Glance's page cache
+        theirs()
+        ours_s, curl_s = _median_time(ours, runs), _median_time(theirs, runs)
+
+        many_id = server.create_image((project, user, roles), chunks(many_mib),
+                                      name="bench-many")
+
+        def volumes(enabled: bool) -> float:
+            sub = work / ("cache-on" if enabled else "cache-off")
+            engine = make_engine(f"sqlite:///{sub}.db")
+            upgrade(engine)
+            service = CacheService(host="bench", storage=FileStorage(sub), images=source,
+                                   uow=SqlUnitOfWork(engine), notifier=RecordingNotifier(),
+                                   policy=CachePolicy(enabled=enabled))
+            started = time.perf_counter()
+            for _ in range(count):
+                service.create_volume(CTX, many_id, 1)
+            elapsed = time.perf_counter() - started
+            shutil.rmtree(sub)
+            return elapsed
+
+        off = volumes(False)
+        on = volumes(True)
+    return {"glance_download_mib_s": dl_mib / ours_s,
+            "curl_download_mib_s": dl_mib / curl_s,
+            "glance_vs_curl_ratio": curl_s / ours_s,
+            "many_volumes_cache_vs_nocache_speedup": off / on,
+            "many_volumes_seconds_cache_on": on,
+            "many_volumes_seconds_cache_off": off}
+
+
 BENCHES: list[Callable[[Path], Figures]] = [hit_vs_miss_file, bookkeeping, rss]
+BENCHES.append(glance)
 
 
 def main() -> None:

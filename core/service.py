@@ -179,6 +179,10 @@ class CacheService:
         except ImageNotFound:
             self._evict_image(image_id, EvictReason.IMAGE_DELETED)
             return
+        except ImageUnavailable:
+            # Whether it is gone cannot be told now: keep the entry, the caller is still
+            # told the image was not found.
+            return
         if image.status != "active":
             self._evict_image(image_id, EvictReason.IMAGE_DELETED)
 

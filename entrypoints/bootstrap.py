@@ -17,7 +17,7 @@ from ivcache.core.ports import ImageSource, Notifier, StorageBackend, Tracer
 from ivcache.core.service import CacheService, SystemClock
 from ivcache.entrypoints.config import Config
 
-__all__ = ["Wiring", "build_images", "build_storage", "wire"]
+__all__ = ["Wiring", "build_glance", "build_images", "build_storage", "wire"]
 
 Progress = Callable[[str, int], Callable[[int], None]]
 
@@ -69,8 +69,22 @@ def build_storage(config: Config) -> StorageBackend:
 def build_images(config: Config) -> ImageSource:
     if config.image_source == "local":
         return LocalImageSource(_ensure_dir(config.images_path, "images_path"))
+    if config.image_source == "glance":
+        return build_glance(config)
     raise ConfigError(f"image_source = {config.image_source} is not available in this "
                       "version; use local")
+
+
+def build_glance(config: Config) -> ImageSource:
+    try:
+        from ivcache.adapters.images.glance import GlanceImageSource
+    except ImportError as exc:
+        raise ConfigError("image_source = glance needs openstacksdk: pip install "
+                          f"'ivcache[glance]' ({exc})") from exc
+    g = config.glance
+    return GlanceImageSource(url=g.url, os_cloud=g.os_cloud, auth=g.auth, insecure=g.insecure,
+                             cafile=g.cafile, connect_timeout=g.connect_timeout,
+                             read_timeout=g.read_timeout, retries=g.retries)
 
 
 def build_notifier(config: Config) -> tuple[Notifier, Tracer | None]:

@@ -581,3 +581,23 @@ def test_reconcile_leaves_the_volumes_of_other_hosts_sharing_the_storage_alone(
     assert world.service(host="node-1").reconcile(fix=True) == []
     assert world.service(host="node-2").create_volume(world.alice, "img", 1).outcome \
         is Outcome.HIT
+
+
+def test_when_the_source_cannot_say_whether_an_image_is_gone_the_entry_stays(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ivcache.core.errors import ImageUnavailable
+
+    world.image("secret", owner="alice", visibility="private")
+    service = world.service()
+    service.create_volume(world.alice, "secret", 1)
+    real = world.images.get_image
+
+    def tenant_check_fails(ctx: RequestContext, image_id: str) -> object:
+        if ctx.project_id == "internal":
+            raise ImageUnavailable("glance at http://g is unavailable: connection refused")
+        return real(ctx, image_id)
+
+    monkeypatch.setattr(world.images, "get_image", tenant_check_fails)
+    with pytest.raises(ImageNotFound):
+        service.create_volume(world.bob, "secret", 1)
+    assert len(service.list_entries()) == 1 and evictions(world) == []

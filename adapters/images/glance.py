@@ -1,0 +1,442 @@
+"""OpenStack Glance (image API v2) as the image source, through openstacksdk.
+
+Two ways to say who is calling (``auth``):
+
+``trusted-headers``
+    Every request carries the caller's identity as the headers keystonemiddleware would set
+    (``X-Identity-Status: Confirmed``, ``X-Project-Id``, ``X-User-Id``, ``X-Roles``), sent
+    through keystoneauth's ``additional_headers`` (glanceclient's ``identity_headers``
+    percent-encodes the comma in ``member,reader``). Glance applies its own visibility
+    rules. For a Glance behind a trusted proxy, and for tests without Keystone. One
+    keystoneauth session per identity, kept in a small LRU.
+
+``keystone``
+    The service's own credentials from clouds.yaml (``os_cloud``). A ``RequestContext``
+    carries no user token to pass through, so Glance sees the service, not the caller: the
+    adapter applies Glance's visibility rules itself (public and community: everyone;
+    private: the owner project; shared: members that accepted; admins: everything), asking
+    the members API for shared images. The service account must be able to read every image
+    (Glance admin). Acting *as* the user would need a token on the context and keystoneauth's
+    token plugin per request; nothing in ivcache carries user tokens yet.
+
+Errors: 403 and 404 are both ``ImageNotFound`` (an invisible image is never confirmed to
+exist). Connection errors and 5xx are retried ``retries`` times with exponential backoff,
+then ``ImageUnavailable`` naming the URL. Image data is streamed in ``chunk_size`` pieces; a
+connection dropped mid-stream is resumed with a ``Range`` request (up to ``retries`` times),
+else ``ImageUnavailable``. The core hashes the stream and checks the total length, so a
+resumed download that stitched different bytes together still fails the hash check.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import openstack
+import openstack.connection
+import openstack.exceptions
+import requests
+from keystoneauth1 import exceptions as ks_exceptions
+from keystoneauth1 import noauth
+from keystoneauth1 import session as ks_session
+
+from ivcache.core.errors import (
+    ConfigError,
+    ImageNotFound,
+    ImageUnavailable,
+    InvalidIdentifier,
+)
+from ivcache.core.model import Image, RequestContext, check_id
+
+__all__ = ["AUTH_MODES", "GlanceImageSource"]
+
+AUTH_MODES = ("keystone", "trusted-headers")
+_MAX_SESSIONS = 128
+_MAX_BACKOFF = 5.0
+
+# What a failed attempt looks like from requests/keystoneauth/openstacksdk: retried, then
+# reported as ImageUnavailable.
+_TRANSIENT: tuple[type[BaseException], ...] = (
+    requests.RequestException,
+    ks_exceptions.ClientException,
+    openstack.exceptions.SDKException,
+    OSError,
+)
+
+
+class _Retry(Exception):
+    """An attempt failed in a way worth trying again (a 5xx, a refused connection...)."""
+
+
+class GlanceImageSource:
+    """Images from Glance v2; implements the ``ImageSource`` port.
+
+    ``url`` is the Glance root URL (``http://host:9292``, not ``.../v2``); required for
+    ``trusted-headers``, an endpoint override for ``keystone`` (else the catalog's).
+    ``sleep`` is injectable so tests of the retry path do not wait.
+    """
+
+    def __init__(
+        self,
+        *,
+        url: str = "",
+        os_cloud: str = "",
+        auth: str = "keystone",
+        insecure: bool = False,
+        cafile: str = "",
+        connect_timeout: float = 10.0,
+        read_timeout: float = 300.0,
+        retries: int = 3,
+        backoff: float = 0.25,
+        chunk_size: int = 1 << 20,
+        page_size: int = 200,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if auth not in AUTH_MODES:
+            raise ConfigError(f"[glance] auth = {auth!r} is not one of {', '.join(AUTH_MODES)}")
+        if auth == "trusted-headers" and not url:
+            raise ConfigError("[glance] auth = trusted-headers needs url = the Glance root "
+                              "URL (e.g. http://127.0.0.1:9292)")
+        if auth == "keystone" and not os_cloud:
+            raise ConfigError("[glance] auth = keystone needs os_cloud = a cloud of "
+                              "clouds.yaml (the service's credentials)")
+        if url and urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+            raise ConfigError(f"[glance] url = {url!r} is not an http(s) URL")
+        if chunk_size <= 0:
+            raise ValueError(f"chunk_size must be positive, not {chunk_size}")
+        self.url = url.rstrip("/")
+        self.os_cloud = os_cloud
+        self.auth = auth
+        self.verify: bool | str = cafile if cafile else not insecure
+        self.timeout = (connect_timeout or None, read_timeout or None)
+        self.retries = retries
+        self.backoff = backoff
+        self.chunk_size = chunk_size
+        self.page_size = page_size
+        self.sleep = sleep
+        self._where = f"glance at {self.url}" if self.url else f"glance of cloud {os_cloud}"
+        self._lock = threading.Lock()
+        self._connections: collections.OrderedDict[
+            tuple[str, ...], openstack.connection.Connection] = collections.OrderedDict()
+
+    # -- the ImageSource port ------------------------------------------------------------
+
+    def get_image(self, ctx: RequestContext, image_id: str) -> Image:
+        path = self._image_path(image_id)
+        response = self._request(ctx, "GET", path)
+        if response.status_code in (403, 404):
+            raise ImageNotFound(image_id)
+        doc = self._json(response, image_id)
+        if self.auth == "keystone" and not self._visible(ctx, doc):
+            raise ImageNotFound(image_id)
+        return _to_image(doc)
+
+    def open_data(self, ctx: RequestContext, image_id: str) -> Iterator[bytes]:
+        path = self._image_path(image_id) + "/file"
+        if self.auth == "keystone":
+            # The service reads the bytes: check the caller may see the image first.
+            self.get_image(ctx, image_id)
+        return self._stream(ctx, image_id, path)
+
+    def list_images(self, ctx: RequestContext) -> list[Image]:
+        found: list[Image] = []
+        marker: str | None = None
+        while True:
+            params: dict[str, str | int] = {"limit": self.page_size}
+            if marker:
+                params["marker"] = marker
+            response = self._request(ctx, "GET", "images", params=params)
+            doc = self._json(response, "list")
+            page = doc.get("images") or []
+            for item in page:
+                if self.auth == "keystone" and not self._visible(ctx, item):
+                    continue
+                found.append(_to_image(item))
+            if not page or not doc.get("next"):
+                return found
+            marker = str(page[-1]["id"])
+
+    # -- streaming -----------------------------------------------------------------------
+
+    def _stream(self, ctx: RequestContext, image_id: str, path: str) -> Iterator[bytes]:
+        received = 0
+        drops = 0
+        while True:
+            headers = {"Range": f"bytes={received}-"} if received else None
+            response = self._request(ctx, "GET", path, stream=True, headers=headers)
+            try:
+                if response.status_code in (403, 404):
+                    raise ImageNotFound(image_id)
+                if response.status_code == 204:
+                    return  # an image with no data: the core's size check decides
+                expected = 206 if received else 200
+                if response.status_code != expected:
+                    raise ImageUnavailable(
+                        f"{self._where}: image {image_id}: HTTP {response.status_code} "
+                        f"{response.reason or ''} reading the data at byte {received}".strip())
+                if received:
+                    self._check_resumed_at(response, image_id, received)
+                length = _content_length(response)
+                got = 0
+                try:
+                    for chunk in response.iter_content(self.chunk_size):
+                        if chunk:
+                            got += len(chunk)
+                            received += len(chunk)
+                            yield chunk
+                except _TRANSIENT as exc:
+                    reason = _describe(exc)
+                else:
+                    if length is None or got >= length:
+                        return
+                    reason = f"connection closed after {got} of {length} bytes"
+            finally:
+                response.close()
+            drops += 1
+            if drops > self.retries:
+                raise ImageUnavailable(
+                    f"{self._where}: image {image_id}: the download broke off at byte "
+                    f"{received} ({reason}), {drops} times; try again")
+            self.sleep(self._delay(drops - 1))
+
+    def _check_resumed_at(self, response: requests.Response, image_id: str,
+                          offset: int) -> None:
+        # "bytes START-END/TOTAL": a server that ignores the start would splice wrong bytes.
+        content_range = response.headers.get("Content-Range", "")
+        unit, _, spec = content_range.partition(" ")
+        start = spec.partition("-")[0]
+        if unit != "bytes" or not start.isdigit() or int(start) != offset:
+            raise ImageUnavailable(
+                f"{self._where}: image {image_id}: cannot resume the download at byte "
+                f"{offset} (Content-Range {content_range!r})")
+
+    # -- requests ------------------------------------------------------------------------
+
+    def _request(self, ctx: RequestContext, method: str, path: str, *,
+                 stream: bool = False, headers: dict[str, str] | None = None,
+                 params: dict[str, str | int] | None = None) -> requests.Response:
+        """One request, retried on connection errors and 5xx; a 4xx is returned as is."""
+        reason = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                self.sleep(self._delay(attempt - 1))
+            try:
+                return self._attempt(ctx, method, path, stream=stream, headers=headers,
+                                     params=params)
+            except _Retry as exc:
+                reason = str(exc)
+        tries = self.retries + 1
+        raise ImageUnavailable(f"{self._where} is unavailable: {reason} "
+                               f"({tries} attempt{'s' if tries > 1 else ''})")
+
+    def _attempt(self, ctx: RequestContext, method: str, path: str, *, stream: bool,
+                 headers: dict[str, str] | None,
+                 params: dict[str, str | int] | None) -> requests.Response:
+        conn = self._connection(ctx)
+        try:
+            response: requests.Response = conn.image.request(
+                path, method, stream=stream, headers=headers or {}, params=params,
+                timeout=self.timeout, connect_retries=0, status_code_retries=0,
+                raise_exc=False)
+        except ks_exceptions.DiscoveryFailure as exc:
+            raise _Retry(self._why_no_discovery(exc)) from exc
+        except _TRANSIENT as exc:
+            raise _Retry(_describe(exc)) from exc
+        if response.status_code >= 500:
+            response.close()
+            raise _Retry(f"HTTP {response.status_code} {response.reason or ''}".strip())
+        if response.status_code == 401:
+            response.close()
+            raise ImageUnavailable(
+                f"{self._where} refused ivcache's credentials (HTTP 401): check [glance] "
+                "auth and, for keystone, the clouds.yaml entry")
+        return response
+
+    def _why_no_discovery(self, exc: ks_exceptions.DiscoveryFailure) -> str:
+        # keystoneauth's failed version discovery drops its cause: ask the root URL once,
+        # so the message says "connection refused" rather than "no version document".
+        if not self.url:
+            return _describe(exc)
+        try:
+            with requests.get(self.url, timeout=self.timeout, verify=self.verify) as probe:
+                return (f"HTTP {probe.status_code} and no version document at the URL "
+                        "(is it the Glance root URL?)")
+        except _TRANSIENT as probe_exc:
+            return _describe(probe_exc)
+
+    def _delay(self, attempt: int) -> float:
+        return float(min(self.backoff * (2**attempt), _MAX_BACKOFF))
+
+    def _json(self, response: requests.Response, what: str) -> dict[str, Any]:
+        try:
+            if response.status_code != 200:
+                raise ImageUnavailable(
+                    f"{self._where}: HTTP {response.status_code} {response.reason or ''} "
+                    f"for {what}")
+            doc = response.json()
+        except ValueError:
+            raise ImageUnavailable(f"{self._where}: an answer for {what} is not "
+                                   "JSON") from None
+        finally:
+            response.close()
+        if not isinstance(doc, dict):
+            raise ImageUnavailable(f"{self._where}: an answer for {what} is not an object")
+        return doc
+
+    @staticmethod
+    def _image_path(image_id: str) -> str:
+        try:
+            check_id("image", image_id)
+        except InvalidIdentifier:
+            # Not a name Glance could have given: the same answer as an unknown id.
+            raise ImageNotFound(str(image_id)) from None
+        return f"images/{urllib.parse.quote(image_id, safe='')}"
+
+    # -- identities ----------------------------------------------------------------------
+
+    def _connection(self, ctx: RequestContext) -> openstack.connection.Connection:
+        key = (self._identity_key(ctx) if self.auth == "trusted-headers" else ("service",))
+        with self._lock:
+            conn = self._connections.get(key)
+            if conn is not None:
+                self._connections.move_to_end(key)
+                return conn
+        conn = self._connect(ctx)
+        with self._lock:
+            self._connections[key] = conn
+            while len(self._connections) > _MAX_SESSIONS:
+                _, old = self._connections.popitem(last=False)
+                old.session.session.close()
+        return conn
+
+    @staticmethod
+    def _roles(ctx: RequestContext) -> tuple[str, ...]:
+        roles = tuple(ctx.roles) or ("member", "reader")
+        if ctx.is_admin and "admin" not in roles:
+            roles += ("admin",)
+        return roles
+
+    def _identity_key(self, ctx: RequestContext) -> tuple[str, ...]:
+        return (ctx.project_id, ctx.user_id, *self._roles(ctx))
+
+    def _connect(self, ctx: RequestContext) -> openstack.connection.Connection:
+        if self.auth == "trusted-headers":
+            headers = {
+                "X-Identity-Status": "Confirmed",
+                "X-Project-Id": ctx.project_id,
+                "X-User-Id": ctx.user_id,
+                "X-Roles": ",".join(self._roles(ctx)),
+            }
+            session = ks_session.Session(auth=noauth.NoAuth(), verify=self.verify,
+                                         additional_headers=headers)
+            return openstack.connection.Connection(session=session,
+                                                   image_endpoint_override=self.url)
+        options: dict[str, Any] = {"verify": self.verify is not False}
+        if isinstance(self.verify, str):
+            options["cacert"] = self.verify
+        if self.url:
+            options["image_endpoint_override"] = self.url
+        try:
+            return openstack.connect(cloud=self.os_cloud, **options)
+        except openstack.exceptions.ConfigException as exc:
+            raise ConfigError(f"[glance] os_cloud = {self.os_cloud!r}: {exc}") from exc
+
+    def _visible(self, ctx: RequestContext, doc: dict[str, Any]) -> bool:
+        """Glance's visibility rules, for ``keystone`` auth where Glance sees the service."""
+        visibility = doc.get("visibility")
+        if ctx.is_admin or visibility in ("public", "community"):
+            return True
+        if doc.get("owner") == ctx.project_id:
+            return True
+        if visibility != "shared":
+            return False
+        member = urllib.parse.quote(ctx.project_id, safe="")
+        response = self._request(ctx, "GET",
+                                 f"{self._image_path(str(doc.get('id')))}/members/{member}")
+        if response.status_code != 200:
+            response.close()
+            return False
+        return self._json(response, "members").get("status") == "accepted"
+
+
+def _content_length(response: requests.Response) -> int | None:
+    value = response.headers.get("Content-Length", "")
+    return int(value) if value.isdigit() else None
+
+
+def _describe(exc: BaseException) -> str:
+    """A short reason for a failed attempt.
+
+    requests and keystoneauth bury the useful part ("connection refused") in a long message
+    or in the exception's cause (a failed version discovery hides the refused connection).
+    """
+    texts: list[str] = []
+    seen: BaseException | None = exc
+    while seen is not None and len(texts) < 8:
+        texts.append(str(seen))
+        seen = seen.__cause__ or seen.__context__
+    joined = " ".join(texts)
+    for marker, said in _REASONS:
+        if marker in joined:
+            return said
+    first = (texts[0].strip() or type(exc).__name__).splitlines()[0]
+    return first if len(first) <= 160 else first[:157] + "..."
+
+
+_REASONS = (
+    ("Connection refused", "connection refused"),
+    ("timed out", "timed out"),
+    ("Name or service not known", "host name not known"),
+    ("Temporary failure in name resolution", "host name not known"),
+    ("Connection reset", "connection reset"),
+    ("Connection aborted", "connection aborted"),
+    ("IncompleteRead", "connection closed before the end of the data"),
+    ("Response ended prematurely", "connection closed before the end of the data"),
+    ("certificate verify failed", "TLS certificate verification failed"),
+)
+
+
+def _when(value: object) -> dt.datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        # Glance writes UTC with a "Z"; a bare time is UTC too.
+        parsed = parsed.replace(tzinfo=dt.UTC)
+    return parsed.astimezone(dt.UTC)
+
+
+def _int(value: object, default: int = 0) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _to_image(doc: dict[str, Any]) -> Image:
+    virtual = doc.get("virtual_size")
+    return Image(
+        id=str(doc["id"]),
+        name=_text(doc.get("name")) or "",
+        size=_int(doc.get("size")),
+        virtual_size=_int(virtual) if isinstance(virtual, int) and virtual > 0 else None,
+        min_disk=_int(doc.get("min_disk")),
+        updated_at=_when(doc.get("updated_at")),
+        owner=_text(doc.get("owner")),
+        visibility=_text(doc.get("visibility")) or "private",
+        status=_text(doc.get("status")) or "unknown",
+        os_hash_algo=_text(doc.get("os_hash_algo")),
+        os_hash_value=_text(doc.get("os_hash_value")),
+        checksum=_text(doc.get("checksum")),
+        disk_format=_text(doc.get("disk_format")) or "raw",
+        container_format=_text(doc.get("container_format")) or "bare",
+    )
