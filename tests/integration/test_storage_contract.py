@@ -17,7 +17,7 @@ import attrs
 import pytest
 
 import ivcache.adapters.storage
-from ivcache.adapters.storage import FakeLvmStorage, FakeRbdStorage, FileStorage
+from ivcache.adapters.storage import FakeLvmStorage, FakeRbdStorage, FileStorage, Qcow2Storage
 from ivcache.core.errors import (
     InvalidIdentifier,
     InvalidSize,
@@ -34,6 +34,12 @@ ONES = b"\x01" * MIB
 
 def _read_fake(backend: StorageBackend, volume: Volume, offset: int, length: int) -> bytes:
     assert isinstance(backend, FakeLvmStorage | FakeRbdStorage)
+    return backend.read(volume.id, offset, length)
+
+
+def _read_qcow2(backend: StorageBackend, volume: Volume, offset: int, length: int) -> bytes:
+    # What a guest would see, backing chain included (qemu-img dd), not the file's bytes.
+    assert isinstance(backend, Qcow2Storage)
     return backend.read(volume.id, offset, length)
 
 
@@ -63,6 +69,8 @@ KITS: dict[str, Kit] = {
     "fake_rbd-state": Kit(
         lambda d, cap: FakeRbdStorage(cap or 1000, host="node-1", state_path=d), _read_fake),
     "file": Kit(lambda d, cap: FileStorage(d, host="node-1", capacity_gb=cap), _read_path),
+    "qcow2": Kit(lambda d, cap: Qcow2Storage(d, host="node-1", capacity_gb=cap), _read_qcow2,
+                 (pytest.mark.qcow2,)),
 }
 
 
@@ -97,13 +105,14 @@ def chunked(data: bytes, size: int = 100_000) -> Iterator[bytes]:
 def test_every_backend_fits_the_port(tmp_path: Path) -> None:
     # mypy checks these assignments against the Protocol.
     backends: list[StorageBackend] = [FakeLvmStorage(), FakeRbdStorage(),
-                                      FileStorage(tmp_path)]
-    assert len(backends) == 3
+                                      FileStorage(tmp_path / "file"),
+                                      Qcow2Storage(tmp_path / "qcow2")]
+    assert len(backends) == 4
 
 
 def test_the_storage_package_exports_exactly_its_backends() -> None:
     assert sorted(ivcache.adapters.storage.__all__) == [
-        "FakeLvmStorage", "FakeRbdStorage", "FileStorage"]
+        "FakeLvmStorage", "FakeRbdStorage", "FileStorage", "Qcow2Storage"]
 
 
 def test_a_created_volume_can_be_got_with_its_size_owner_and_host(
