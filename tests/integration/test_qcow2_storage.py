@@ -86,6 +86,26 @@ def test_a_clone_is_a_qcow2_overlay_with_an_absolute_backing_path_and_format(
     assert identical(image, clone.location)
 
 
+def test_later_clones_of_a_base_are_the_same_overlay_qemu_img_makes(
+        storage: Qcow2Storage, image: Path) -> None:
+    base = storage.create_volume("base", 1, "internal")
+    storage.write_image("base", [image.read_bytes()])
+    first = storage.clone_volume("base", "one", 2, "alice")
+
+    second = storage.clone_volume("base", "two", 2, "bob")
+    third = storage.clone_volume("base", "three", 3, "bob")
+
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base.location, "-F",
+                    "raw", str(storage.root / "direct.qcow2"), str(2 * GIB)], check=True)
+    direct = (storage.root / "direct.qcow2").read_bytes()
+    assert Path(first.location).read_bytes() == direct
+    assert Path(second.location).read_bytes() == direct
+    assert info(third.location)["virtual-size"] == 3 * GIB
+    storage.write_image("two", [b"\x09" * MIB])
+    assert identical(image, first.location) and identical(image, third.location)
+    assert storage.read("two", 0, 4) == b"\x09" * 4
+
+
 def test_a_clone_reads_right_from_another_directory(storage: Qcow2Storage, image: Path,
                                                     tmp_path: Path) -> None:
     storage.create_volume("base", 1, "internal")
@@ -125,6 +145,7 @@ def test_a_base_with_overlays_is_hidden_on_delete_and_removed_with_its_last_over
     storage.delete_volume("two")
     assert not os.path.exists(base.location)
     assert data_files(storage) == []
+    assert os.listdir(storage.files_dir) == []  # the overlay templates went with the base
 
 
 def test_a_hidden_base_outlives_the_process_and_goes_when_another_deletes_its_overlay(
@@ -248,10 +269,12 @@ def test_files_left_by_a_crashed_process_are_removed_on_the_next_start(
     stray_tmp.write_bytes(b"x")
     orphan = storage.files_dir / "gone.0123456789ab.qcow2"  # deleted from the index only
     orphan.write_bytes(b"x")
+    template = storage.files_dir / ".tpl-gone.0123456789ab.qcow2-1.qcow2"
+    template.write_bytes(b"x")
 
     Qcow2Storage(tmp_path / "vols")
 
-    assert not stray_tmp.exists() and not orphan.exists()
+    assert not stray_tmp.exists() and not orphan.exists() and not template.exists()
     assert [v.id for v in storage.list_volumes()] == ["keep"]
 
 
