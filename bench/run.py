@@ -26,7 +26,9 @@ from ivcache.adapters.sql.repository import SqlUnitOfWork
 from ivcache.adapters.sql.tables import cache_entries, host_totals
 from ivcache.adapters.storage.fake_lvm import FakeLvmStorage
 from ivcache.adapters.storage.file import FileStorage
+from ivcache.adapters.storage.qcow2 import Qcow2Storage
 from ivcache.core.model import GIB, Image, Outcome, RequestContext
+from ivcache.core.ports import StorageBackend
 from ivcache.core.service import CacheService
 from ivcache.entrypoints.demo import make_sparse_image
 
@@ -215,8 +217,97 @@ def glance(work: Path) -> Figures:
             "many_volumes_seconds_cache_off": off}
 
 
-BENCHES: list[Callable[[Path], Figures]] = [hit_vs_miss_file, bookkeeping, rss]
-BENCHES.append(glance)
+
+
+def _hit_vs_miss_on(work: Path, storage: StorageBackend, name: str) -> Figures:
+    """Miss (the image read from the local source, written, cloned) against hits, then the
+    clone alone, on ``storage``: a 1 GiB image holding 512 MiB (quick: 256 MiB / 32 MiB)."""
+    virtual, data = (1024, 512) if not QUICK else (256, 32)
+    raw = make_sparse_image(work / "img.raw", virtual_mib=virtual, data_mib=data)
+    images = LocalImageSource(work / "images")
+    image = images.add_image(CTX, raw)
+    raw.unlink()
+    engine = make_engine(f"sqlite:///{work / f'{name}.db'}")
+    upgrade(engine)
+    service = CacheService(host="bench", storage=storage, images=images,
+                           uow=SqlUnitOfWork(engine), notifier=RecordingNotifier())
+    miss = service.create_volume(CTX, image.id, 1)
+    assert miss.outcome is Outcome.MISS
+    hits = []
+    for _ in range(3 if QUICK else 5):
+        hit = service.create_volume(CTX, image.id, 1)
+        assert hit.outcome is Outcome.HIT
+        hits.append(hit.seconds)
+        service.delete_volume(CTX, hit.volume.id)
+    hit_s = statistics.median(hits)
+    [entry] = [v for v in storage.list_volumes() if v.owner != CTX.project_id]
+    return {f"hit_vs_miss_speedup_{name}": miss.seconds / hit_s,
+            f"miss_seconds_{name}": miss.seconds, f"hit_seconds_{name}": hit_s,
+            f"clone_ms_p50_{name}": _clone_ms_p50(storage, entry.id)}
+
+
+def _clone_ms_p50(storage: StorageBackend, src_id: str) -> float:
+    times = []
+    for n in range(5 if QUICK else 11):
+        started = time.perf_counter()
+        storage.clone_volume(src_id, f"bench-clone-{n}", 1, "bench-clones")
+        times.append(time.perf_counter() - started)
+        storage.delete_volume(f"bench-clone-{n}")
+    return statistics.median(times) * 1000
+
+
+def hit_vs_miss_qcow2(work: Path) -> Figures:
+    """qcow2 storage (qemu-img): a hit is a qcow2 overlay on the cached raw base."""
+    if shutil.which("qemu-img") is None:
+        print("# hit_vs_miss_qcow2: skipped, no qemu-img (apt-get install -y qemu-utils)",
+              file=sys.stderr)
+        return {}
+    return _hit_vs_miss_on(work, Qcow2Storage(work / "qcow2"), "qcow2")
+
+
+def hit_vs_miss_reflink(work: Path) -> Figures:
+    """File storage on a loop-mounted XFS (mkfs.xfs -m reflink=1): a hit is a reflink."""
+    if os.geteuid() != 0 or shutil.which("mkfs.xfs") is None:
+        print("# hit_vs_miss_reflink: skipped, needs root and mkfs.xfs (xfsprogs)",
+              file=sys.stderr)
+        return {}
+    image, mount = work / "xfs.img", work / "xfs"
+    mount.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(2 * GIB)
+    subprocess.run(["mkfs.xfs", "-q", "-f", "-m", "reflink=1", str(image)], check=True)
+    device = subprocess.run(["losetup", "--find", "--show", str(image)], check=True,
+                            capture_output=True, text=True).stdout.strip()
+    try:
+        subprocess.run(["mount", device, str(mount)], check=True)
+        try:
+            storage = FileStorage(mount / "volumes")
+            figures = _hit_vs_miss_on(work, storage, "reflink")
+            assert storage.last_clone_method == "reflink"
+            return figures
+        finally:
+            subprocess.run(["umount", str(mount)], check=True)
+    finally:
+        subprocess.run(["losetup", "-d", device], check=False)
+
+
+def clone_file(work: Path) -> Figures:
+    """File storage where the work directory is (ext4 here): a clone copies the data extents
+    (a 1 GiB volume holding 512 MiB; quick: 256 MiB / 32 MiB)."""
+    virtual, data = (1024, 512) if not QUICK else (256, 32)
+    raw = make_sparse_image(work / "img.raw", virtual_mib=virtual, data_mib=data)
+    storage = FileStorage(work / "volumes")
+    storage.create_volume("base", 1, "internal")
+    with open(raw, "rb") as f:
+        storage.write_image("base", iter(lambda: f.read(MIB), b""))
+    raw.unlink()
+    figures = {"clone_ms_p50_file": _clone_ms_p50(storage, "base")}
+    print(f"# clone_file: {storage.last_clone_method}", file=sys.stderr)
+    return figures
+
+
+BENCHES: list[Callable[[Path], Figures]] = [hit_vs_miss_file, bookkeeping, rss, glance]
+BENCHES += [hit_vs_miss_qcow2, hit_vs_miss_reflink, clone_file]
 
 
 def main() -> None:

@@ -53,6 +53,9 @@ def build_storage(config: Config) -> StorageBackend:
     if config.storage == "file":
         from ivcache.adapters.storage.file import FileStorage
         return FileStorage(_ensure_dir(path, "storage_path"), host=config.host)
+    if config.storage == "qcow2":
+        from ivcache.adapters.storage.qcow2 import Qcow2Storage
+        return Qcow2Storage(_ensure_dir(path, "storage_path"), host=config.host)
     if config.storage == "fake-lvm":
         from ivcache.adapters.storage.fake_lvm import FakeLvmStorage
         return FakeLvmStorage(config.storage_capacity_gb, host=config.host,

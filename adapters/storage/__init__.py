@@ -2,11 +2,12 @@
 
 ``FakeLvmStorage`` (thick) and ``FakeRbdStorage`` (thin, copy-on-write) simulate volume
 groups and pools in memory or in a state directory; ``FileStorage`` keeps real volumes as
-sparse files.
+sparse files; ``Qcow2Storage`` keeps raw bases and qcow2 overlays through qemu-img.
 """
 
 from ivcache.adapters.storage.fake_lvm import FakeLvmStorage
 from ivcache.adapters.storage.fake_rbd import FakeRbdStorage
 from ivcache.adapters.storage.file import FileStorage
+from ivcache.adapters.storage.qcow2 import Qcow2Storage
 
-__all__ = ["FakeLvmStorage", "FakeRbdStorage", "FileStorage"]
+__all__ = ["FakeLvmStorage", "FakeRbdStorage", "FileStorage", "Qcow2Storage"]

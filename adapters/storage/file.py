@@ -32,9 +32,9 @@ from ivcache.adapters.storage._common import (
     check_volume_id,
     does_not_fit,
     fsync_dir,
-    is_zero,
     no_space_errors,
 )
+from ivcache.adapters.storage._sparse import SparseWriter
 from ivcache.core.errors import InvalidIdentifier, NoSpace, StorageError, VolumeNotFound
 from ivcache.core.model import GIB, Volume
 
@@ -43,9 +43,6 @@ __all__ = ["CloneMethod", "FileStorage"]
 CloneMethod = Literal["reflink", "copy_file_range", "copy"]
 
 FICLONE = 0x40049409
-# Zero runs this long (and aligned) become holes: small enough to keep an image's holes,
-# large enough that the zero test is not the cost of a write.
-_HOLE_GRAIN = 64 * 1024
 _COPY_MAX = 1024**3
 # What a filesystem or kernel that cannot do the faster method answers.
 _NO_REFLINK = frozenset({errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL,
@@ -113,7 +110,7 @@ class FileStorage:
             raise VolumeNotFound(volume_id) from exc
         written = 0
         try:
-            writer = _SparseWriter(fd, fresh=False)
+            writer = SparseWriter(fd, fresh=False)
             for chunk in chunks:
                 view = memoryview(chunk).cast("B")
                 if written + len(view) > limit:
@@ -324,54 +321,6 @@ class FileStorage:
                     os.unlink(self.root / name)
 
 
-class _SparseWriter:
-    """Write data at offsets, leaving aligned zero runs as holes.
-
-    A zero run over data already in the file must be written, or the old bytes would show
-    through; ``fresh`` says the file has no data yet (a new temp file), so no need to look.
-    """
-
-    def __init__(self, fd: int, *, fresh: bool) -> None:
-        self._fd = fd
-        self._fresh = fresh
-        # SEEK_DATA from _hole_from found data next at _data_at: [_hole_from, _data_at) is a
-        # hole. Writes only go forward, so the answer holds for later, larger offsets.
-        self._hole_from = 0
-        self._data_at = -1
-
-    def write(self, view: memoryview, offset: int) -> None:
-        n = len(view)
-        pos = 0
-        run = -1  # start of the bytes still to write
-        while pos < n:
-            end = min(n, (offset + pos) // _HOLE_GRAIN * _HOLE_GRAIN + _HOLE_GRAIN - offset)
-            if is_zero(view[pos:end]) and self._is_hole(offset + pos, offset + end):
-                if run >= 0:
-                    _pwrite_all(self._fd, view[run:pos], offset + run)
-                    run = -1
-            elif run < 0:
-                run = pos
-            pos = end
-        if run >= 0:
-            _pwrite_all(self._fd, view[run:], offset + run)
-
-    def _is_hole(self, start: int, end: int) -> bool:
-        if self._fresh:
-            return True
-        if not self._hole_from <= start < self._data_at:
-            self._hole_from = start
-            try:
-                self._data_at = os.lseek(self._fd, start, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:  # no data from here to the end of the file
-                    self._data_at = 1 << 63
-                elif exc.errno == errno.EINVAL:  # no SEEK_DATA here: assume data everywhere
-                    self._data_at = start
-                else:
-                    raise
-        return end <= self._data_at
-
-
 def _clone_file(src_fd: int, dst_fd: int) -> CloneMethod:
     """Make dst hold src's bytes by the fastest means the filesystem has; keep holes."""
     try:
@@ -431,7 +380,7 @@ def _copy_file_range(src_fd: int, dst_fd: int, start: int, length: int) -> int:
 
 
 def _copy_sparse(src_fd: int, dst_fd: int, start: int, length: int) -> None:
-    writer = _SparseWriter(dst_fd, fresh=True)
+    writer = SparseWriter(dst_fd, fresh=True)
     pos, end = start, start + length
     while pos < end:
         data = os.pread(src_fd, min(BLOCK, end - pos), pos)
@@ -439,13 +388,6 @@ def _copy_sparse(src_fd: int, dst_fd: int, start: int, length: int) -> None:
             return
         writer.write(memoryview(data), pos)
         pos += len(data)
-
-
-def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
 
 
 def _alive(pid: int) -> bool:

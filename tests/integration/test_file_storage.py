@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -12,10 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from ivcache.adapters.images.local import LocalImageSource
+from ivcache.adapters.memory import InMemoryUnitOfWork, RecordingNotifier
 from ivcache.adapters.storage import FileStorage
 from ivcache.adapters.storage import file as file_module
 from ivcache.core.errors import NoSpace, StorageError
-from ivcache.core.model import GIB
+from ivcache.core.model import GIB, Outcome, RequestContext
+from ivcache.core.service import CacheService
 
 MIB = 1024**2
 PATTERN = bytes(range(256)) * 4096  # 1 MiB, no zero run long enough to be a hole
@@ -293,22 +297,53 @@ def test_a_filesystem_that_fills_up_raises_no_space_and_a_failed_clone_leaves_no
         storage.write_image("v2", [PATTERN] * 10)
 
 
-@pytest.fixture
-def xfs(tmp_path: Path) -> Iterator[Path]:
-    """A loop-mounted XFS with reflink: needs root and mkfs.xfs (Debian ``xfsprogs``)."""
+@contextlib.contextmanager
+def loop_mounted(image: Path, mount: Path, mkfs: list[str], size: int) -> Iterator[Path]:
+    """Make a filesystem in the file ``image`` and mount it at ``mount`` through a loop
+    device; unmount and detach that device (by name) at the end."""
     need_root_to_mount()
-    if shutil.which("mkfs.xfs") is None:
-        pytest.fail("mkfs.xfs not found: apt-get install -y xfsprogs")
-    image, mount = tmp_path / "xfs.img", tmp_path / "mnt"
+    if shutil.which(mkfs[0]) is None:
+        pytest.fail(f"{mkfs[0]} not found: apt-get install -y xfsprogs e2fsprogs")
     mount.mkdir()
     with open(image, "wb") as f:
-        f.truncate(512 * MIB)
-    subprocess.run(["mkfs.xfs", "-q", "-f", "-m", "reflink=1", str(image)], check=True)
-    subprocess.run(["mount", "-o", "loop", str(image), str(mount)], check=True)
+        f.truncate(size)
+    subprocess.run([*mkfs, str(image)], check=True, capture_output=True)
+    device = subprocess.run(["losetup", "--find", "--show", str(image)], check=True,
+                            capture_output=True, text=True).stdout.strip()
     try:
-        yield mount
+        subprocess.run(["mount", device, str(mount)], check=True)
+        try:
+            yield mount
+        finally:
+            subprocess.run(["umount", str(mount)], check=True)
     finally:
-        subprocess.run(["umount", str(mount)], check=True)
+        subprocess.run(["losetup", "-d", device], check=False)
+
+
+@pytest.fixture(scope="session")
+def xfs_mount(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One 2 GiB loop-mounted XFS with reflink for the session: root, Debian ``xfsprogs``."""
+    base = tmp_path_factory.mktemp("xfs")
+    with loop_mounted(base / "xfs.img", base / "mnt",
+                      ["mkfs.xfs", "-q", "-f", "-m", "reflink=1"], 2 * GIB) as mount:
+        yield mount
+
+
+@pytest.fixture
+def xfs(xfs_mount: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A fresh directory on the session's XFS, emptied after the test."""
+    directory = xfs_mount / request.node.name.replace("/", "_")[:100]
+    directory.mkdir()
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory)
+
+
+def used_bytes(path: Path) -> int:
+    os.sync()  # count delayed allocations too
+    stats = os.statvfs(path)
+    return (stats.f_blocks - stats.f_bfree) * stats.f_frsize
 
 
 @pytest.mark.reflink
@@ -316,13 +351,60 @@ def test_a_clone_on_xfs_is_a_reflink_that_shares_the_sources_blocks(xfs: Path) -
     storage = FileStorage(xfs / "vols")
     storage.create_volume("src", 1, "internal")
     storage.write_image("src", [PATTERN * 64])
-    free_before = shutil.disk_usage(xfs).free
+    used_before = used_bytes(xfs)
 
     clone = storage.clone_volume("src", "dst", 2, "alice")
 
     assert storage.last_clone_method == "reflink"
     assert os.stat(clone.location).st_size == 2 * GIB
     assert read(clone.location, 64 * MIB) == PATTERN * 64
-    assert free_before - shutil.disk_usage(xfs).free < 16 * MIB
+    assert used_bytes(xfs) - used_before < 16 * MIB
     storage.write_image("dst", [b"\xee" * MIB])
     assert read(storage.get_volume("src").location, MIB) == PATTERN
+
+
+@pytest.mark.reflink
+def test_ten_cache_hits_of_a_256_mib_image_on_xfs_share_the_cached_blocks(
+        xfs: Path, tmp_path: Path) -> None:
+    ctx = RequestContext.for_project("alice")
+    raw = tmp_path / "image.raw"
+    with open(raw, "wb") as f:
+        for n in range(256):
+            f.write(bytes([n]) + PATTERN[1:])  # 256 MiB of data, no hole
+    images = LocalImageSource(tmp_path / "images")
+    image = images.add_image(ctx, raw)
+    storage = FileStorage(xfs / "vols", host="node-1")
+    service = CacheService(host="node-1", storage=storage, images=images,
+                           uow=InMemoryUnitOfWork(), notifier=RecordingNotifier())
+    used_empty = used_bytes(xfs)
+    assert service.create_volume(ctx, image.id, 1).outcome is Outcome.MISS
+    used_before = used_bytes(xfs)
+    assert used_before - used_empty > 250 * MIB  # the measure sees the cached copy
+
+    hits = [service.create_volume(ctx, image.id, 1) for _ in range(10)]
+
+    assert [hit.outcome for hit in hits] == [Outcome.HIT] * 10
+    assert storage.last_clone_method == "reflink"
+    assert used_bytes(xfs) - used_before < 16 * MIB
+    for hit in hits[::3]:
+        location = storage.get_volume(hit.volume.id).location
+        assert read(location, 4, 0) == b"\x00" + PATTERN[1:4]
+        assert read(location, MIB, 255 * MIB) == b"\xff" + PATTERN[1:]
+
+
+@pytest.mark.reflink
+def test_on_ext4_a_clone_is_a_kernel_copy_of_the_data_extents_that_keeps_the_holes(
+        tmp_path: Path) -> None:
+    with loop_mounted(tmp_path / "ext4.img", tmp_path / "ext4",
+                      ["mkfs.ext4", "-q", "-F"], 256 * MIB) as ext4:
+        storage = FileStorage(ext4 / "vols")
+        storage.create_volume("src", 1, "internal")
+        storage.write_image("src", sparse_image())
+
+        clone = storage.clone_volume("src", "dst", 2, "alice")
+
+        assert storage.last_clone_method == "copy_file_range"
+        assert allocated(clone.location) < 8 * MIB
+        for offset in (0, 101 * MIB, 202 * MIB):
+            assert read(clone.location, MIB, offset) == read(
+                storage.get_volume("src").location, MIB, offset)

@@ -1,0 +1,69 @@
+"""Writing into a raw file so that zero runs stay holes (shared by the file-backed storages)."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from ivcache.adapters.storage._common import is_zero
+
+__all__ = ["HOLE_GRAIN", "SparseWriter", "pwrite_all"]
+
+# Zero runs this long (and aligned) become holes: small enough to keep an image's holes,
+# large enough that the zero test is not the cost of a write.
+HOLE_GRAIN = 64 * 1024
+
+
+class SparseWriter:
+    """Write data at offsets, leaving aligned zero runs as holes.
+
+    A zero run over data already in the file must be written, or the old bytes would show
+    through; ``fresh`` says the file has no data yet (a new temp file), so no need to look.
+    """
+
+    def __init__(self, fd: int, *, fresh: bool) -> None:
+        self._fd = fd
+        self._fresh = fresh
+        # SEEK_DATA from _hole_from found data next at _data_at: [_hole_from, _data_at) is a
+        # hole. Writes only go forward, so the answer holds for later, larger offsets.
+        self._hole_from = 0
+        self._data_at = -1
+
+    def write(self, view: memoryview, offset: int) -> None:
+        n = len(view)
+        pos = 0
+        run = -1  # start of the bytes still to write
+        while pos < n:
+            end = min(n, (offset + pos) // HOLE_GRAIN * HOLE_GRAIN + HOLE_GRAIN - offset)
+            if is_zero(view[pos:end]) and self._is_hole(offset + pos, offset + end):
+                if run >= 0:
+                    pwrite_all(self._fd, view[run:pos], offset + run)
+                    run = -1
+            elif run < 0:
+                run = pos
+            pos = end
+        if run >= 0:
+            pwrite_all(self._fd, view[run:], offset + run)
+
+    def _is_hole(self, start: int, end: int) -> bool:
+        if self._fresh:
+            return True
+        if not self._hole_from <= start < self._data_at:
+            self._hole_from = start
+            try:
+                self._data_at = os.lseek(self._fd, start, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # no data from here to the end of the file
+                    self._data_at = 1 << 63
+                elif exc.errno == errno.EINVAL:  # no SEEK_DATA here: assume data everywhere
+                    self._data_at = start
+                else:
+                    raise
+        return end <= self._data_at
+
+
+def pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
