@@ -8,6 +8,8 @@ from collections.abc import Generator
 
 import pytest
 
+from tests.pg import PostgresServer, PostgresUnavailable
+
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item,
@@ -19,3 +21,33 @@ def pytest_runtest_makereport(item: pytest.Item,
     if os.environ.get("CI") and report.skipped and not hasattr(report, "wasxfail"):
         report.outcome = "failed"
         report.longrepr = f"skipped with CI set: {report.longrepr}"
+
+
+# -- PostgreSQL ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Generator[PostgresServer, None, None]:
+    """A throwaway server for the session (or the one ``IVCACHE_TEST_POSTGRES_URL`` names)."""
+    external = PostgresServer.from_env()
+    if external is not None:
+        yield external
+        external.stop()
+        return
+    try:
+        server = PostgresServer.start()
+    except PostgresUnavailable as exc:
+        pytest.skip(f"no PostgreSQL: {exc}")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> Generator[str, None, None]:
+    """A new empty database on the session's server, for this test alone."""
+    url = postgres_server.create_database()
+    yield url
+    if postgres_server.directory is None:
+        # Someone else's server: leave it as it was. Our own is thrown away whole.
+        postgres_server.drop_database(url)
