@@ -195,14 +195,15 @@ def run_threads(world: World, host: str, jobs: Sequence[tuple[str, int]]) -> lis
     return _requests(world, host, jobs)
 
 
-def _context() -> multiprocessing.context.BaseContext:
+def _context() -> multiprocessing.context.ForkServerContext:
     ctx = multiprocessing.get_context("forkserver")
+    assert isinstance(ctx, multiprocessing.context.ForkServerContext)
     ctx.set_forkserver_preload([__name__])
     return ctx
 
 
 def start_process(world: World, host: str,
-                  jobs: Sequence[tuple[str, int]]) -> multiprocessing.process.BaseProcess:
+                  jobs: Sequence[tuple[str, int]]) -> multiprocessing.context.ForkServerProcess:
     """One worker process running ``jobs``, left for the caller to join or kill."""
     proc = _context().Process(target=_process_main, args=(world, host, list(jobs), None, None))
     proc.start()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import attrs
@@ -40,9 +41,9 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def engine(db_url: str) -> Engine:
+def engine(db_url: str) -> Iterator[Engine]:
     engine = make_engine(db_url)
-    yield engine  # type: ignore[misc]
+    yield engine
     engine.dispose()
 
 
