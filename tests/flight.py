@@ -42,6 +42,7 @@ __all__ = [
     "Watcher",
     "World",
     "add_tiny_images",
+    "process_context",
     "run_processes",
     "run_threads",
     "start_process",
@@ -195,17 +196,20 @@ def run_threads(world: World, host: str, jobs: Sequence[tuple[str, int]]) -> lis
     return _requests(world, host, jobs)
 
 
-def _context() -> multiprocessing.context.ForkServerContext:
+def process_context() -> multiprocessing.context.ForkServerContext:
+    """Where the worker processes come from (see the module docstring)."""
     ctx = multiprocessing.get_context("forkserver")
     assert isinstance(ctx, multiprocessing.context.ForkServerContext)
-    ctx.set_forkserver_preload([__name__])
+    # psycopg too: SQLAlchemy imports the driver only when an engine is first made.
+    ctx.set_forkserver_preload([__name__, "psycopg", "sqlalchemy.dialects.postgresql.psycopg"])
     return ctx
 
 
 def start_process(world: World, host: str,
                   jobs: Sequence[tuple[str, int]]) -> multiprocessing.context.ForkServerProcess:
     """One worker process running ``jobs``, left for the caller to join or kill."""
-    proc = _context().Process(target=_process_main, args=(world, host, list(jobs), None, None))
+    proc = process_context().Process(target=_process_main,
+                                     args=(world, host, list(jobs), None, None))
     proc.start()
     return proc
 
@@ -214,7 +218,7 @@ def run_processes(world: World, workers: Sequence[tuple[str, Sequence[tuple[str,
                   *, timeout: float = 120) -> list[Result]:
     """One process per (host, jobs), each running its jobs in threads; every
     process starts its requests at the same moment."""
-    ctx = _context()
+    ctx = process_context()
     start = ctx.Barrier(len(workers))
     results = ctx.Queue()
     procs = [ctx.Process(target=_process_main, args=(world, host, list(jobs), start, results))
