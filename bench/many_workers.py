@@ -119,7 +119,7 @@ def _bookkeeping_ms(small_url: str, big_url: str, big: int, quick: bool) -> tupl
     Fakes for storage and images: what is timed is the service's own work and its database
     round trips. The two databases take turns, so that a busy machine slows both alike.
     """
-    services = []
+    services: list[tuple[CacheService, Callable[[], None], list[float]]] = []
     for url, entries in ((small_url, 100), (big_url, big)):
         _seed(url, entries)
         service, close = _hot_service(url, FakeLvmStorage(10**7))
@@ -177,7 +177,7 @@ def _hits_per_second(url: str, procs: int, seconds: float) -> float:
         proc.start()
     start.wait(60)
     began = time.monotonic()
-    total = sum(out.get(timeout=60 + seconds) for _ in workers)
+    total: int = sum(out.get(timeout=60 + seconds) for _ in workers)
     elapsed = time.monotonic() - began
     for proc in workers:
         proc.join(10)
