@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import queue
 import struct
 import threading
 import time
@@ -107,9 +108,8 @@ class World:
     def storage(self, host: str) -> FileStorage:
         return FileStorage(self.root / "volumes" / host, host=host)
 
-    def service(self, host: str, engine: Engine, *, delay: float | None = None) -> CacheService:
-        images = SlowImages(LocalImageSource(self.images_path),
-                            delay=self.delay if delay is None else delay,
+    def service(self, host: str, engine: Engine) -> CacheService:
+        images = SlowImages(LocalImageSource(self.images_path), delay=self.delay,
                             log=self.downloads_log)
         policy = CachePolicy(max_count=self.max_count, max_size_gb=self.max_size_gb,
                              claim_wait_seconds=self.claim_wait_seconds,
@@ -227,9 +227,21 @@ def run_processes(world: World, workers: Sequence[tuple[str, Sequence[tuple[str,
         proc.start()
     collected: list[Result] = []
     errors: list[str] = []
+    deadline = time.monotonic() + timeout
     try:
-        for _ in procs:
-            status, payload = results.get(timeout=timeout)
+        reported = 0
+        while reported < len(procs):
+            try:
+                status, payload = results.get(timeout=0.2)
+            except queue.Empty:
+                # A worker that died before it could report (say, it failed to start)
+                # would otherwise keep us waiting for the whole timeout.
+                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if dead or time.monotonic() > deadline:
+                    errors.append(f"workers died or hung (exit codes {dead})")
+                    break
+                continue
+            reported += 1
             if status == "ok":
                 collected.extend(payload)
             else:
