@@ -554,7 +554,9 @@ class CacheService:
         if volume.owner == self.tenant.project_id:
             entry = self._read(lambda uow: uow.entries.find_by_volume(volume_id))
             if entry is not None:
-                if not self._evict([entry], EvictReason.ADMIN, creating_too=True):
+                if (not self._evict([entry], EvictReason.ADMIN, creating_too=True)
+                        and self._read(lambda uow: uow.entries.get(entry.id)) is not None):
+                    # Skipped, not gone: a clone is reading it.
                     raise InvalidRequest(f"cache volume {volume_id} is being cloned from; "
                                          "try again in a moment")
                 return
