@@ -50,6 +50,15 @@ def find_bin_dir() -> Path | None:
     return found[-1] if found else None
 
 
+def _runuser() -> str | None:
+    # /usr/sbin is not on every PATH (sudo's secure_path has it; a plain su may not).
+    found = shutil.which("runuser")
+    if found:
+        return found
+    return next((p for p in ("/usr/sbin/runuser", "/sbin/runuser") if os.access(p, os.X_OK)),
+                None)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -83,7 +92,8 @@ class PostgresServer:
                                       f"set {ENV_URL})")
         as_user: list[str] = []
         if os.geteuid() == 0:
-            if shutil.which("runuser") is None:
+            runuser = _runuser()
+            if runuser is None:
                 raise PostgresUnavailable("running as root without runuser")
             try:
                 import pwd
@@ -91,7 +101,7 @@ class PostgresServer:
             except KeyError:
                 raise PostgresUnavailable("running as root and there is no postgres "
                                           "user for initdb") from None
-            as_user = ["runuser", "-u", "postgres", "--"]
+            as_user = [runuser, "-u", "postgres", "--"]
         # Under /tmp, not pytest's tmp_path: that is private to root, and the server runs
         # as postgres.
         directory = Path(tempfile.mkdtemp(prefix="ivcache-pg-"))
@@ -138,7 +148,8 @@ class PostgresServer:
         self._admin.dispose()
         if self.directory is None or self.bin_dir is None:
             return
-        as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        runuser = _runuser() if os.geteuid() == 0 else None
+        as_user = [runuser, "-u", "postgres", "--"] if runuser else []
         with contextlib.suppress(subprocess.SubprocessError, OSError):
             subprocess.run([*as_user, str(self.bin_dir / "pg_ctl"), "-D",
                             str(self.directory / "data"), "-m", "immediate", "-w", "stop"],
