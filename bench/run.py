@@ -310,6 +310,19 @@ BENCHES: list[Callable[[Path], Figures]] = [hit_vs_miss_file, bookkeeping, rss, 
 BENCHES += [hit_vs_miss_qcow2, hit_vs_miss_reflink, clone_file]
 
 
+def many_workers(work: Path) -> Figures:
+    """Issue 5: single flight with 16 concurrent misses (threads, processes), bookkeeping
+    per hit with 100 vs 100k entries (quick: 10k), hits/s of 8 processes; SQLite and
+    PostgreSQL. See bench/many_workers.py."""
+    # The workers and the throwaway PostgreSQL are the tests' helpers (tests/).
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from many_workers import run  # bench/ is on the path: this script's directory
+    return run(work, quick=QUICK)
+
+
+BENCHES.append(many_workers)
+
+
 def main() -> None:
     figures: Figures = {}
     for bench in BENCHES:

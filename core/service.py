@@ -204,7 +204,10 @@ class CacheService:
             now = self.clock.now()
             if entry is not None and entry.ready:
                 if entry.is_stale_for(image):
-                    self._evict([entry], EvictReason.STALE)
+                    if not self._evict([entry], EvictReason.STALE):
+                        # Leased: a clone still reads it. Wait for the clone to finish.
+                        self.clock.sleep(backoff)
+                        backoff = min(backoff * 2, 1.0)
                     continue
                 volume = self._clone_entry(ctx, entry, image, vol_id, size_gb, hit=True)
                 if volume is not None:
@@ -213,7 +216,7 @@ class CacheService:
             if entry is not None:
                 if entry.claim_expired(now):
                     # Its owner died mid-download: take the claim over.
-                    self._evict([entry], EvictReason.RECONCILE, creating_too=True)
+                    self._take_over(entry)
                     continue
                 wait_until = wait_until or now + dt.timedelta(
                     seconds=self.policy.claim_wait_seconds)
@@ -246,13 +249,17 @@ class CacheService:
         if lease is None:
             return None
         try:
-            return self.storage.clone_volume(entry.volume_id, vol_id, size_gb, ctx.project_id)
+            volume: Volume | None = self.storage.clone_volume(
+                entry.volume_id, vol_id, size_gb, ctx.project_id)
         except VolumeNotFound:
-            # The cache volume was deleted behind the cache's back: forget the entry.
-            self._evict([entry], EvictReason.ADMIN)
-            return None
+            volume = None
         finally:
             self._release(entry.id, lease)
+        if volume is None:
+            # The cache volume was deleted behind the cache's back: forget the entry (after
+            # our lease is released, or eviction would skip it).
+            self._evict([entry], EvictReason.ADMIN)
+        return volume
 
     def _lease(self, entry: CacheEntry, image: Image, *, hit: bool) -> dt.datetime | None:
         with self.uow as uow:
@@ -275,6 +282,9 @@ class CacheService:
 
     def _release(self, entry_id: str, lease: dt.datetime) -> None:
         with self.uow as uow:
+            # Under the host's lock, as _lease: otherwise (PostgreSQL, READ COMMITTED) a
+            # lease taken between our read and our write would be overwritten and lost.
+            uow.entries.lock_host(self.host)
             current = uow.entries.get(entry_id)
             # Only the holder of the latest lease clears it; others' leases stand.
             if current is not None and current.lease_until == lease:
@@ -353,13 +363,14 @@ class CacheService:
             self._abandon(entry, created)
             raise
         with self.uow as uow:
+            # Lock first, then read: a takeover between a read and the lock would go unseen.
+            uow.entries.lock_host(self.host)
             current = uow.entries.get(entry.id)
             if current is None:
                 # Taken over (its lease ran out) while we downloaded: ours is an orphan.
                 uow.commit()
                 self._delete_quietly(entry.volume_id)
                 return None
-            uow.entries.lock_host(self.host)
             current.state = EntryState.READY
             current.claim_expires = None
             current.last_used = self.clock.now()
@@ -433,13 +444,17 @@ class CacheService:
     def _evict(self, entries: list[CacheEntry], reason: EvictReason, *,
                creating_too: bool = False) -> list[CacheEntry]:
         """Delete the entries, then their volumes; the entry goes first so no hit clones a
-        volume that is being deleted."""
+        volume that is being deleted. Entries leased by a clone in progress are skipped
+        (a lease is only taken under the host's lock, as here)."""
         gone: list[CacheEntry] = []
         with self.uow as uow:
             uow.entries.lock_host(self.host)
+            now = self.clock.now()
             for entry in entries:
                 current = uow.entries.get(entry.id)
                 if current is None or (not current.ready and not creating_too):
+                    continue
+                if current.leased(now):
                     continue
                 if uow.entries.remove(current):
                     gone.append(current)
@@ -448,6 +463,22 @@ class CacheService:
             uow.commit()
         self._drop_volumes(gone, reason)
         return gone
+
+    def _take_over(self, entry: CacheEntry) -> bool:
+        """Remove a claim whose lease ran out (its owner died), if it still has; say
+        whether it was removed."""
+        with self.uow as uow:
+            uow.entries.lock_host(self.host)
+            current = uow.entries.get(entry.id)
+            # Re-checked under the lock: the owner may have finished, or another worker may
+            # have taken the claim over, since we read it.
+            if current is None or not current.claim_expired(self.clock.now()):
+                return False
+            uow.entries.remove(current)
+            uow.entries.count_stats(self.host, evictions=1)
+            uow.commit()
+        self._drop_volumes([current], EvictReason.RECONCILE)
+        return True
 
     def _drop_volumes(self, entries: list[CacheEntry], reason: EvictReason) -> None:
         for entry in entries:
@@ -532,7 +563,7 @@ class CacheService:
             if entry is not None and not entry.claim_expired(self.clock.now()):
                 raise AlreadyClaimed(self.host, image.id)
             if entry is not None:
-                self._evict([entry], EvictReason.RECONCILE, creating_too=True)
+                self._take_over(entry)
                 continue
             try:
                 claim = self._claim(image)
@@ -578,14 +609,12 @@ class CacheService:
         for entry in entries:
             if entry.claim_expired(now):
                 kind = "expired-claim"
+                fixed = fix and self._take_over(entry)
             elif entry.ready and entry.volume_id not in volumes:
                 kind = "missing-volume"
+                fixed = fix and bool(self._evict([entry], EvictReason.RECONCILE))
             else:
                 continue
-            if fix:
-                fixed = bool(self._evict([entry], EvictReason.RECONCILE, creating_too=True))
-            else:
-                fixed = False
             findings.append(Finding(kind, entry.volume_id, entry.id, entry.image_id, fixed))
         for volume_id in sorted(volumes - owned):
             if fix:
@@ -615,7 +644,11 @@ class CacheService:
         if volume.owner == self.tenant.project_id:
             entry = self._read(lambda uow: uow.entries.find_by_volume(volume_id))
             if entry is not None:
-                self._evict([entry], EvictReason.ADMIN, creating_too=True)
+                if (not self._evict([entry], EvictReason.ADMIN, creating_too=True)
+                        and self._read(lambda uow: uow.entries.get(entry.id)) is not None):
+                    # Skipped, not gone: a clone is reading it.
+                    raise InvalidRequest(f"cache volume {volume_id} is being cloned from; "
+                                         "try again in a moment")
                 return
         self.storage.delete_volume(volume_id)
 

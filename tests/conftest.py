@@ -1,5 +1,5 @@
 """Shared fixtures. Tiers: tests/unit (core on fakes), tests/integration (real SQLite,
-files, ...), tests/e2e (the CLI as a user runs it)."""
+PostgreSQL, Glance, files, qemu-img, Ceph), tests/e2e (the CLI as a user runs it)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from collections.abc import Generator, Iterator
 from typing import TYPE_CHECKING
 
 import pytest
+
+from tests.pg import PostgresServer, PostgresUnavailable
 
 if TYPE_CHECKING:
     from tests.glance_server import GlanceServer
@@ -25,6 +27,8 @@ def pytest_runtest_makereport(item: pytest.Item,
         report.longrepr = f"skipped with CI set: {report.longrepr}"
 
 
+# -- Glance ----------------------------------------------------------------------------------
+
 @pytest.fixture(scope="session")
 def glance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GlanceServer]:
     """A real glance-api for the whole session (installed once into a cached venv)."""
@@ -36,3 +40,33 @@ def glance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GlanceServer]:
         yield server
     finally:
         server.stop()
+
+
+# -- PostgreSQL ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Generator[PostgresServer, None, None]:
+    """A throwaway server for the session (or the one ``IVCACHE_TEST_POSTGRES_URL`` names)."""
+    external = PostgresServer.from_env()
+    if external is not None:
+        yield external
+        external.stop()
+        return
+    try:
+        server = PostgresServer.start()
+    except PostgresUnavailable as exc:
+        pytest.skip(f"no PostgreSQL: {exc}")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> Generator[str, None, None]:
+    """A new empty database on the session's server, for this test alone."""
+    url = postgres_server.create_database()
+    yield url
+    if postgres_server.directory is None:
+        # Someone else's server: leave it as it was. Our own is thrown away whole.
+        postgres_server.drop_database(url)

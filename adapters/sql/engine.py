@@ -51,6 +51,8 @@ def make_engine(url: str | URL) -> Engine:
     exists once per connection, so threads would not share it: use a file.)
     """
     sa_url = make_url(url)
+    if sa_url.get_backend_name() == "postgresql":
+        return _postgres_engine(sa_url)
     if sa_url.get_backend_name() != "sqlite":
         return create_engine(sa_url, pool_pre_ping=True)
     engine = create_engine(sa_url)
@@ -62,6 +64,19 @@ def make_engine(url: str | URL) -> Engine:
         engine.dispose()
         raise
     return engine
+
+
+def _postgres_engine(sa_url: URL) -> Engine:
+    # A bare postgresql:// would mean psycopg2 to SQLAlchemy; ivcache speaks psycopg 3.
+    if sa_url.drivername == "postgresql":
+        sa_url = sa_url.set(drivername="postgresql+psycopg")
+    try:
+        # Enough worker threads of one process to share an engine without queueing on it.
+        return create_engine(sa_url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    except ModuleNotFoundError as exc:
+        raise ConfigError(
+            f"database_url {sa_url.render_as_string(hide_password=True)} needs the "
+            f"PostgreSQL driver {exc.name}: pip install 'ivcache[postgres]'") from exc
 
 
 def upgrade(url_or_engine: str | URL | Engine) -> None:

@@ -24,6 +24,7 @@ from ivcache.core.ports import UnitOfWork
 BACKENDS = [
     pytest.param("memory"),
     pytest.param("sqlite"),
+    pytest.param("postgres", marks=pytest.mark.postgres),
 ]
 
 T0 = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
@@ -63,6 +64,14 @@ def memory_uow() -> UnitOfWork:
 @pytest.fixture
 def sqlite_uow(tmp_path: Path) -> Iterator[UnitOfWork]:
     engine = make_engine(f"sqlite:///{tmp_path / 'ivcache.db'}")
+    upgrade(engine)
+    yield SqlUnitOfWork(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def postgres_uow(postgres_url: str) -> Iterator[UnitOfWork]:
+    engine = make_engine(postgres_url)
     upgrade(engine)
     yield SqlUnitOfWork(engine)
     engine.dispose()

@@ -15,6 +15,7 @@ from ivcache.core.errors import (
     ImageNotActive,
     ImageNotFound,
     InvalidIdentifier,
+    InvalidRequest,
     InvalidSize,
     NoSpace,
     VolumeNotFound,
@@ -601,3 +602,57 @@ def test_when_the_source_cannot_say_whether_an_image_is_gone_the_entry_stays(
     with pytest.raises(ImageNotFound):
         service.create_volume(world.bob, "secret", 1)
     assert len(service.list_entries()) == 1 and evictions(world) == []
+
+
+# -- leases: a clone in progress keeps its source ----------------------------------------------
+
+def lease(world: World, image_id: str, seconds: float) -> None:
+    """As if a clone of the entry's volume were in progress for ``seconds`` more."""
+    with world.uow as uow:
+        entry = uow.entries.find("node-1", image_id)
+        assert entry is not None
+        entry.lease_until = world.clock.now() + dt.timedelta(seconds=seconds)
+        uow.entries.save(entry)
+        uow.commit()
+
+
+def test_an_admin_eviction_skips_an_entry_that_a_clone_is_reading_until_its_lease_ends(
+        world: World) -> None:
+    world.image("img")
+    service = world.service()
+    service.create_volume(world.alice, "img", 1)
+    lease(world, "img", 60)
+    assert service.evict(image_id="img") == []
+    assert [e.image_id for e in service.list_entries()] == ["img"]
+    world.clock.advance(61)
+    assert [e.image_id for e in service.evict(image_id="img")] == ["img"]
+    assert evictions(world) == [("img", "admin")]
+
+
+def test_an_admin_cannot_delete_a_cache_volume_while_a_clone_reads_it(world: World) -> None:
+    world.image("img")
+    service = world.service()
+    service.create_volume(world.alice, "img", 1)
+    cache_volume = service.list_entries()[0].volume_id
+    lease(world, "img", 60)
+    with pytest.raises(InvalidRequest, match="being cloned"):
+        service.delete_volume(world.admin, cache_volume)
+    assert world.storage().get_volume(cache_volume).id == cache_volume
+    assert len(service.list_entries()) == 1
+
+
+def test_a_stale_entry_that_a_clone_still_reads_is_evicted_once_the_clone_lets_go(
+        world: World) -> None:
+    world.image("img", data=b"old" * 100)
+    service = world.service()
+    service.create_volume(world.alice, "img", 1)
+    lease(world, "img", 2)
+    world.images.images["img"] = attrs.evolve(world.images.images["img"], os_hash_value=None,
+                                              updated_at=world.clock.now())
+    world.images.add(world.images.images["img"], b"new" * 100)
+    started = world.clock.now()
+    result = service.create_volume(world.alice, "img", 1)
+    assert result.outcome is Outcome.MISS
+    assert evictions(world) == [("img", "stale")]
+    assert world.clock.now() - started >= dt.timedelta(seconds=2)  # it waited for the lease
+    assert world.storage().read(result.volume.id, 0, 3) == b"new"

@@ -1,0 +1,142 @@
+"""What only PostgreSQL has to prove: its query plans, its row locks, its URLs.
+
+Everything else the SQL adapter does is tested on both databases in
+``test_sql_repository.py`` and ``test_repository_contract.py``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, event, insert, make_url, text
+
+from ivcache.adapters.sql import SqlUnitOfWork, make_engine, upgrade
+from ivcache.adapters.sql.tables import cache_entries
+from ivcache.core.errors import ConfigError
+from ivcache.core.model import CacheEntry, EntryState
+
+pytestmark = pytest.mark.postgres
+
+T0 = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
+
+
+@pytest.fixture
+def engine(postgres_url: str) -> Iterator[Engine]:
+    engine = make_engine(postgres_url)
+    upgrade(engine)
+    yield engine
+    engine.dispose()
+
+
+def make_entry(image_id: str, host: str = "node-1") -> CacheEntry:
+    return CacheEntry(
+        id=f"entry-{host}-{image_id}", host=host, image_id=image_id,
+        volume_id=f"vol-{host}-{image_id}", size_gb=1, image_updated_at=None,
+        image_hash=None, state=EntryState.READY, created_at=T0, last_used=T0)
+
+
+def test_a_bare_postgresql_url_is_served_by_psycopg_3(postgres_url: str) -> None:
+    bare = make_url(postgres_url).set(drivername="postgresql")
+    engine = make_engine(bare)
+    try:
+        assert engine.dialect.driver == "psycopg"
+        upgrade(engine)
+    finally:
+        engine.dispose()
+
+
+def test_a_server_that_cannot_be_reached_is_a_one_line_config_error_without_password() -> None:
+    url = "postgresql+psycopg://ivcache:s3cret@127.0.0.1:1/ivcache?connect_timeout=2"
+    with pytest.raises(ConfigError) as raised:
+        upgrade(url)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert "127.0.0.1:1/ivcache" in message and "s3cret" not in message
+
+
+def test_the_lru_victim_queries_are_index_scans_without_a_sort_or_a_seq_scan(
+        engine: Engine) -> None:
+    hosts = [f"node-{n}" for n in range(20)]
+    rows = [{"id": f"e-{h}-{n:04}", "host": h, "image_id": f"img-{n:04}",
+             "volume_id": f"vol-{h}-{n:04}", "size_gb": 1, "state": "ready",
+             "created_at": T0, "last_used": T0 + dt.timedelta(seconds=n % 700)}
+            for h in hosts for n in range(500)]
+    with engine.begin() as conn:  # seeded in bulk: only the reads are under test
+        conn.execute(insert(cache_entries), rows)
+        conn.execute(text("ANALYZE cache_entries"))
+    seen: list[tuple[str, Any]] = []
+
+    def record(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any,
+               executemany: bool) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "FROM cache_entries" in statement:
+            seen.append((statement, parameters))
+
+    small_batches = SqlUnitOfWork(engine, lru_batch=16)
+    event.listen(engine, "before_cursor_execute", record)
+    with small_batches:
+        victims = small_batches.entries.lru_victims("node-3", T0 + dt.timedelta(days=1))
+        taken = [next(victims) for _ in range(40)]  # three pages: the first, two keyset pages
+    event.remove(engine, "before_cursor_execute", record)
+    assert [v.host for v in taken] == ["node-3"] * 40
+    assert len(seen) == 3
+    with engine.connect() as conn:
+        for sql, params in seen:
+            plan = "\n".join(row[0] for row in conn.exec_driver_sql(f"EXPLAIN {sql}", params))
+            assert "ix_cache_entries_host_last_used_id" in plan, plan
+            assert "Seq Scan" not in plan, plan
+            assert "Sort" not in plan, plan  # the order comes straight off the index
+
+
+def test_lock_host_makes_a_second_transaction_wait_and_then_see_the_first_ones_work(
+        engine: Engine) -> None:
+    first, second = SqlUnitOfWork(engine), SqlUnitOfWork(engine)
+    locked = threading.Event()
+    seen: list[int] = []
+    waited: list[float] = []
+
+    def other() -> None:
+        locked.wait(10)
+        started = time.monotonic()
+        with second:
+            seen.append(second.entries.lock_host("node-1").count)
+            waited.append(time.monotonic() - started)
+            second.commit()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    with first:
+        assert first.entries.lock_host("node-1").count == 0
+        locked.set()
+        time.sleep(0.5)  # the other transaction is now queued on the row lock
+        assert seen == []
+        first.entries.add(make_entry("img-1"))
+        first.commit()
+    thread.join(10)
+    # READ COMMITTED: after the wait, SELECT ... FOR UPDATE reads the committed row.
+    assert seen == [1]
+    assert waited[0] >= 0.4
+
+
+def test_lock_host_on_one_host_does_not_hold_up_another_host(engine: Engine) -> None:
+    first, second = SqlUnitOfWork(engine), SqlUnitOfWork(engine)
+    with first:
+        first.entries.lock_host("node-1")
+        done = threading.Event()
+
+        def other() -> None:
+            with second:
+                second.entries.lock_host("node-2")
+                second.entries.add(make_entry("img-1", host="node-2"))
+                second.commit()
+            done.set()
+
+        thread = threading.Thread(target=other)
+        thread.start()
+        assert done.wait(5), "node-2 waited for node-1's lock"
+        first.commit()
+    thread.join(5)
