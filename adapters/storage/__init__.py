@@ -2,11 +2,13 @@
 
 ``FakeLvmStorage`` (thick) and ``FakeRbdStorage`` (thin, copy-on-write) simulate volume
 groups and pools in memory or in a state directory; ``FileStorage`` keeps real volumes as
-sparse files.
+sparse files; ``RbdStorage`` keeps them as images of a Ceph RBD pool (the Ceph bindings are
+imported only when one is made).
 """
 
 from ivcache.adapters.storage.fake_lvm import FakeLvmStorage
 from ivcache.adapters.storage.fake_rbd import FakeRbdStorage
 from ivcache.adapters.storage.file import FileStorage
+from ivcache.adapters.storage.rbd import RbdStorage
 
-__all__ = ["FakeLvmStorage", "FakeRbdStorage", "FileStorage"]
+__all__ = ["FakeLvmStorage", "FakeRbdStorage", "FileStorage", "RbdStorage"]
