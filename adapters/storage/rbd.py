@@ -76,10 +76,11 @@ class RbdStorage:
     """Volumes as images of the Ceph pool ``pool``; real, and shared between processes.
 
     ``conf`` and ``user`` say how to reach the cluster (``user`` empty: the default client
-    id); ``namespace`` (an RBD namespace of the pool, made with ``rbd namespace create``)
-    keeps the volumes apart from other users of the pool; ``capacity_gb`` (0 = unlimited) caps the sum of the volumes' sizes, counted by this
-    process: a guard for an operator, the pool's own quota is Ceph's business. Call
-    ``close`` (or use ``with``) to drop the connection.
+    id). ``namespace`` (an RBD namespace of the pool, made with ``rbd namespace create``)
+    keeps the volumes apart from other users of the pool. ``capacity_gb`` (0 = unlimited)
+    caps the sum of the volumes' sizes, counted by this process: a guard for an operator;
+    the pool's own quota is Ceph's business. Call ``close`` (or use ``with``) to drop the
+    connection.
     """
 
     def __init__(self, pool: str = "rbd", *, conf: str = "/etc/ceph/ceph.conf", user: str = "",
