@@ -180,14 +180,17 @@ class RbdStorage:
         check_volume_id(dst_id)
         check_size(size_gb)
         rbd = self._rbd
-        with self._errors(src_id), self._open(src_id) as src:
+        # A hit's cost is this method: every round trip to the cluster counts. The source is
+        # opened read-only (cheaper) unless its clone snapshot must be taken first.
+        with self._errors(src_id), self._open(src_id, read_only=True) as src:
             self._owner(src, src_id)
             src_gb = src.size() // GIB
             check_grow(src_id, src_gb, size_gb, clone=True)
-            if self._exists(dst_id):
-                raise already_exists(dst_id)
             flatten = self._depth(src) + 1 > self.max_clone_depth
-            snap = self._clone_snap(src)
+            snap = self._current_snap(src)
+        if snap is None:
+            with self._errors(src_id), self._open(src_id) as src:
+                snap = self._current_snap(src) or self._take_snap(src)
         with self._lock:
             self._reserve(size_gb)
             with self._errors(src_id, exists=dst_id):
@@ -195,14 +198,14 @@ class RbdStorage:
                                 features=rbd.RBD_FEATURE_LAYERING)
         try:
             with self._errors(dst_id), self._open(dst_id) as clone:
-                # librbd copies the parent's metadata into the clone: set or drop every key.
-                with contextlib.suppress(KeyError, rbd.ImageNotFound):
-                    clone.metadata_remove(SNAP_KEY)
-                clone.metadata_set(WRITTEN_KEY, "1")
+                # librbd copies the source's metadata into the clone. Its ivcache.snap names
+                # a snapshot the clone does not have (so it is ignored), and its
+                # ivcache.written is right for the clone's data; the owner is set here.
                 if size_gb * GIB != clone.size():
                     clone.resize(size_gb * GIB)
                 if flatten:
                     clone.flatten()
+                    clone.metadata_set(WRITTEN_KEY, "1")
                 clone.metadata_set(OWNER_KEY, owner)
         except BaseException:
             with contextlib.suppress(Exception):
@@ -283,13 +286,6 @@ class RbdStorage:
             raise VolumeNotFound(volume_id) from None  # an image, but not a volume of ours
         return owner
 
-    def _exists(self, volume_id: str) -> bool:
-        try:
-            with self._open(volume_id, read_only=True):
-                return True
-        except self._rbd.ImageNotFound:
-            return False
-
     def _has_parent(self, image: Any) -> bool:
         try:
             image.parent_id()
@@ -316,15 +312,18 @@ class RbdStorage:
                     return depth
             depth += 1
 
-    def _clone_snap(self, src: Any) -> str:
-        """The protected snapshot clones of ``src`` are made from; taken on first use."""
+    def _current_snap(self, src: Any) -> str | None:
+        """The protected snapshot clones of ``src`` are made from, if it has one."""
         try:
             name: str = src.metadata_get(SNAP_KEY)
         except KeyError:
-            pass
-        else:
-            if any(snap["name"] == name for snap in src.list_snaps()):
-                return name
+            return None
+        # A clone inherits its source's key, naming a snapshot that only the source has.
+        if any(snap["name"] == name for snap in src.list_snaps()):
+            return name
+        return None
+
+    def _take_snap(self, src: Any) -> str:
         # Two workers cloning at once may each take a snapshot: the last one recorded is
         # used from then on, the other is dropped when its clones are gone.
         name = f"{_SNAP_PREFIX}{secrets.token_hex(6)}"
