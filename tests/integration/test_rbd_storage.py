@@ -274,25 +274,34 @@ def test_the_cache_service_on_rbd_misses_then_hits_byte_exact(pool: Pool,
     assert [v.owner for v in storage.list_volumes()] == ["internal"]
 
 
-def test_volume_create_on_rbd_prints_the_rbd_image(ceph_cluster: CephCluster,
-                                                   tmp_path: Path) -> None:
+def _cli_config(tmp_path: Path, cluster: CephCluster, pool: str = "rbd") -> Path:
     config = tmp_path / "ivcache.conf"
     config.write_text(f"""[DEFAULT]
 host = node-1
 [ivcache]
 database_url = sqlite:///{tmp_path / 'ivcache.db'}
 storage = rbd
-rbd_pool = rbd
-rbd_conf = {ceph_cluster.conf}
+rbd_pool = {pool}
+rbd_conf = {cluster.conf}
 images_path = {tmp_path / 'images'}
 """, encoding="utf-8")
-    _raw_image(tmp_path / "disk.raw", 8 * MIB)
+    return config
+
+
+def _run_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     exe = str(Path(sys.executable).parent / "ivcache")
+    return subprocess.run([exe, "--config", str(config), *args, "--json"],
+                          capture_output=True, text=True, timeout=120, check=False,
+                          stdin=subprocess.DEVNULL)
+
+
+def test_volume_create_on_rbd_prints_the_rbd_image(ceph_cluster: CephCluster,
+                                                   tmp_path: Path) -> None:
+    config = _cli_config(tmp_path, ceph_cluster)
+    _raw_image(tmp_path / "disk.raw", 8 * MIB)
 
     def ivcache(*args: str) -> Any:
-        done = subprocess.run([exe, "--config", str(config), *args, "--json"],
-                              capture_output=True, text=True, timeout=120, check=False,
-                              stdin=subprocess.DEVNULL)
+        done = _run_cli(config, *args)
         assert done.returncode == 0, done.stderr
         return json.loads(done.stdout)
 
@@ -305,3 +314,14 @@ images_path = {tmp_path / 'images'}
     ivcache("volume", "delete", first["id"])
     ivcache("volume", "delete", second["id"])
     ivcache("cache", "evict", "--all")
+
+
+def test_a_pool_that_does_not_exist_is_a_one_line_error(ceph_cluster: CephCluster,
+                                                      tmp_path: Path) -> None:
+    config = _cli_config(tmp_path, ceph_cluster, pool="no-such-pool")
+
+    done = _run_cli(config, "volume", "list")
+
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        done.stderr.strip()] and "rbd_pool = no-such-pool" in done.stderr

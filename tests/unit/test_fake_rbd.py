@@ -347,3 +347,4 @@ def test_an_unused_clone_snapshot_does_not_keep_its_image_from_going() -> None:
     rbd.delete_volume("base")
 
     assert rbd.list_volumes() == [] and rbd.used_bytes == 0
+
