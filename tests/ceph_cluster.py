@@ -153,6 +153,9 @@ bluestore block size = {_BLOCK_BYTES}
 osd memory target = 1073741824
 mon warn on pool no redundancy = false
 mon osd down out interval = 0
+# The monitor batches map changes for a second by default: start-up makes several in turn.
+paxos propose interval = 0.05
+paxos min wait = 0.01
 {_QUIET}""", encoding="utf-8")
         conf = ("-c", str(self.conf))
         self._run("monmaptool", "--create", "--fsid", fsid, "--addv", "a",
