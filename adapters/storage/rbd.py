@@ -138,11 +138,9 @@ class RbdStorage:
         check_volume_id(volume_id)
         check_size(size_gb)
         rbd = self._rbd
-        with self._lock:
-            self._reserve(size_gb)
-            with self._errors(volume_id, exists=volume_id):
-                rbd.RBD().create(self._ioctx, volume_id, size_gb * GIB, old_format=False,
-                                 features=rbd.RBD_FEATURE_LAYERING)
+        with self._reserving(size_gb), self._errors(volume_id, exists=volume_id):
+            rbd.RBD().create(self._ioctx, volume_id, size_gb * GIB, old_format=False,
+                             features=rbd.RBD_FEATURE_LAYERING)
         try:
             with self._errors(volume_id), self._open(volume_id) as image:
                 # The owner is the commit point: an image without it is not a volume.
@@ -170,9 +168,13 @@ class RbdStorage:
             try:
                 for chunk in chunks:
                     writer.feed(chunk)
-                writer.finish()
-            finally:
-                writer.drain()
+            except BaseException:
+                # The image must not be closed under writes in flight; the caller's error
+                # (a broken download, say) is the one to report.
+                with contextlib.suppress(Exception):
+                    writer.drain()
+                raise
+            writer.finish()
             return writer.written
 
     def clone_volume(self, src_id: str, dst_id: str, size_gb: int, owner: str) -> Volume:
@@ -191,11 +193,9 @@ class RbdStorage:
         if snap is None:
             with self._errors(src_id), self._open(src_id) as src:
                 snap = self._current_snap(src) or self._take_snap(src)
-        with self._lock:
-            self._reserve(size_gb)
-            with self._errors(src_id, exists=dst_id):
-                rbd.RBD().clone(self._ioctx, src_id, snap, self._ioctx, dst_id,
-                                features=rbd.RBD_FEATURE_LAYERING)
+        with self._reserving(size_gb), self._errors(src_id, exists=dst_id):
+            rbd.RBD().clone(self._ioctx, src_id, snap, self._ioctx, dst_id,
+                            features=rbd.RBD_FEATURE_LAYERING)
         try:
             with self._errors(dst_id), self._open(dst_id) as clone:
                 # librbd copies the source's metadata into the clone. Its ivcache.snap names
@@ -216,13 +216,13 @@ class RbdStorage:
     def extend_volume(self, volume_id: str, size_gb: int) -> Volume:
         check_volume_id(volume_id)
         check_size(size_gb)
-        with self._lock, self._errors(volume_id), self._open(volume_id) as image:
+        with self._errors(volume_id), self._open(volume_id) as image:
             owner = self._owner(image, volume_id)
             current = image.size() // GIB
             check_grow(volume_id, current, size_gb)
             if size_gb != current:
-                self._reserve(size_gb - current)
-                image.resize(size_gb * GIB)
+                with self._reserving(size_gb - current):
+                    image.resize(size_gb * GIB)
             return self._volume(volume_id, size_gb, owner)
 
     def delete_volume(self, volume_id: str) -> None:
@@ -398,10 +398,18 @@ class RbdStorage:
                 return
             parent_id, snap = grand
 
-    def _reserve(self, size_gb: int) -> None:
-        """Raise NoSpace unless ``size_gb`` more fits under ``capacity_gb``; lock held."""
+    @contextlib.contextmanager
+    def _reserving(self, size_gb: int) -> Iterator[None]:
+        """With ``capacity_gb``: hold the lock, and raise NoSpace unless ``size_gb`` more
+        fits, for the ``with`` block that makes the room taken. Without: nothing."""
         if not self.capacity_gb:
+            yield
             return
+        with self._lock:
+            self._reserve(size_gb)
+            yield
+
+    def _reserve(self, size_gb: int) -> None:
         used = sum(volume.size_gb for volume in self.list_volumes())
         free = self.capacity_gb * GIB - used * GIB
         if size_gb * GIB > free:
