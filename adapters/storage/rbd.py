@@ -27,6 +27,8 @@ from collections.abc import Iterable, Iterator
 from types import TracebackType
 from typing import Any
 
+import attrs
+
 from ivcache.adapters.storage._common import (
     BLOCK,
     already_exists,
@@ -56,6 +58,9 @@ _SNAP_PREFIX = "ivcache-"
 _PIECE = 4 * BLOCK
 _IN_FLIGHT = 8
 _NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+# A clone is tried again when its source changed while it was made (a write, a race to
+# take the first snapshot): more than this many times in a row is not a race.
+_ATTEMPTS = 3
 
 
 def _bindings() -> tuple[Any, Any]:
@@ -97,6 +102,9 @@ class RbdStorage:
         self.max_clone_depth = max_clone_depth
         self.capacity_gb = capacity_gb
         self._lock = threading.Lock()
+        # What clones of a source learnt of it (its snapshot, size, depth): the next clone
+        # of it needs not open it. Checked by every clone, so never trusted blindly.
+        self._sources: dict[str, _Source] = {}
         rados = self._rados
         try:
             cluster = rados.Rados(conffile=conf, rados_id=user or None,
@@ -154,6 +162,7 @@ class RbdStorage:
     def write_image(self, volume_id: str, chunks: Iterable[bytes]) -> int:
         """Stream ``chunks`` into the image from offset 0; zeros are not stored in a new one."""
         check_volume_id(volume_id)
+        self._sources.pop(volume_id, None)
         with self._errors(volume_id), self._open(volume_id) as image:
             self._owner(image, volume_id)
             meta = dict(image.metadata_list())
@@ -181,32 +190,76 @@ class RbdStorage:
         check_volume_id(src_id)
         check_volume_id(dst_id)
         check_size(size_gb)
-        rbd = self._rbd
-        # A hit's cost is this method: every round trip to the cluster counts. The source is
-        # opened read-only (cheaper) unless its clone snapshot must be taken first.
+        known = self._sources.get(src_id)
+        if known is not None:
+            volume = self._clone_known(src_id, dst_id, size_gb, owner, known)
+            if volume is not None:
+                return volume
+        for _ in range(_ATTEMPTS):
+            source = self._look(src_id, size_gb)
+            volume = self._clone(src_id, dst_id, size_gb, owner, source)
+            if volume is not None:
+                self._sources[src_id] = source
+                return volume
+        raise StorageError(f"volume {src_id} changed during each of {_ATTEMPTS} attempts to "
+                           f"clone it; try again")
+
+    def _look(self, src_id: str, size_gb: int) -> _Source:
+        """What a clone needs of its source, taking its clone snapshot if it has none."""
+        # A hit's cost is in clone_volume: every round trip to the cluster counts. The source
+        # is opened read-only (cheaper) unless its clone snapshot must be taken first.
         with self._errors(src_id), self._open(src_id, read_only=True) as src:
             self._owner(src, src_id)
             src_gb = src.size() // GIB
             check_grow(src_id, src_gb, size_gb, clone=True)
-            flatten = self._depth(src) + 1 > self.max_clone_depth
+            depth = self._depth(src)
             snap = self._current_snap(src)
         if snap is None:
             with self._errors(src_id), self._open(src_id) as src:
                 snap = self._current_snap(src) or self._take_snap(src)
+        return _Source(snap, src_gb, depth)
+
+    def _clone_known(self, src_id: str, dst_id: str, size_gb: int, owner: str,
+                     known: _Source) -> Volume | None:
+        """Clone from what an earlier clone learnt of the source, without opening it; None
+        if that is out of date (the source was written, deleted, replaced)."""
+        check_grow(src_id, known.size_gb, size_gb, clone=True)
+        try:
+            volume = self._clone(src_id, dst_id, size_gb, owner, known)
+        except VolumeNotFound as exc:
+            if exc.volume_id != src_id:
+                raise
+            volume = None  # the source or its snapshot is gone: look again
+        if volume is None:
+            self._sources.pop(src_id, None)
+        return volume
+
+    def _clone(self, src_id: str, dst_id: str, size_gb: int, owner: str,
+               source: _Source) -> Volume | None:
+        rbd = self._rbd
         with self._reserving(size_gb), self._errors(src_id, exists=dst_id):
-            rbd.RBD().clone(self._ioctx, src_id, snap, self._ioctx, dst_id,
+            rbd.RBD().clone(self._ioctx, src_id, source.snap, self._ioctx, dst_id,
                             features=rbd.RBD_FEATURE_LAYERING)
         try:
             with self._errors(dst_id), self._open(dst_id) as clone:
-                # librbd copies the source's metadata into the clone. Its ivcache.snap names
-                # a snapshot the clone does not have (so it is ignored), and its
-                # ivcache.written is right for the clone's data; the owner is set here.
-                if size_gb * GIB != clone.size():
-                    clone.resize(size_gb * GIB)
-                if flatten:
-                    clone.flatten()
-                    clone.metadata_set(WRITTEN_KEY, "1")
-                clone.metadata_set(OWNER_KEY, owner)
+                # librbd copies the source's metadata, as it was when the clone was made, into
+                # the clone: its ivcache.snap tells whether the snapshot used was still the
+                # source's clone snapshot then (a write drops it), its owner that the source
+                # is a volume. Kept in the clone, the snap key names a snapshot only the
+                # source has (so it is ignored), and ivcache.written is right for its data.
+                inherited = dict(clone.metadata_list())
+                stale = inherited.get(SNAP_KEY) != source.snap or OWNER_KEY not in inherited
+                if not stale:
+                    if size_gb * GIB != clone.size():
+                        clone.resize(size_gb * GIB)
+                    if source.depth + 1 > self.max_clone_depth:
+                        clone.flatten()
+                        clone.metadata_set(WRITTEN_KEY, "1")
+                    clone.metadata_set(OWNER_KEY, owner)
+            if stale:
+                with self._errors(dst_id):
+                    self._remove(dst_id)
+                return None
         except BaseException:
             with contextlib.suppress(Exception):
                 self._remove(dst_id)
@@ -215,6 +268,7 @@ class RbdStorage:
 
     def extend_volume(self, volume_id: str, size_gb: int) -> Volume:
         check_volume_id(volume_id)
+        self._sources.pop(volume_id, None)
         check_size(size_gb)
         with self._errors(volume_id), self._open(volume_id) as image:
             owner = self._owner(image, volume_id)
@@ -227,6 +281,7 @@ class RbdStorage:
 
     def delete_volume(self, volume_id: str) -> None:
         check_volume_id(volume_id)
+        self._sources.pop(volume_id, None)
         with self._errors(volume_id), self._open(volume_id) as image:
             self._owner(image, volume_id)
         with self._errors(volume_id):
@@ -439,6 +494,13 @@ def _translate(exc: BaseException, what: str) -> StorageError:
     if code is not None and abs(code) in _NO_SPACE:
         return NoSpace(f"{what}: the Ceph pool is full or over its quota ({exc})")
     return StorageError(f"{what}: {exc}")
+
+
+@attrs.frozen
+class _Source:
+    snap: str
+    size_gb: int
+    depth: int
 
 
 class _Writer:

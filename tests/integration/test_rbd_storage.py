@@ -115,6 +115,25 @@ def test_writing_a_source_makes_later_clones_use_a_new_snapshot(pool: Pool) -> N
         assert [s["name"] for s in base.list_snaps()] == [new_snap[1]]
 
 
+def test_a_source_written_by_another_instance_is_not_cloned_from_what_was_known_of_it(
+        pool: Pool) -> None:
+    one, two = pool.storage(), pool.storage()
+    one.create_volume("base", 1, "internal")
+    one.write_image("base", [ONES])
+    one.clone_volume("base", "c1", 1, "alice")  # one now knows base's snapshot
+
+    two.write_image("base", [b"\x02" * MIB])
+    one.clone_volume("base", "c2", 1, "alice")
+
+    assert one.read("c1", 0, MIB) == ONES
+    assert one.read("c2", 0, MIB) == b"\x02" * MIB
+    assert pool.images() == ["base", "c1", "c2"] and pool.trash() == []
+    two.delete_volume("base")
+    two.create_volume("base", 1, "bob")  # another image of the same name, without data
+    one.clone_volume("base", "c3", 1, "alice")
+    assert one.read("c3", 0, MIB) == bytes(MIB)
+
+
 def test_a_clone_that_would_pass_the_depth_limit_is_flattened(pool: Pool) -> None:
     rbd = pool.storage(max_clone_depth=2)
     rbd.create_volume("base", 1, "internal")
