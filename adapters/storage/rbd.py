@@ -4,7 +4,10 @@ A volume is an RBD image named by its id, with its owner in the image's metadata
 (``ivcache.owner``), so ownership is seen by every process. The first clone of an image
 takes a snapshot, protects it and records it as the image's clone snapshot
 (``ivcache.snap``); every later clone is an RBD clone (layering) of that snapshot. Writing
-an image forgets its clone snapshot: the next clone takes a new one.
+an image forgets its clone snapshot: the next clone takes a new one. A hit's cost is one
+clone, so an instance remembers what it learnt of a source (snapshot, size, depth) and clones
+it again without opening it; the metadata librbd copies from the source into the clone says
+whether that was still right, and if not the clone is made again the long way.
 
 Deleting an image that still has clones never fails: the image is moved to the RBD trash
 (its name is free again at once) and stays there, read by its clones, until its last clone
@@ -282,8 +285,6 @@ class RbdStorage:
     def delete_volume(self, volume_id: str) -> None:
         check_volume_id(volume_id)
         self._sources.pop(volume_id, None)
-        with self._errors(volume_id), self._open(volume_id) as image:
-            self._owner(image, volume_id)
         with self._errors(volume_id):
             self._remove(volume_id)
 
@@ -406,9 +407,10 @@ class RbdStorage:
             image.remove_snap(name)
 
     def _remove(self, volume_id: str) -> None:
-        """Delete an image, or trash it while clones read it; then release its parent."""
+        """Delete a volume, or trash it while clones read it; then release its parent."""
         rbd = self._rbd
         with self._open(volume_id) as image:
+            self._owner(image, volume_id)
             parent = None
             if self._has_parent(image):
                 parent = (str(image.parent_id()), str(image.parent_info()[2]))
