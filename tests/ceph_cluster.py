@@ -13,6 +13,7 @@ the ``ceph`` tool run as subprocesses).
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -48,6 +49,13 @@ def ceph_missing() -> str | None:
         return (f"{', '.join(missing)} not found: apt-get install ceph-mon ceph-osd "
                 "ceph-common")
     return None
+
+
+def _die_with_parent() -> None:
+    # Runs in the daemon before exec: if the process that started it dies without stopping
+    # it (killed by a timeout, say), the kernel kills the daemon too; nothing lingers.
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 def _free_port() -> int:
@@ -195,7 +203,8 @@ paxos min wait = 0.01
         with log:
             self._procs.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
                                                 stdin=subprocess.DEVNULL,
-                                                start_new_session=True))
+                                                start_new_session=True,
+                                                preexec_fn=_die_with_parent))
 
     def _run(self, *args: str, timeout: float = 60) -> str:
         env = {**os.environ, "CEPH_CONF": str(self.conf)}
