@@ -27,10 +27,10 @@ from types import TracebackType
 
 __all__ = ["CephCluster", "CephUnavailable", "ceph_missing", "new_namespace"]
 
-_TOOLS = ("ceph-mon", "ceph-osd", "ceph", "monmaptool")
+_TOOLS = ("ceph-mon", "ceph-osd", "ceph", "monmaptool", "rbd")
 _BLOCK_BYTES = 4 << 30
-# Ceph's default in-memory debug logging costs CPU on every operation; on two cores that is
-# most of a clone's time. Nothing here is debugged from those logs.
+# Ceph's default in-memory debug logging costs CPU on every operation, which two shared
+# cores feel in every test. Nothing here is debugged from those logs.
 _QUIET = "".join(f"debug {sub} = 0/0\n" for sub in (
     "ms", "osd", "bluestore", "bluefs", "bdev", "rocksdb", "mon", "paxos", "rbd", "objecter",
     "rados", "monc", "auth", "journal", "objectcacher", "client", "finisher", "heartbeatmap",
