@@ -12,7 +12,7 @@ SRC := $(shell find core adapters entrypoints -type f ! -path '*/__pycache__/*' 
 
 .PHONY: install demo lint ruff mypy imports bare-imports test unit integration e2e wheel-test bench clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed $(VENV)/.ceph-bindings
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -20,6 +20,14 @@ $(PY):
 
 $(VENV)/.installed: pyproject.toml $(SRC) | $(PY)
 	$(PY) -m pip install -q -e '.[test]' $(EDITABLE)
+	touch $@
+
+# Debian's Ceph bindings (python3-rbd, python3-rados) linked into the venv when installed;
+# redone when they appear or change.
+CEPH_BINDINGS := $(wildcard /usr/lib/python3/dist-packages/rados.*.so \
+                            /usr/lib/python3/dist-packages/rbd.*.so)
+$(VENV)/.ceph-bindings: tools/link_ceph_bindings.py $(CEPH_BINDINGS) | $(VENV)/.installed
+	$(PY) tools/link_ceph_bindings.py
 	touch $@
 
 demo: install

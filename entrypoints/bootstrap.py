@@ -65,8 +65,13 @@ def build_storage(config: Config) -> StorageBackend:
         return FakeRbdStorage(config.storage_capacity_gb, host=config.host,
                               state_path=_ensure_dir(path, "storage_path"),
                               max_clone_depth=config.rbd_max_clone_depth)
+    if config.storage == "rbd":
+        from ivcache.adapters.storage.rbd import RbdStorage
+        # storage_capacity_gb sizes the fakes' simulated pools; a real pool's room is Ceph's.
+        return RbdStorage(config.rbd_pool, conf=config.rbd_conf, user=config.rbd_user,
+                          host=config.host, max_clone_depth=config.rbd_max_clone_depth)
     raise ConfigError(f"storage = {config.storage} is not available in this version; "
-                      "use file, fake-lvm or fake-rbd")
+                      "use file, rbd, fake-lvm or fake-rbd")
 
 
 def build_images(config: Config) -> ImageSource:

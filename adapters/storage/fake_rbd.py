@@ -33,9 +33,12 @@ _KIND = "fake-rbd"
 
 @attrs.define
 class _Snapshot:
-    """A protected snapshot of an image, made for one clone and removed with it."""
+    """A protected snapshot of an image, which clones (``children``, by key) read through.
 
-    child: str
+    It goes with its last clone, unless it is still the image's clone snapshot.
+    """
+
+    children: set[str]
     blocks: dict[int, bytes] | None
     file: str = ""
 
@@ -58,14 +61,19 @@ class _Image:
     objects: int = 0
     file: str = ""
     dirty: bool = False
+    # The snapshot new clones are made from: taken by the first clone, forgotten on a write
+    # (as RbdStorage does with its ``ivcache.snap`` metadata).
+    clone_snap: str | None = None
 
 
 class FakeRbdStorage:
     """A simulated RBD pool of ``capacity_gb``: thin images and copy-on-write clones.
 
-    An image takes only the 1 MiB objects written into it. A clone is a child of a protected
-    snapshot of its source, made for that clone: it reads through to the snapshot for what it
-    has not written, and takes no space until written. An image with clones cannot go:
+    It behaves as ``RbdStorage`` does on a real pool. An image takes only the 1 MiB objects
+    written into it. A clone is a child of a protected snapshot of its source, taken by the
+    first clone and shared by the next ones until the source is written: it reads through to
+    the snapshot for what it has not written, and takes no space until written. An image with
+    clones cannot go:
     deleting it moves it to the trash (no longer listed, its name free again), and it is
     purged when its last clone goes. A clone deeper than ``max_clone_depth`` is flattened
     (gets its own copy of every block) instead, as Cinder's ``rbd_max_clone_depth`` does.
@@ -133,8 +141,11 @@ class FakeRbdStorage:
                 if old is None:
                     old = self._parent_block(image, index)
                 self._put(image, blocks, index, merge_tail(data, old))
+            snaps, clone_snap = dict(image.snaps), image.clone_snap
+            self._forget_clone_snap(image)
             objects = self._count(image, blocks)
             if self._used_blocks() - image.objects + objects > self.capacity_gb * GIB // BLOCK:
+                image.snaps, image.clone_snap = snaps, clone_snap
                 raise self._no_space(volume_id)
             image.blocks, image.objects, image.dirty = blocks, objects, True
         return staged.written
@@ -156,10 +167,14 @@ class FakeRbdStorage:
                 clone.blocks, clone.objects, clone.dirty = blocks, len(blocks), True
             else:
                 clone = self._add(dst_id, size_gb, owner)
-                snap_name = f"clone-{clone.key}"
-                # The snapshot shares the image's current block file (both are immutable), and
-                # takes no space until the image changes.
-                src.snaps[snap_name] = _Snapshot(clone.key, dict(self._head(src)), src.file)
+                snap_name = src.clone_snap
+                if snap_name is None:
+                    snap_name = f"snap-{secrets.token_hex(6)}"
+                    # The snapshot shares the image's current block file (both are
+                    # immutable), and takes no space until the image changes.
+                    src.snaps[snap_name] = _Snapshot(set(), dict(self._head(src)), src.file)
+                    src.clone_snap = snap_name
+                src.snaps[snap_name].children.add(clone.key)
                 clone.parent = f"{src.key}@{snap_name}"
             return self._volume(clone)
 
@@ -177,6 +192,7 @@ class FakeRbdStorage:
         with self._txn(write=True):
             image = self._get(volume_id)
             del self._names[volume_id]
+            self._forget_clone_snap(image)
             if image.snaps:
                 image.name = None
             else:
@@ -206,6 +222,22 @@ class FakeRbdStorage:
         check_volume_id(volume_id)
         with self._txn():
             return self._depth(self._get(volume_id))
+
+    def parent(self, volume_id: str) -> tuple[str, str] | None:
+        """(image key, snapshot name) of the snapshot a clone reads through, or None."""
+        check_volume_id(volume_id)
+        with self._txn():
+            parent = self._get(volume_id).parent
+            if parent is None:
+                return None
+            key, _, snap_name = parent.partition("@")
+            return key, snap_name
+
+    def snapshots(self, volume_id: str) -> int:
+        """How many snapshots the volume has (for tests)."""
+        check_volume_id(volume_id)
+        with self._txn():
+            return len(self._get(volume_id).snaps)
 
     def _get(self, volume_id: str) -> _Image:
         key = self._names.get(volume_id)
@@ -275,12 +307,21 @@ class FakeRbdStorage:
             del self._images[image.key]
             if image.parent is None:
                 return
-            parent, _ = self._snapshot(image.parent)
-            del parent.snaps[image.parent.partition("@")[2]]
+            parent, snap = self._snapshot(image.parent)
+            snap.children.discard(image.key)
+            snap_name = image.parent.partition("@")[2]
+            if not snap.children and (parent.name is None or parent.clone_snap != snap_name):
+                del parent.snaps[snap_name]
             if parent.name is not None or parent.snaps:
                 parent.objects = self._count(parent)
                 return
             image = parent
+
+    def _forget_clone_snap(self, image: _Image) -> None:
+        """Later clones must not use the image's clone snapshot; drop it if none reads it."""
+        name, image.clone_snap = image.clone_snap, None
+        if name is not None and not image.snaps[name].children:
+            del image.snaps[name]
 
     def _used_blocks(self) -> int:
         return sum(image.objects for image in self._images.values())
@@ -360,13 +401,14 @@ class FakeRbdStorage:
         try:
             images = {}
             for key, rec in doc["images"].items():
-                snaps = {name: _Snapshot(str(s["child"]), None if s["file"] else {},
+                snaps = {name: _Snapshot(set(map(str, s["children"])),
+                                         None if s["file"] else {},
                                          str(s["file"]))
                          for name, s in rec["snaps"].items()}
                 images[key] = _Image(str(key), rec["name"], int(rec["size_gb"]),
                                      str(rec["owner"]), rec["parent"],
                                      None if rec["file"] else {}, snaps, int(rec["objects"]),
-                                     str(rec["file"]))
+                                     str(rec["file"]), clone_snap=rec.get("clone_snap"))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise StorageError(f"state file {state.path / 'index.json'} is corrupt: "
                                f"{exc!r}") from exc
@@ -385,8 +427,9 @@ class FakeRbdStorage:
             image.key: {
                 "name": image.name, "size_gb": image.size_gb, "owner": image.owner,
                 "parent": image.parent, "file": image.file, "objects": image.objects,
-                "snaps": {name: {"child": snap.child, "file": snap.file}
+                "snaps": {name: {"children": sorted(snap.children), "file": snap.file}
                           for name, snap in image.snaps.items()},
+                "clone_snap": image.clone_snap,
             }
             for image in self._images.values()
         }

@@ -18,7 +18,13 @@ import attrs
 import pytest
 
 import ivcache.adapters.storage
-from ivcache.adapters.storage import FakeLvmStorage, FakeRbdStorage, FileStorage, Qcow2Storage
+from ivcache.adapters.storage import (
+    FakeLvmStorage,
+    FakeRbdStorage,
+    FileStorage,
+    Qcow2Storage,
+    RbdStorage,
+)
 from ivcache.core.errors import (
     InvalidIdentifier,
     InvalidSize,
@@ -28,6 +34,7 @@ from ivcache.core.errors import (
 )
 from ivcache.core.model import GIB, Volume
 from ivcache.core.ports import StorageBackend
+from tests.ceph_cluster import new_namespace
 
 MIB = 1024**2
 ONES = b"\x01" * MIB
@@ -57,6 +64,31 @@ def _read_path(backend: StorageBackend, volume: Volume, offset: int, length: int
         return os.pread(f.fileno(), length, offset)
 
 
+_RBD_OPEN: list[RbdStorage] = []
+
+
+def _make_rbd(directory: Path, capacity_gb: int) -> StorageBackend:
+    # Each backend gets a namespace of its own in the session's cluster (the ceph_cluster
+    # fixture sets CEPH_CONF): an empty pool, as the contract expects.
+    conf = os.environ["CEPH_CONF"]
+    storage = RbdStorage("rbd", conf=conf, host="node-1", capacity_gb=capacity_gb,
+                         namespace=new_namespace(conf))
+    _RBD_OPEN.append(storage)
+    return storage
+
+
+def _read_rbd(backend: StorageBackend, volume: Volume, offset: int, length: int) -> bytes:
+    assert isinstance(backend, RbdStorage)
+    return backend.read(volume.id, offset, length)
+
+
+@pytest.fixture(autouse=True)
+def _close_rbd_connections() -> Iterator[None]:
+    yield
+    while _RBD_OPEN:
+        _RBD_OPEN.pop().close()
+
+
 @attrs.frozen
 class Kit:
     """How the contract makes and reads one kind of backend.
@@ -64,12 +96,14 @@ class Kit:
     ``make(directory, capacity_gb)``: a new, empty backend keeping anything it stores in
     ``directory``; ``capacity_gb`` 0 means the backend's default (large or unlimited).
     ``check(backend)``, if given, asserts after each test that the backend's state is sound.
+    ``fixtures`` are set up before ``make`` runs (a cluster the backend lives in).
     """
 
     make: Callable[[Path, int], StorageBackend]
     read: Callable[[StorageBackend, Volume, int, int], bytes]
     marks: tuple[pytest.MarkDecorator, ...] = ()
     check: Callable[[StorageBackend], None] | None = None
+    fixtures: tuple[str, ...] = ()
 
 
 KITS: dict[str, Kit] = {
@@ -82,12 +116,16 @@ KITS: dict[str, Kit] = {
     "file": Kit(lambda d, cap: FileStorage(d, host="node-1", capacity_gb=cap), _read_path),
     "qcow2": Kit(lambda d, cap: Qcow2Storage(d, host="node-1", capacity_gb=cap), _read_qcow2,
                  (pytest.mark.qcow2,), _check_qcow2),
+    "rbd": Kit(_make_rbd, _read_rbd, (pytest.mark.rbd,), fixtures=("ceph_cluster",)),
 }
 
 
 @pytest.fixture(params=[pytest.param(name, marks=kit.marks) for name, kit in KITS.items()])
 def kit(request: pytest.FixtureRequest) -> Kit:
-    return KITS[request.param]
+    chosen = KITS[request.param]
+    for name in chosen.fixtures:
+        request.getfixturevalue(name)
+    return chosen
 
 
 @pytest.fixture
@@ -129,9 +167,13 @@ def test_the_qcow2_backend_fits_the_port(tmp_path: Path) -> None:
     assert backend.list_volumes() == []
 
 
+def _rbd_fits_the_port(storage: RbdStorage) -> StorageBackend:
+    return storage  # mypy checks this without a cluster
+
+
 def test_the_storage_package_exports_exactly_its_backends() -> None:
     assert sorted(ivcache.adapters.storage.__all__) == [
-        "FakeLvmStorage", "FakeRbdStorage", "FileStorage", "Qcow2Storage"]
+        "FakeLvmStorage", "FakeRbdStorage", "FileStorage", "Qcow2Storage", "RbdStorage"]
 
 
 def test_a_created_volume_can_be_got_with_its_size_owner_and_host(

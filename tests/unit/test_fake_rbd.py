@@ -319,3 +319,32 @@ def test_rewriting_a_full_volume_with_zeros_then_data_fits_where_the_old_data_wa
 
     assert written == 1020 * MIB
     assert rbd.used_bytes == 20 * MIB
+
+
+def test_clones_of_an_unchanged_image_share_one_snapshot_and_a_write_starts_a_new_one() -> None:
+    # As RbdStorage does: one protected snapshot per image, forgotten when it is written.
+    rbd = pool_with_image(ONES)
+    rbd.clone_volume("base", "c1", 1, "p")
+    rbd.clone_volume("base", "c2", 1, "p")
+
+    rbd.write_image("base", [b"\x02" * MIB])
+    rbd.clone_volume("base", "c3", 1, "p")
+
+    assert rbd.parent("c1") == rbd.parent("c2") != rbd.parent("c3")
+    assert rbd.read("c2", 0, MIB) == ONES and rbd.read("c3", 0, MIB) == b"\x02" * MIB
+    assert rbd.snapshots("base") == 2
+    rbd.delete_volume("c1")
+    rbd.delete_volume("c2")
+    assert rbd.snapshots("base") == 1  # the old one went with its last clone
+
+
+def test_an_unused_clone_snapshot_does_not_keep_its_image_from_going() -> None:
+    rbd = pool_with_image(ONES)
+    rbd.clone_volume("base", "c1", 1, "p")
+    rbd.delete_volume("c1")
+    assert rbd.snapshots("base") == 1
+
+    rbd.delete_volume("base")
+
+    assert rbd.list_volumes() == [] and rbd.used_bytes == 0
+

@@ -1,0 +1,574 @@
+"""Real storage: every volume an image of a Ceph RBD pool, through librbd.
+
+A volume is an RBD image named by its id, with its owner in the image's metadata
+(``ivcache.owner``), so ownership is seen by every process. The first clone of an image
+takes a snapshot, protects it and records it as the image's clone snapshot
+(``ivcache.snap``); every later clone is an RBD clone (layering) of that snapshot. Writing
+an image forgets its clone snapshot: the next clone takes a new one. A hit's cost is one
+clone, so an instance remembers what it learnt of a source (snapshot, size, depth) and clones
+it again without opening it; the metadata librbd copies from the source into the clone says
+whether that was still right, and if not the clone is made again the long way.
+
+Deleting an image that still has clones never fails: the image is moved to the RBD trash
+(its name is free again at once) and stays there, read by its clones, until its last clone
+is deleted; then it is purged, and so is a trashed parent of its own that this leaves
+without clones. A clone whose chain of parents would pass ``max_clone_depth`` (5, as
+Cinder's ``rbd_max_clone_depth``) is flattened when it is made.
+
+The Ceph bindings (Debian ``python3-rbd``, ``python3-rados``) are imported when an
+``RbdStorage`` is made, so the package works without them.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno
+import secrets
+import threading
+from collections.abc import Iterable, Iterator
+from types import TracebackType
+from typing import Any
+
+import attrs
+
+from ivcache.adapters.storage._common import (
+    BLOCK,
+    already_exists,
+    check_grow,
+    check_size,
+    check_volume_id,
+    does_not_fit,
+    is_zero,
+)
+from ivcache.core.errors import (
+    ConfigError,
+    InvalidIdentifier,
+    NoSpace,
+    StorageError,
+    VolumeNotFound,
+)
+from ivcache.core.model import GIB, Volume
+
+__all__ = ["RbdStorage"]
+
+OWNER_KEY = "ivcache.owner"
+SNAP_KEY = "ivcache.snap"
+WRITTEN_KEY = "ivcache.written"
+_SNAP_PREFIX = "ivcache-"
+# Writes are gathered into pieces of one RBD object (4 MiB, the default order 22) and kept
+# in flight a few at a time: one synchronous write per piece leaves the OSD idle.
+_PIECE = 4 * BLOCK
+_IN_FLIGHT = 8
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+# A clone is tried again when its source changed while it was made (a write, a race to
+# take the first snapshot): more than this many times in a row is not a race.
+_ATTEMPTS = 3
+
+
+def _bindings() -> tuple[Any, Any]:
+    try:
+        # The Ceph bindings ship no type information: they are Any here, and kept inside
+        # this module.
+        import rados  # type: ignore[import-not-found]  # Debian python3-rados, no stubs
+        import rbd  # type: ignore[import-not-found]  # Debian python3-rbd, no stubs
+    except ImportError as exc:
+        raise ConfigError(
+            "storage = rbd needs the Ceph Python bindings: apt-get install python3-rbd "
+            f"python3-rados, and run `make install` to link them into the venv ({exc})"
+        ) from exc
+    return rados, rbd
+
+
+class RbdStorage:
+    """Volumes as images of the Ceph pool ``pool``; real, and shared between processes.
+
+    ``conf`` and ``user`` say how to reach the cluster (``user`` empty: the default client
+    id). ``namespace`` (an RBD namespace of the pool, made with ``rbd namespace create``)
+    keeps the volumes apart from other users of the pool. ``capacity_gb`` (0 = unlimited)
+    caps the sum of the volumes' sizes, counted by this process: a guard for an operator;
+    the pool's own quota is Ceph's business. Call ``close`` (or use ``with``) to drop the
+    connection.
+    """
+
+    def __init__(self, pool: str = "rbd", *, conf: str = "/etc/ceph/ceph.conf", user: str = "",
+                 host: str = "", max_clone_depth: int = 5, connect_timeout: float = 10,
+                 capacity_gb: int = 0, namespace: str = "") -> None:
+        if max_clone_depth < 0:
+            raise ValueError(f"max_clone_depth must be at least 0, not {max_clone_depth}")
+        if capacity_gb < 0:
+            raise ValueError(f"capacity_gb must be 0 (unlimited) or more, not {capacity_gb}")
+        self._rados, self._rbd = _bindings()
+        self.pool = pool
+        self.namespace = namespace
+        self.host = host
+        self.max_clone_depth = max_clone_depth
+        self.capacity_gb = capacity_gb
+        self._lock = threading.Lock()
+        # What clones of a source learnt of it (its snapshot, size, depth): the next clone
+        # of it needs not open it. Checked by every clone, so never trusted blindly.
+        self._sources: dict[str, _Source] = {}
+        rados = self._rados
+        try:
+            cluster = rados.Rados(conffile=conf, rados_id=user or None,
+                                  conf={"client_mount_timeout": str(connect_timeout),
+                                        "rados_mon_op_timeout": str(max(30, connect_timeout))})
+        except rados.Error as exc:
+            raise ConfigError(f"rbd_conf = {conf}: cannot read the Ceph configuration "
+                              f"({exc})") from exc
+        try:
+            cluster.connect(timeout=max(1, round(connect_timeout)))
+            self._ioctx = cluster.open_ioctx(pool)
+            if namespace:
+                self._ioctx.set_namespace(namespace)
+        except rados.ObjectNotFound as exc:
+            cluster.shutdown()
+            raise ConfigError(f"rbd_pool = {pool}: no such pool in the Ceph cluster of "
+                              f"{conf}") from exc
+        except rados.Error as exc:
+            cluster.shutdown()
+            raise StorageError(f"cannot connect to the Ceph cluster of {conf} as "
+                               f"{user or 'the default user'}: {exc}") from exc
+        self._cluster = cluster
+
+    def close(self) -> None:
+        """Drop the connection to the cluster; the instance is unusable afterwards."""
+        with contextlib.suppress(Exception):
+            self._ioctx.close()
+        with contextlib.suppress(Exception):
+            self._cluster.shutdown()
+
+    def __enter__(self) -> RbdStorage:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def create_volume(self, volume_id: str, size_gb: int, owner: str) -> Volume:
+        check_volume_id(volume_id)
+        check_size(size_gb)
+        rbd = self._rbd
+        with self._reserving(size_gb), self._errors(volume_id, exists=volume_id):
+            rbd.RBD().create(self._ioctx, volume_id, size_gb * GIB, old_format=False,
+                             features=rbd.RBD_FEATURE_LAYERING)
+        try:
+            with self._errors(volume_id), self._open(volume_id) as image:
+                # The owner is the commit point: an image without it is not a volume.
+                image.metadata_set(OWNER_KEY, owner)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                rbd.RBD().remove(self._ioctx, volume_id)
+            raise
+        return self._volume(volume_id, size_gb, owner)
+
+    def write_image(self, volume_id: str, chunks: Iterable[bytes]) -> int:
+        """Stream ``chunks`` into the image from offset 0; zeros are not stored in a new one."""
+        check_volume_id(volume_id)
+        self._sources.pop(volume_id, None)
+        with self._errors(volume_id), self._open(volume_id) as image:
+            self._owner(image, volume_id)
+            meta = dict(image.metadata_list())
+            fresh = WRITTEN_KEY not in meta and not self._has_parent(image)
+            if WRITTEN_KEY not in meta:
+                image.metadata_set(WRITTEN_KEY, "1")
+            if SNAP_KEY in meta:
+                # Clones made from now on must see the new bytes: they get a new snapshot.
+                image.metadata_remove(SNAP_KEY)
+                self._drop_snap_if_unused(image, meta[SNAP_KEY])
+            writer = _Writer(image, volume_id, image.size(), fresh=fresh)
+            try:
+                for chunk in chunks:
+                    writer.feed(chunk)
+            except BaseException:
+                # The image must not be closed under writes in flight; the caller's error
+                # (a broken download, say) is the one to report.
+                with contextlib.suppress(Exception):
+                    writer.drain()
+                raise
+            writer.finish()
+            return writer.written
+
+    def clone_volume(self, src_id: str, dst_id: str, size_gb: int, owner: str) -> Volume:
+        check_volume_id(src_id)
+        check_volume_id(dst_id)
+        check_size(size_gb)
+        known = self._sources.get(src_id)
+        if known is not None:
+            volume = self._clone_known(src_id, dst_id, size_gb, owner, known)
+            if volume is not None:
+                return volume
+        for _ in range(_ATTEMPTS):
+            source = self._look(src_id, size_gb)
+            volume = self._clone(src_id, dst_id, size_gb, owner, source)
+            if volume is not None:
+                self._sources[src_id] = source
+                return volume
+        raise StorageError(f"volume {src_id} changed during each of {_ATTEMPTS} attempts to "
+                           f"clone it; try again")
+
+    def _look(self, src_id: str, size_gb: int) -> _Source:
+        """What a clone needs of its source, taking its clone snapshot if it has none."""
+        # A hit's cost is in clone_volume: every round trip to the cluster counts. The source
+        # is opened read-only (cheaper) unless its clone snapshot must be taken first.
+        with self._errors(src_id), self._open(src_id, read_only=True) as src:
+            self._owner(src, src_id)
+            src_gb = src.size() // GIB
+            check_grow(src_id, src_gb, size_gb, clone=True)
+            depth = self._depth(src)
+            snap = self._current_snap(src)
+        if snap is None:
+            with self._errors(src_id), self._open(src_id) as src:
+                snap = self._current_snap(src) or self._take_snap(src)
+        return _Source(snap, src_gb, depth)
+
+    def _clone_known(self, src_id: str, dst_id: str, size_gb: int, owner: str,
+                     known: _Source) -> Volume | None:
+        """Clone from what an earlier clone learnt of the source, without opening it; None
+        if that is out of date (the source was written, deleted, replaced)."""
+        check_grow(src_id, known.size_gb, size_gb, clone=True)
+        try:
+            volume = self._clone(src_id, dst_id, size_gb, owner, known)
+        except VolumeNotFound as exc:
+            if exc.volume_id != src_id:
+                raise
+            volume = None  # the source or its snapshot is gone: look again
+        if volume is None:
+            self._sources.pop(src_id, None)
+        return volume
+
+    def _clone(self, src_id: str, dst_id: str, size_gb: int, owner: str,
+               source: _Source) -> Volume | None:
+        rbd = self._rbd
+        with self._reserving(size_gb), self._errors(src_id, exists=dst_id):
+            rbd.RBD().clone(self._ioctx, src_id, source.snap, self._ioctx, dst_id,
+                            features=rbd.RBD_FEATURE_LAYERING)
+        try:
+            with self._errors(dst_id), self._open(dst_id) as clone:
+                # librbd copies the source's metadata, as it was when the clone was made, into
+                # the clone: its ivcache.snap tells whether the snapshot used was still the
+                # source's clone snapshot then (a write drops it), its owner that the source
+                # is a volume. Kept in the clone, the snap key names a snapshot only the
+                # source has (so it is ignored), and ivcache.written is right for its data.
+                inherited = dict(clone.metadata_list())
+                stale = inherited.get(SNAP_KEY) != source.snap or OWNER_KEY not in inherited
+                if not stale:
+                    if size_gb * GIB != clone.size():
+                        clone.resize(size_gb * GIB)
+                    if source.depth + 1 > self.max_clone_depth:
+                        clone.flatten()
+                        clone.metadata_set(WRITTEN_KEY, "1")
+                    clone.metadata_set(OWNER_KEY, owner)
+            if stale:
+                with self._errors(dst_id):
+                    self._remove(dst_id)
+                return None
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self._remove(dst_id)
+            raise
+        return self._volume(dst_id, size_gb, owner)
+
+    def extend_volume(self, volume_id: str, size_gb: int) -> Volume:
+        check_volume_id(volume_id)
+        self._sources.pop(volume_id, None)
+        check_size(size_gb)
+        with self._errors(volume_id), self._open(volume_id) as image:
+            owner = self._owner(image, volume_id)
+            current = image.size() // GIB
+            check_grow(volume_id, current, size_gb)
+            if size_gb != current:
+                with self._reserving(size_gb - current):
+                    image.resize(size_gb * GIB)
+            return self._volume(volume_id, size_gb, owner)
+
+    def delete_volume(self, volume_id: str) -> None:
+        check_volume_id(volume_id)
+        self._sources.pop(volume_id, None)
+        with self._errors(volume_id):
+            self._remove(volume_id)
+
+    def get_volume(self, volume_id: str) -> Volume:
+        check_volume_id(volume_id)
+        with self._errors(volume_id), self._open(volume_id, read_only=True) as image:
+            owner = self._owner(image, volume_id)
+            return self._volume(volume_id, image.size() // GIB, owner)
+
+    def list_volumes(self, owner: str | None = None) -> list[Volume]:
+        volumes = []
+        with self._errors("(listing)"):
+            names = self._rbd.RBD().list(self._ioctx)
+        for name in sorted(names):
+            try:
+                volume = self.get_volume(name)
+            except (VolumeNotFound, InvalidIdentifier):
+                continue  # not a volume of ours, or deleted while we looked
+            if owner is None or volume.owner == owner:
+                volumes.append(volume)
+        return volumes
+
+    def read(self, volume_id: str, offset: int, length: int) -> bytes:
+        """Bytes ``[offset, offset + length)`` of a volume, cut at its end (for tests)."""
+        check_volume_id(volume_id)
+        with self._errors(volume_id), self._open(volume_id, read_only=True) as image:
+            self._owner(image, volume_id)
+            length = max(0, min(length, image.size() - offset))
+            data: bytes = image.read(offset, length) if length else b""
+            return data
+
+    def depth(self, volume_id: str) -> int:
+        """How many parents a read of this volume may go through: 0 for a flat image."""
+        check_volume_id(volume_id)
+        with self._errors(volume_id), self._open(volume_id, read_only=True) as image:
+            self._owner(image, volume_id)
+            return self._depth(image)
+
+    def parent(self, volume_id: str) -> tuple[str, str] | None:
+        """(image id, snapshot name) of the snapshot a clone reads through, or None."""
+        check_volume_id(volume_id)
+        with self._errors(volume_id), self._open(volume_id, read_only=True) as image:
+            self._owner(image, volume_id)
+            if not self._has_parent(image):
+                return None
+            return str(image.parent_id()), str(image.parent_info()[2])
+
+    def _open(self, volume_id: str, *, read_only: bool = False) -> Any:
+        return self._rbd.Image(self._ioctx, volume_id, read_only=read_only)
+
+    def _owner(self, image: Any, volume_id: str) -> str:
+        try:
+            owner: str = image.metadata_get(OWNER_KEY)
+        except KeyError:
+            raise VolumeNotFound(volume_id) from None  # an image, but not a volume of ours
+        return owner
+
+    def _has_parent(self, image: Any) -> bool:
+        try:
+            image.parent_id()
+        except self._rbd.ImageNotFound:
+            return False
+        return True
+
+    def _depth(self, image: Any) -> int:
+        try:
+            parent_id = image.parent_id()
+        except self._rbd.ImageNotFound:
+            return 0
+        return self._depth_from(parent_id)
+
+    def _depth_from(self, image_id: str) -> int:
+        """The depth of the image with id ``image_id`` plus one (it is itself a parent)."""
+        rbd = self._rbd
+        depth = 1
+        while True:
+            with rbd.Image(self._ioctx, image_id=image_id, read_only=True) as image:
+                try:
+                    image_id = image.parent_id()
+                except rbd.ImageNotFound:
+                    return depth
+            depth += 1
+
+    def _current_snap(self, src: Any) -> str | None:
+        """The protected snapshot clones of ``src`` are made from, if it has one."""
+        try:
+            name: str = src.metadata_get(SNAP_KEY)
+        except KeyError:
+            return None
+        # A clone inherits its source's key, naming a snapshot that only the source has.
+        if any(snap["name"] == name for snap in src.list_snaps()):
+            return name
+        return None
+
+    def _take_snap(self, src: Any) -> str:
+        # Two workers cloning at once may each take a snapshot: the last one recorded is
+        # used from then on, the other is dropped when its clones are gone.
+        name = f"{_SNAP_PREFIX}{secrets.token_hex(6)}"
+        src.create_snap(name)
+        src.protect_snap(name)
+        src.metadata_set(SNAP_KEY, name)
+        return name
+
+    def _drop_snap_if_unused(self, image: Any, name: str) -> None:
+        """Remove snapshot ``name`` of ``image`` if no clone reads through it."""
+        rbd = self._rbd
+        try:
+            image.set_snap(name)
+            try:
+                children = list(image.list_children2())
+            finally:
+                image.set_snap(None)
+        except rbd.ImageNotFound:
+            return  # already gone
+        if children:
+            return
+        with contextlib.suppress(rbd.InvalidArgument):  # not protected
+            image.unprotect_snap(name)
+        with contextlib.suppress(rbd.ImageNotFound):
+            image.remove_snap(name)
+
+    def _remove(self, volume_id: str) -> None:
+        """Delete a volume, or trash it while clones read it; then release its parent."""
+        rbd = self._rbd
+        with self._open(volume_id) as image:
+            self._owner(image, volume_id)
+            parent = None
+            if self._has_parent(image):
+                parent = (str(image.parent_id()), str(image.parent_info()[2]))
+            snaps = [snap["name"] for snap in image.list_snaps()]
+            for name in snaps:
+                self._drop_snap_if_unused(image, name)
+            keep = bool(list(image.list_snaps()))
+        if keep:
+            # Clones still read this image: hide it in the trash until the last one goes.
+            rbd.RBD().trash_move(self._ioctx, volume_id, 0)
+            return
+        rbd.RBD().remove(self._ioctx, volume_id)
+        if parent is not None:
+            self._release(*parent)
+
+    def _release(self, parent_id: str, snap: str) -> None:
+        """A clone of ``parent_id@snap`` is gone: drop what no clone reads any more."""
+        rbd = self._rbd
+        while True:
+            try:
+                trashed = rbd.RBD().trash_get(self._ioctx, parent_id) is not None
+            except rbd.ImageNotFound:
+                trashed = False
+            try:
+                with rbd.Image(self._ioctx, image_id=parent_id) as image:
+                    try:
+                        current = image.metadata_get(SNAP_KEY)
+                    except KeyError:
+                        current = None
+                    if trashed or snap != current:
+                        self._drop_snap_if_unused(image, snap)
+                    if not trashed or list(image.list_snaps()):
+                        return
+                    grand = None
+                    if self._has_parent(image):
+                        grand = (str(image.parent_id()), str(image.parent_info()[2]))
+            except rbd.ImageNotFound:
+                return  # another worker purged it first
+            with contextlib.suppress(rbd.ImageNotFound):
+                rbd.RBD().trash_remove(self._ioctx, parent_id, force=True)
+            if grand is None:
+                return
+            parent_id, snap = grand
+
+    @contextlib.contextmanager
+    def _reserving(self, size_gb: int) -> Iterator[None]:
+        """With ``capacity_gb``: hold the lock, and raise NoSpace unless ``size_gb`` more
+        fits, for the ``with`` block that makes the room taken. Without: nothing."""
+        if not self.capacity_gb:
+            yield
+            return
+        with self._lock:
+            self._reserve(size_gb)
+            yield
+
+    def _reserve(self, size_gb: int) -> None:
+        used = sum(volume.size_gb for volume in self.list_volumes())
+        free = self.capacity_gb * GIB - used * GIB
+        if size_gb * GIB > free:
+            raise NoSpace(f"pool {self.pool} has {max(free, 0) // GIB} GiB free of the "
+                          f"{self.capacity_gb} GiB allowed; {size_gb} GiB asked")
+
+    def _volume(self, volume_id: str, size_gb: int, owner: str) -> Volume:
+        spec = "/".join(part for part in (self.pool, self.namespace, volume_id) if part)
+        return Volume(volume_id, size_gb, owner, self.host, spec, "rbd_image")
+
+    @contextlib.contextmanager
+    def _errors(self, volume_id: str, *, exists: str | None = None) -> Iterator[None]:
+        """Turn the bindings' errors into ivcache's."""
+        rbd, rados = self._rbd, self._rados
+        try:
+            yield
+        except rbd.ImageNotFound as exc:
+            raise VolumeNotFound(volume_id) from exc
+        except rbd.ImageExists as exc:
+            raise already_exists(exists or volume_id) from exc
+        except (rbd.Error, rados.Error) as exc:
+            raise _translate(exc, f"volume {volume_id} in pool {self.pool}") from exc
+
+
+def _translate(exc: BaseException, what: str) -> StorageError:
+    code = getattr(exc, "errno", None)
+    if code is not None and abs(code) in _NO_SPACE:
+        return NoSpace(f"{what}: the Ceph pool is full or over its quota ({exc})")
+    return StorageError(f"{what}: {exc}")
+
+
+@attrs.frozen
+class _Source:
+    snap: str
+    size_gb: int
+    depth: int
+
+
+class _Writer:
+    """Gathers chunks into object-sized pieces and writes them with a few in flight.
+
+    In a ``fresh`` image (never written, no parent) zero pieces are skipped: the image reads
+    zeros there already. Elsewhere zeros are written as zeros (``write_zeroes``), or old
+    bytes, or a parent's, would show through.
+    """
+
+    def __init__(self, image: Any, volume_id: str, size: int, *, fresh: bool) -> None:
+        self._image = image
+        self._volume_id = volume_id
+        self._size = size
+        self._fresh = fresh
+        self._buf = bytearray()
+        self._offset = 0  # where _buf starts in the image
+        self._pending: collections.deque[tuple[Any, bytes]] = collections.deque()
+        self.written = 0
+
+    def feed(self, chunk: bytes) -> None:
+        n = len(chunk)
+        if self.written + n > self._size:
+            raise does_not_fit(self._volume_id, self._size // GIB)
+        self._buf += chunk
+        self.written += n
+        while len(self._buf) >= _PIECE:
+            piece = bytes(self._buf[:_PIECE])
+            del self._buf[:_PIECE]
+            self._put(piece)
+
+    def finish(self) -> None:
+        if self._buf:
+            piece = bytes(self._buf)
+            self._buf.clear()
+            self._put(piece)
+        self.drain()
+
+    def drain(self) -> None:
+        """Wait for every write in flight; raise the first failure."""
+        failure: BaseException | None = None
+        while self._pending:
+            try:
+                self._wait_oldest()
+            except BaseException as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+
+    def _put(self, piece: bytes) -> None:
+        offset = self._offset
+        self._offset += len(piece)
+        if is_zero(piece):
+            if not self._fresh:
+                self._image.write_zeroes(offset, len(piece))
+            return
+        # The completion must not outlive the bytes it writes: they are kept beside it.
+        completion = self._image.aio_write(piece, offset, None)
+        self._pending.append((completion, piece))
+        while len(self._pending) >= _IN_FLIGHT:
+            self._wait_oldest()
+
+    def _wait_oldest(self) -> None:
+        completion, _ = self._pending.popleft()
+        completion.wait_for_complete_and_cb()
+        result = completion.get_return_value()
+        if result < 0:
+            raise _translate(OSError(-result, errno.errorcode.get(-result, "error")),
+                             f"writing volume {self._volume_id}")
