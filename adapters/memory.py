@@ -90,6 +90,11 @@ class InMemoryRepository:
             self._totals[entry.host] = attrs.evolve(
                 t, size_gb=t.size_gb + entry.size_gb - old.size_gb)
 
+    def clear_lease(self, entry_id: str, lease: dt.datetime) -> None:
+        entry = self._entries.get(entry_id)
+        if entry is not None and entry.lease_until == lease:
+            entry.lease_until = None
+
     def remove(self, entry: CacheEntry) -> bool:
         gone = self._entries.pop(entry.id, None)
         if gone is None:

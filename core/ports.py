@@ -100,6 +100,10 @@ class CacheRepository(Protocol):
         """Write back state, last_used, hits, pinned, leases and image fields."""
         ...
 
+    def clear_lease(self, entry_id: str, lease: dt.datetime) -> None:
+        """Clear the entry's lease if it is still ``lease`` (one atomic update)."""
+        ...
+
     def remove(self, entry: CacheEntry) -> bool:
         """Delete; return False if it was already gone."""
         ...

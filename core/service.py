@@ -200,18 +200,19 @@ class CacheService:
         wait_until: dt.datetime | None = None
         backoff = 0.05
         while True:
-            entry = self._read(lambda uow: uow.entries.find(self.host, image.id))
+            entry, lease = self._lease_if_fresh(image)
             now = self.clock.now()
-            if entry is not None and entry.ready:
-                if entry.is_stale_for(image):
-                    if not self._evict([entry], EvictReason.STALE):
-                        # Leased: a clone still reads it. Wait for the clone to finish.
-                        self.clock.sleep(backoff)
-                        backoff = min(backoff * 2, 1.0)
-                    continue
-                volume = self._clone_entry(ctx, entry, image, vol_id, size_gb, hit=True)
+            if entry is not None and lease is not None:
+                volume = self._clone_leased(ctx, entry, lease, vol_id, size_gb)
                 if volume is not None:
                     return volume, Outcome.HIT, entry.id
+                continue
+            if entry is not None and entry.ready:
+                # Stale: its bytes may differ from the image's.
+                if not self._evict([entry], EvictReason.STALE):
+                    # Leased: a clone still reads it. Wait for the clone to finish.
+                    self.clock.sleep(backoff)
+                    backoff = min(backoff * 2, 1.0)
                 continue
             if entry is not None:
                 if entry.claim_expired(now):
@@ -232,22 +233,47 @@ class CacheService:
             if claim is None:
                 return self._uncached(ctx, image, vol_id, size_gb), Outcome.MISS_UNCACHED, None
             self._drop_volumes(claim.victims, EvictReason.LRU)
-            ready = self._fill(ctx, image, claim.entry)
-            if ready is None:
+            filled = self._fill(ctx, image, claim.entry, lease=True)
+            if filled is None:
                 return self._uncached(ctx, image, vol_id, size_gb), Outcome.MISS_UNCACHED, None
-            volume = self._clone_entry(ctx, ready, image, vol_id, size_gb, hit=False)
+            ready, lease = filled
+            assert lease is not None
+            volume = self._clone_leased(ctx, ready, lease, vol_id, size_gb)
             if volume is None:
                 raise VolumeNotFound(ready.volume_id)
             return volume, Outcome.MISS, ready.id
 
     # ------------------------------------------------------------------ hit
 
-    def _clone_entry(self, ctx: RequestContext, entry: CacheEntry, image: Image,
-                     vol_id: str, size_gb: int, *, hit: bool) -> Volume | None:
-        """Clone the entry's volume for the caller; None if the entry vanished meanwhile."""
-        lease = self._lease(entry, image, hit=hit)
-        if lease is None:
-            return None
+    def _lease_if_fresh(self, image: Image) -> tuple[CacheEntry | None, dt.datetime | None]:
+        """Find the image's entry; if READY and fresh, lease and touch it, in one
+        transaction (the hit path's only write). Returns the entry and the lease, if any."""
+        with self.uow as uow:
+            # The host's lock orders leases with evictions, which take it too.
+            uow.entries.lock_host(self.host)
+            entry = uow.entries.find(self.host, image.id)
+            if entry is None or not entry.ready or entry.is_stale_for(image):
+                return entry, None
+            lease = self._take_lease(entry)
+            entry.hits += 1
+            uow.entries.count_stats(self.host, hits=1)
+            # Same content, new metadata: keep the entry, remember the new updated_at.
+            entry.image_updated_at = image.updated_at
+            uow.entries.save(entry)
+            uow.commit()
+            return entry, lease
+
+    def _take_lease(self, entry: CacheEntry) -> dt.datetime:
+        """Touch the entry and extend its lease (the caller saves it, under the host lock)."""
+        now = self.clock.now()
+        lease = now + dt.timedelta(seconds=self.policy.clone_lease_seconds)
+        entry.lease_until = max(lease, entry.lease_until or lease)
+        entry.last_used = now
+        return entry.lease_until
+
+    def _clone_leased(self, ctx: RequestContext, entry: CacheEntry, lease: dt.datetime,
+                      vol_id: str, size_gb: int) -> Volume | None:
+        """Clone the leased entry's volume for the caller; None if that volume is gone."""
         try:
             volume: Volume | None = self.storage.clone_volume(
                 entry.volume_id, vol_id, size_gb, ctx.project_id)
@@ -261,35 +287,11 @@ class CacheService:
             self._evict([entry], EvictReason.ADMIN)
         return volume
 
-    def _lease(self, entry: CacheEntry, image: Image, *, hit: bool) -> dt.datetime | None:
-        with self.uow as uow:
-            uow.entries.lock_host(self.host)
-            current = uow.entries.get(entry.id)
-            if current is None or not current.ready:
-                return None
-            now = self.clock.now()
-            lease = now + dt.timedelta(seconds=self.policy.clone_lease_seconds)
-            current.lease_until = max(lease, current.lease_until or lease)
-            current.last_used = now
-            if hit:
-                current.hits += 1
-                uow.entries.count_stats(self.host, hits=1)
-            # Same content, new metadata: keep the entry, remember the new updated_at.
-            current.image_updated_at = image.updated_at
-            uow.entries.save(current)
-            uow.commit()
-            return current.lease_until
-
     def _release(self, entry_id: str, lease: dt.datetime) -> None:
         with self.uow as uow:
-            # Under the host's lock, as _lease: otherwise (PostgreSQL, READ COMMITTED) a
-            # lease taken between our read and our write would be overwritten and lost.
-            uow.entries.lock_host(self.host)
-            current = uow.entries.get(entry_id)
-            # Only the holder of the latest lease clears it; others' leases stand.
-            if current is not None and current.lease_until == lease:
-                current.lease_until = None
-                uow.entries.save(current)
+            # One conditional update: only the holder of the latest lease clears it, and
+            # no host lock is needed for that.
+            uow.entries.clear_lease(entry_id, lease)
             uow.commit()
 
     # ------------------------------------------------------------------ miss
@@ -345,8 +347,10 @@ class CacheService:
         volumes = sum(t.count for t in totals) + 1 - len(victims)
         return not ((quota_gb and gb > quota_gb) or (quota_volumes and volumes > quota_volumes))
 
-    def _fill(self, ctx: RequestContext, image: Image, entry: CacheEntry) -> CacheEntry | None:
-        """Download into the claimed entry's volume and mark it READY.
+    def _fill(self, ctx: RequestContext, image: Image, entry: CacheEntry, *,
+              lease: bool) -> tuple[CacheEntry, dt.datetime | None] | None:
+        """Download into the claimed entry's volume and mark it READY (leased, with
+        ``lease``, for the clone that follows).
 
         None when the backend has no room: the claim is released and the caller is served
         without caching. Any other failure releases the claim and propagates.
@@ -374,13 +378,14 @@ class CacheService:
             current.state = EntryState.READY
             current.claim_expires = None
             current.last_used = self.clock.now()
+            taken = self._take_lease(current) if lease else None
             uow.entries.save(current)
             uow.entries.count_stats(self.host, downloads=1, bytes_downloaded=nbytes)
             uow.commit()
         self.notifier.publish(ImageDownloaded(image.id, self.host, nbytes, seconds))
         self.notifier.publish(CacheEntryCreated(image.id, self.host, current.id,
                                                 current.size_gb))
-        return current
+        return current, taken
 
     def _abandon(self, entry: CacheEntry, created: bool) -> None:
         with self.uow as uow:
@@ -574,10 +579,10 @@ class CacheService:
                               f"on host {self.host}: over the cache's limits or quota, and "
                               "nothing can be evicted")
             self._drop_volumes(claim.victims, EvictReason.LRU)
-            ready = self._fill(self.tenant.context(), image, claim.entry)
-            if ready is None:
+            filled = self._fill(self.tenant.context(), image, claim.entry, lease=False)
+            if filled is None:
                 raise NoSpace(f"no room on host {self.host}'s storage for image {image.id}")
-            return ready
+            return filled[0]
 
     def pin(self, image_id: str, pinned: bool = True) -> CacheEntry:
         """Pin (or unpin) the image's entry on this host: a pinned entry is never evicted

@@ -138,6 +138,12 @@ class SqlCacheRepository:
         self._conn.execute(update(cache_entries).where(_E.id == entry.id).values(values))
         self._bump(old.host, size_gb=entry.size_gb - old.size_gb)
 
+    def clear_lease(self, entry_id: str, lease: dt.datetime) -> None:
+        self._conn.execute(
+            update(cache_entries)
+            .where(_E.id == entry_id, _E.lease_until == lease)
+            .values(lease_until=None))
+
     def remove(self, entry: CacheEntry) -> bool:
         """Delete by id; return False if it was already gone.
 

@@ -367,3 +367,25 @@ def test_timestamps_round_trip_as_aware_utc_to_the_microsecond(uow: UnitOfWork) 
                   got.lease_until):
         assert value is not None
         assert value.utcoffset() == dt.timedelta(0)
+
+
+def test_clear_lease_clears_only_the_lease_it_is_given(uow: UnitOfWork) -> None:
+    now = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    mine, theirs = now + dt.timedelta(seconds=30), now + dt.timedelta(seconds=60)
+    entry = CacheEntry(id="e1", host="h", image_id="i", volume_id="v", size_gb=1,
+                       image_updated_at=now, image_hash=None, state=EntryState.READY,
+                       created_at=now, last_used=now, lease_until=theirs)
+    with uow:
+        uow.entries.add(entry)
+        uow.commit()
+    with uow:
+        uow.entries.clear_lease("e1", mine)  # someone else's lease stands
+        uow.commit()
+    with uow:
+        found = uow.entries.get("e1")
+        assert found is not None and found.lease_until == theirs
+        uow.entries.clear_lease("e1", theirs)
+        uow.commit()
+    with uow:
+        found = uow.entries.get("e1")
+        assert found is not None and found.lease_until is None
