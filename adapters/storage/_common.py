@@ -322,3 +322,42 @@ class StateDir:
             (index,) = self._INDEX.unpack_from(view, start)
             blocks[index] = view[start + self._INDEX.size:start + record].tobytes()
         return blocks
+
+
+class PersistedFake:
+    """What the fakes share: a lock, and with a state directory, load before and save after.
+
+    A subclass sets ``_lock``, ``_state`` and ``_serial`` and provides ``_refresh`` (load the
+    state if another process changed it) and ``_save``.
+    """
+
+    _lock: threading.RLock
+    _state: StateDir | None
+    _serial: str | None
+
+    def _refresh(self, state: StateDir) -> None:
+        raise NotImplementedError
+
+    def _save(self, state: StateDir) -> None:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def _txn(self, *, write: bool = False) -> Iterator[None]:
+        """Hold the lock; with a state directory, load before and (``write``) save after.
+
+        Every operation checks before it changes anything, so a failed one leaves memory as
+        it was; a persisted fake reloads after a failure all the same.
+        """
+        with self._lock:
+            if self._state is None:
+                yield
+                return
+            with self._state.locked():
+                self._refresh(self._state)
+                try:
+                    yield
+                    if write:
+                        self._save(self._state)
+                except BaseException:
+                    self._serial = None
+                    raise

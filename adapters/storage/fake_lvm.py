@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import secrets
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ import attrs
 from ivcache.adapters.storage._common import (
     ZERO_BLOCK,
     BlockWriter,
+    PersistedFake,
     StateDir,
     already_exists,
     check_grow,
@@ -44,7 +44,7 @@ class _LogicalVolume:
     dirty: bool = False
 
 
-class FakeLvmStorage:
+class FakeLvmStorage(PersistedFake):
     """A simulated LVM volume group of ``capacity_gb``: thick volumes, full copies.
 
     Every volume takes its whole size from the group when it is made or extended, and a
@@ -183,27 +183,6 @@ class FakeLvmStorage:
     def _volume(self, lv: _LogicalVolume) -> Volume:
         return Volume(lv.id, lv.size_gb, lv.owner, self.host, f"/dev/{self.vg_name}/{lv.id}",
                       "path")
-
-    @contextlib.contextmanager
-    def _txn(self, *, write: bool = False) -> Iterator[None]:
-        """Hold the lock; with a state directory, load before and (``write``) save after.
-
-        Every operation checks before it changes anything, so a failed one leaves memory as
-        it was; a persisted group reloads after a failure all the same.
-        """
-        with self._lock:
-            if self._state is None:
-                yield
-                return
-            with self._state.locked():
-                self._refresh(self._state)
-                try:
-                    yield
-                    if write:
-                        self._save(self._state)
-                except BaseException:
-                    self._serial = None
-                    raise
 
     def _refresh(self, state: StateDir) -> None:
         doc = state.load()

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import secrets
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ from ivcache.adapters.storage._common import (
     BLOCK,
     ZERO_BLOCK,
     BlockWriter,
+    PersistedFake,
     StateDir,
     already_exists,
     check_grow,
@@ -66,7 +66,7 @@ class _Image:
     clone_snap: str | None = None
 
 
-class FakeRbdStorage:
+class FakeRbdStorage(PersistedFake):
     """A simulated RBD pool of ``capacity_gb``: thin images and copy-on-write clones.
 
     It behaves as ``RbdStorage`` does on a real pool. An image takes only the 1 MiB objects
@@ -366,27 +366,6 @@ class FakeRbdStorage:
         assert image.name is not None  # only visible images are ever returned
         return Volume(image.name, image.size_gb, image.owner, self.host,
                       f"{self.pool}/{image.name}", "rbd_image")
-
-    @contextlib.contextmanager
-    def _txn(self, *, write: bool = False) -> Iterator[None]:
-        """Hold the lock; with a state directory, load before and (``write``) save after.
-
-        Every operation checks before it changes anything, so a failed one leaves memory as
-        it was; a persisted pool reloads after a failure all the same.
-        """
-        with self._lock:
-            if self._state is None:
-                yield
-                return
-            with self._state.locked():
-                self._refresh(self._state)
-                try:
-                    yield
-                    if write:
-                        self._save(self._state)
-                except BaseException:
-                    self._serial = None
-                    raise
 
     def _refresh(self, state: StateDir) -> None:
         doc = state.load()
