@@ -38,12 +38,12 @@ lint: install ruff mypy imports bare-imports
 ruff: install
 	$(VENV)/bin/ruff check .
 
-# mypy checks the installed package names (-p), then the tests (a separate run: mypy cannot
+# mypy checks the installed package names (-p), then tests and bench (a separate run: mypy cannot
 # mix -p and paths).  Errors in the package are reported under build/__editable__.*/ivcache/,
 # whose files are symlinks to core/, adapters/, entrypoints/.
 mypy: install
 	$(VENV)/bin/mypy -p ivcache.core -p ivcache.adapters -p ivcache.entrypoints
-	if find tests -name '*.py' | grep -q .; then $(VENV)/bin/mypy tests; fi
+	$(VENV)/bin/mypy tests bench
 
 imports: install
 	$(VENV)/bin/lint-imports
