@@ -306,15 +306,13 @@ def clone_file(work: Path) -> Figures:
     return figures
 
 
-
-
 def many_workers(work: Path) -> Figures:
     """Issue 5: single flight with 16 concurrent misses (threads, processes), bookkeeping
     per hit with 100 vs 100k entries (quick: 10k), hits/s of 8 processes; SQLite and
     PostgreSQL. See bench/many_workers.py."""
     # The workers and the throwaway PostgreSQL are the tests' helpers (tests/).
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from many_workers import run  # bench/ is on the path: this script's directory
+    from bench.many_workers import run
     return run(work, quick=QUICK)
 
 
