@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Iterable
 
-from ivcache.adapters.storage._common import is_zero
+from ivcache.adapters.storage._common import does_not_fit, is_zero, no_space_errors
 
-__all__ = ["HOLE_GRAIN", "SparseWriter", "pwrite_all"]
+__all__ = ["HOLE_GRAIN", "SparseWriter", "pwrite_all", "write_chunks"]
 
 # Zero runs this long (and aligned) become holes: small enough to keep an image's holes,
 # large enough that the zero test is not the cost of a write.
@@ -67,3 +68,22 @@ def pwrite_all(fd: int, view: memoryview, offset: int) -> None:
         n = os.pwrite(fd, view, offset)
         view = view[n:]
         offset += n
+
+
+def write_chunks(fd: int, chunks: Iterable[bytes], *, volume_id: str, size_gb: int,
+                 fresh: bool) -> int:
+    """Write ``chunks`` from offset 0 of ``fd``, zero runs as holes; return the bytes.
+
+    NoSpace if the data is bigger than the volume's ``size_gb`` or the filesystem is full.
+    """
+    limit = size_gb * (1 << 30)
+    writer = SparseWriter(fd, fresh=fresh)
+    written = 0
+    for chunk in chunks:
+        view = memoryview(chunk).cast("B")
+        if written + len(view) > limit:
+            raise does_not_fit(volume_id, size_gb)
+        with no_space_errors(f"writing volume {volume_id}"):
+            writer.write(view, written)
+        written += len(view)
+    return written

@@ -30,11 +30,10 @@ from ivcache.adapters.storage._common import (
     check_grow,
     check_size,
     check_volume_id,
-    does_not_fit,
     fsync_dir,
     no_space_errors,
 )
-from ivcache.adapters.storage._sparse import SparseWriter
+from ivcache.adapters.storage._sparse import SparseWriter, write_chunks
 from ivcache.core.errors import InvalidIdentifier, NoSpace, StorageError, VolumeNotFound
 from ivcache.core.model import GIB, Volume
 
@@ -103,21 +102,13 @@ class FileStorage:
         """Stream ``chunks`` into the volume from offset 0, leaving zero runs as holes."""
         check_volume_id(volume_id)
         meta = self._require(volume_id)
-        limit = meta.size_gb * GIB
         try:
             fd = os.open(self._data(volume_id), os.O_WRONLY | os.O_CLOEXEC)
         except FileNotFoundError as exc:
             raise VolumeNotFound(volume_id) from exc
-        written = 0
         try:
-            writer = SparseWriter(fd, fresh=False)
-            for chunk in chunks:
-                view = memoryview(chunk).cast("B")
-                if written + len(view) > limit:
-                    raise does_not_fit(volume_id, meta.size_gb)
-                with no_space_errors(f"writing volume {volume_id}"):
-                    writer.write(view, written)
-                written += len(view)
+            written = write_chunks(fd, chunks, volume_id=volume_id, size_gb=meta.size_gb,
+                                   fresh=False)
             with no_space_errors(f"writing volume {volume_id}"):
                 os.fsync(fd)
         finally:

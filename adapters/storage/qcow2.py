@@ -41,11 +41,10 @@ from ivcache.adapters.storage._common import (
     check_grow,
     check_size,
     check_volume_id,
-    does_not_fit,
     fsync_dir,
     no_space_errors,
 )
-from ivcache.adapters.storage._sparse import SparseWriter, pwrite_all
+from ivcache.adapters.storage._sparse import pwrite_all, write_chunks
 from ivcache.core.errors import NoSpace, StorageError, VolumeNotFound
 from ivcache.core.model import GIB, Volume
 
@@ -289,21 +288,13 @@ class Qcow2Storage:
 
     def _write_raw(self, volume_id: str, volume: _Vol, path: Path,
                    chunks: Iterable[bytes]) -> int:
-        limit = volume.size_gb * GIB
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
         except FileNotFoundError as exc:
             raise VolumeNotFound(volume_id) from exc
-        written = 0
         try:
-            writer = SparseWriter(fd, fresh=False)
-            for chunk in chunks:
-                view = memoryview(chunk).cast("B")
-                if written + len(view) > limit:
-                    raise does_not_fit(volume_id, volume.size_gb)
-                with no_space_errors(f"writing volume {volume_id}"):
-                    writer.write(view, written)
-                written += len(view)
+            written = write_chunks(fd, chunks, volume_id=volume_id, size_gb=volume.size_gb,
+                                   fresh=False)
             with no_space_errors(f"writing volume {volume_id}"):
                 os.fsync(fd)
         finally:
@@ -319,14 +310,8 @@ class Qcow2Storage:
             with no_space_errors(f"writing volume {volume_id}"):
                 fd = os.open(staged, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
-                writer = SparseWriter(fd, fresh=True)
-                for chunk in chunks:
-                    view = memoryview(chunk).cast("B")
-                    if written + len(view) > limit:
-                        raise does_not_fit(volume_id, volume.size_gb)
-                    with no_space_errors(f"writing volume {volume_id}"):
-                        writer.write(view, written)
-                    written += len(view)
+                written = write_chunks(fd, chunks, volume_id=volume_id,
+                                       size_gb=volume.size_gb, fresh=True)
                 if written % _SECTOR:
                     # qemu-img copies whole sectors: the rest of the last one must keep what
                     # the volume holds there, not become zeros.

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import shutil
 import subprocess
 import sys
@@ -53,6 +54,29 @@ class Cli:
         run = self(*args, **kw)
         assert run.code == 0, f"ivcache {' '.join(args)} -> {run.code}: {run.err}"
         return run
+
+    def on_a_terminal(self, *args: str) -> tuple[int, str]:
+        """Run with stderr on a pseudo-terminal (progress bars show only there); return the
+        exit code and what was drawn."""
+        leader, follower = pty.openpty()
+        try:
+            proc = subprocess.Popen([self.exe, *args], env={**self.env, "COLUMNS": "100"},
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=follower)
+            os.close(follower)
+            drawn = bytearray()
+            while True:
+                try:
+                    chunk = os.read(leader, 65536)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                drawn += chunk
+            proc.wait(timeout=120)
+            return proc.returncode, drawn.decode(errors="replace")
+        finally:
+            os.close(leader)
 
     def fails(self, *args: str, code: int = 1, **kw: Any) -> Run:
         run = self(*args, **kw)

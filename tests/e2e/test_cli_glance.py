@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import pty
-import subprocess
 import uuid
 from pathlib import Path
 
@@ -39,28 +37,6 @@ def _project(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
-def _with_a_terminal(cli: Cli, *args: str) -> tuple[int, str]:
-    """Run ivcache with stderr on a pseudo-terminal (the progress bar shows only there)."""
-    main, tty = pty.openpty()
-    proc = subprocess.Popen([cli.exe, *args], stdout=subprocess.PIPE, stderr=tty,
-                            stdin=subprocess.DEVNULL, env=cli.env)
-    os.close(tty)
-    seen = b""
-    while True:
-        try:
-            chunk = os.read(main, 65536)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not chunk:
-            break
-        seen += chunk
-    proc.wait(timeout=120)
-    os.close(main)
-    assert proc.stdout is not None
-    proc.stdout.close()
-    return proc.returncode, seen.decode(errors="replace")
-
-
 def test_a_volume_from_a_glance_image_is_a_miss_then_a_hit_with_a_progress_bar(
         cli: Cli, glance: GlanceServer) -> None:
     project = _project("alice")
@@ -68,7 +44,7 @@ def test_a_volume_from_a_glance_image_is_a_miss_then_a_hit_with_a_progress_bar(
     image_id = glance.create_image(glance.identity(project), data, name="cirros")
     config = _config(cli, glance.url)
 
-    code, terminal = _with_a_terminal(cli, "--config", config, "volume", "create", "--image",
+    code, terminal = cli.on_a_terminal("--config", config, "volume", "create", "--image",
                                       image_id, "--size", "1", "--project", project)
     second = cli.ok("--config", config, "volume", "create", "--image", image_id, "--size",
                     "1", "--project", project, "--json").json()

@@ -20,6 +20,7 @@ from ivcache.adapters.storage import file as file_module
 from ivcache.core.errors import NoSpace, StorageError
 from ivcache.core.model import GIB, Outcome, RequestContext
 from ivcache.core.service import CacheService
+from tests.integration.conftest import need_root_to_mount
 
 MIB = 1024**2
 PATTERN = bytes(range(256)) * 4096  # 1 MiB, no zero run long enough to be a hole
@@ -262,25 +263,6 @@ def test_files_that_are_not_volumes_are_not_listed(storage: FileStorage) -> None
     (storage.root / "orphan.raw").write_bytes(b"")
 
     assert [v.id for v in storage.list_volumes()] == ["v1"]
-
-
-def need_root_to_mount() -> None:
-    # CI runs as root and must run these; a developer without root may not.
-    if os.geteuid() != 0 and not os.environ.get("CI"):
-        pytest.skip("mounting a filesystem needs root")
-
-
-@pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 16 MiB tmpfs: a filesystem that really fills up."""
-    need_root_to_mount()
-    mount = tmp_path / "small"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], check=True)
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
 
 
 def test_a_filesystem_that_fills_up_raises_no_space_and_a_failed_clone_leaves_nothing(

@@ -294,20 +294,6 @@ def test_a_corrupt_index_raises_a_storage_error(storage: Qcow2Storage) -> None:
     (storage.root / "index.json").unlink()
 
 
-@pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 16 MiB tmpfs: a filesystem that really fills up."""
-    if os.geteuid() != 0 and not os.environ.get("CI"):
-        pytest.skip("mounting a filesystem needs root")
-    mount = tmp_path / "small"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], check=True)
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
-
-
 def test_a_full_filesystem_while_writing_an_overlay_raises_no_space_and_leaves_no_temp(
         small_fs: Path) -> None:
     storage = Qcow2Storage(small_fs / "vols")
