@@ -48,9 +48,9 @@ def _median_time(fn: Callable[[], object], runs: int) -> float:
 
 
 def hit_vs_miss_file(work: Path) -> Figures:
-    """A 1 GiB image holding 512 MiB of data (quick: 256 MiB / 128 MiB), file storage."""
-    virtual, data = (1, 512) if not QUICK else (1, 128)
-    raw = make_sparse_image(work / "img.raw", virtual_mib=virtual * 1024, data_mib=data)
+    """A 1 GiB image holding 512 MiB of data (quick: 256 MiB / 64 MiB), file storage."""
+    virtual, data = (1024, 512) if not QUICK else (256, 64)
+    raw = make_sparse_image(work / "img.raw", virtual_mib=virtual, data_mib=data)
     images = LocalImageSource(work / "images")
     image = images.add_image(CTX, raw)
     raw.unlink()
@@ -59,11 +59,11 @@ def hit_vs_miss_file(work: Path) -> Figures:
     storage = FileStorage(work / "volumes")
     service = CacheService(host="bench", storage=storage, images=images,
                            uow=SqlUnitOfWork(engine), notifier=RecordingNotifier())
-    miss = service.create_volume(CTX, image.id, virtual)
+    miss = service.create_volume(CTX, image.id, 1)
     assert miss.outcome is Outcome.MISS
     hits = []
     for _ in range(3 if QUICK else 5):
-        hit = service.create_volume(CTX, image.id, virtual)
+        hit = service.create_volume(CTX, image.id, 1)
         assert hit.outcome is Outcome.HIT
         hits.append(hit.seconds)
         service.delete_volume(CTX, hit.volume.id)
@@ -131,8 +131,8 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 def rss(work: Path) -> Figures:
-    """Peak RSS of caching a big image over a small one (2 GiB vs 200 MiB; quick: 1 GiB)."""
-    big, small = (2048, 200) if not QUICK else (1024, 200)
+    """Peak RSS of caching a big image over a small one (2 GiB vs 200 MiB; quick: 600 MiB)."""
+    big, small = (2048, 200) if not QUICK else (600, 200)
     peaks = {}
     for mib in (big, small):
         sub = work / f"rss-{mib}"
@@ -323,8 +323,8 @@ def hit_vs_miss_rbd(work: Path) -> Figures:
     from ivcache.adapters.storage.rbd import RbdStorage
     from tests.ceph_cluster import CephCluster
 
-    virtual, data = (1, 512) if not QUICK else (1, 128)
-    raw = make_sparse_image(work / "img.raw", virtual_mib=virtual * 1024, data_mib=data)
+    virtual, data = (1024, 512) if not QUICK else (256, 64)
+    raw = make_sparse_image(work / "img.raw", virtual_mib=virtual, data_mib=data)
     images = LocalImageSource(work / "images")
     image = images.add_image(CTX, raw)
     raw.unlink()
@@ -342,13 +342,13 @@ def hit_vs_miss_rbd(work: Path) -> Figures:
             RbdStorage(conf=str(ceph.conf)) as storage:
         service = CacheService(host="bench", storage=storage, images=images,
                                uow=SqlUnitOfWork(engine), notifier=RecordingNotifier())
-        miss = service.create_volume(CTX, image.id, virtual)
+        miss = service.create_volume(CTX, image.id, 1)
         assert miss.outcome is Outcome.MISS
         hits, made = [], []
         # The clones take no room, so they are deleted after the timing, not between hits
         # (a delete leaves the OSD removing objects while the next hit runs).
         for _ in range(5 if QUICK else 9):
-            hit = service.create_volume(CTX, image.id, virtual)
+            hit = service.create_volume(CTX, image.id, 1)
             assert hit.outcome is Outcome.HIT
             hits.append(hit.seconds)
             made.append(hit.volume.id)
