@@ -227,13 +227,9 @@ class CacheService:
                 backoff = min(backoff * 2, 1.0)
                 continue
             try:
-                claim = self._claim(image)
+                filled = self._cache(ctx, image, lease=True)
             except AlreadyClaimed:
                 continue
-            if claim is None:
-                return self._uncached(ctx, image, vol_id, size_gb), Outcome.MISS_UNCACHED, None
-            self._drop_volumes(claim.victims, EvictReason.LRU)
-            filled = self._fill(ctx, image, claim.entry, lease=True)
             if filled is None:
                 return self._uncached(ctx, image, vol_id, size_gb), Outcome.MISS_UNCACHED, None
             ready, lease = filled
@@ -295,6 +291,16 @@ class CacheService:
             uow.commit()
 
     # ------------------------------------------------------------------ miss
+
+    def _cache(self, ctx: RequestContext, image: Image, *,
+               lease: bool) -> tuple[CacheEntry, dt.datetime | None] | None:
+        """Claim, make room and download: the new READY entry (leased, with ``lease``), or
+        None if the image cannot be cached now. ``AlreadyClaimed`` if another worker won."""
+        claim = self._claim(image)
+        if claim is None:
+            return None
+        self._drop_volumes(claim.victims, EvictReason.LRU)
+        return self._fill(ctx, image, claim.entry, lease=lease)
 
     def _claim(self, image: Image) -> _Claim | None:
         """Reserve (host, image) and make room, atomically; None if it cannot be cached."""
@@ -563,7 +569,9 @@ class CacheService:
             if entry is not None and entry.ready:
                 if not entry.is_stale_for(image):
                     return entry
-                self._evict([entry], EvictReason.STALE)
+                if not self._evict([entry], EvictReason.STALE):
+                    raise InvalidRequest(f"the stale entry of image {image.id} on host "
+                                         f"{self.host} is being cloned; try again shortly")
                 continue
             if entry is not None and not entry.claim_expired(self.clock.now()):
                 raise AlreadyClaimed(self.host, image.id)
@@ -571,17 +579,13 @@ class CacheService:
                 self._take_over(entry)
                 continue
             try:
-                claim = self._claim(image)
+                filled = self._cache(self.tenant.context(), image, lease=False)
             except AlreadyClaimed:
                 continue
-            if claim is None:
-                raise NoSpace(f"image {image.id} ({image.min_size_gb} GiB) cannot be cached "
-                              f"on host {self.host}: over the cache's limits or quota, and "
-                              "nothing can be evicted")
-            self._drop_volumes(claim.victims, EvictReason.LRU)
-            filled = self._fill(self.tenant.context(), image, claim.entry, lease=False)
             if filled is None:
-                raise NoSpace(f"no room on host {self.host}'s storage for image {image.id}")
+                raise NoSpace(f"image {image.id} ({image.min_size_gb} GiB) cannot be cached "
+                              f"on host {self.host}: no room within the cache's limits, the "
+                              "internal tenant's quota or the storage")
             return filled[0]
 
     def pin(self, image_id: str, pinned: bool = True) -> CacheEntry:

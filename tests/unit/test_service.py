@@ -656,3 +656,17 @@ def test_a_stale_entry_that_a_clone_still_reads_is_evicted_once_the_clone_lets_g
     assert evictions(world) == [("img", "stale")]
     assert world.clock.now() - started >= dt.timedelta(seconds=2)  # it waited for the lease
     assert world.storage().read(result.volume.id, 0, 3) == b"new"
+
+
+def test_warm_refuses_at_once_to_replace_a_stale_entry_that_a_clone_is_reading(
+        world: World) -> None:
+    from ivcache.core.errors import InvalidRequest
+    world.image("img", data=b"old" * 100)
+    service = world.service()
+    service.warm("img")
+    lease(world, "img", 60)
+    world.images.images["img"] = attrs.evolve(world.images.images["img"], os_hash_value=None)
+    world.images.add(world.images.images["img"], b"new" * 100)
+    with pytest.raises(InvalidRequest, match="being cloned"):
+        service.warm("img")
+    assert [e.image_id for e in service.list_entries()] == ["img"]
