@@ -48,28 +48,11 @@ def _median_time(fn: Callable[[], object], runs: int) -> float:
 
 
 def hit_vs_miss_file(work: Path) -> Figures:
-    """A 1 GiB image holding 512 MiB of data (quick: 256 MiB / 64 MiB), file storage."""
-    virtual, data = (1024, 512) if not QUICK else (256, 64)
-    raw = make_sparse_image(work / "img.raw", virtual_mib=virtual, data_mib=data)
-    images = LocalImageSource(work / "images")
-    image = images.add_image(CTX, raw)
-    raw.unlink()
-    engine = make_engine(f"sqlite:///{work / 'file.db'}")
-    upgrade(engine)
+    """File storage on this filesystem (ext4 here: a clone is a sparse copy)."""
     storage = FileStorage(work / "volumes")
-    service = CacheService(host="bench", storage=storage, images=images,
-                           uow=SqlUnitOfWork(engine), notifier=RecordingNotifier())
-    miss = service.create_volume(CTX, image.id, 1)
-    assert miss.outcome is Outcome.MISS
-    hits = []
-    for _ in range(3 if QUICK else 5):
-        hit = service.create_volume(CTX, image.id, 1)
-        assert hit.outcome is Outcome.HIT
-        hits.append(hit.seconds)
-        service.delete_volume(CTX, hit.volume.id)
-    hit_s = statistics.median(hits)
-    return {"hit_vs_miss_speedup_file": miss.seconds / hit_s,
-            "miss_seconds_file": miss.seconds, "hit_seconds_file": hit_s}
+    figures = _hit_vs_miss_on(work, storage, "file")
+    print(f"# hit_vs_miss_file: clones by {storage.last_clone_method}", file=sys.stderr)
+    return figures
 
 
 def bookkeeping(work: Path) -> Figures:
@@ -219,10 +202,11 @@ def glance(work: Path) -> Figures:
 
 
 
-def _hit_vs_miss_on(work: Path, storage: StorageBackend, name: str) -> Figures:
-    """Miss (the image read from the local source, written, cloned) against hits, then the
-    clone alone, on ``storage``: a 1 GiB image holding 512 MiB (quick: 256 MiB / 32 MiB)."""
-    virtual, data = (1024, 512) if not QUICK else (256, 32)
+def _service_with_image(work: Path, storage: StorageBackend,
+                        name: str) -> tuple[CacheService, str]:
+    """A service on ``storage`` with SQLite and a local source holding one 1 GiB image of
+    512 MiB of data (quick: 256 MiB / 64 MiB)."""
+    virtual, data = (1024, 512) if not QUICK else (256, 64)
     raw = make_sparse_image(work / "img.raw", virtual_mib=virtual, data_mib=data)
     images = LocalImageSource(work / "images")
     image = images.add_image(CTX, raw)
@@ -231,11 +215,18 @@ def _hit_vs_miss_on(work: Path, storage: StorageBackend, name: str) -> Figures:
     upgrade(engine)
     service = CacheService(host="bench", storage=storage, images=images,
                            uow=SqlUnitOfWork(engine), notifier=RecordingNotifier())
-    miss = service.create_volume(CTX, image.id, 1)
+    return service, image.id
+
+
+def _hit_vs_miss_on(work: Path, storage: StorageBackend, name: str) -> Figures:
+    """Miss (the image read from the local source, written, cloned) against hits, then the
+    clone alone, on ``storage``."""
+    service, image_id = _service_with_image(work, storage, name)
+    miss = service.create_volume(CTX, image_id, 1)
     assert miss.outcome is Outcome.MISS
     hits = []
     for _ in range(3 if QUICK else 5):
-        hit = service.create_volume(CTX, image.id, 1)
+        hit = service.create_volume(CTX, image_id, 1)
         assert hit.outcome is Outcome.HIT
         hits.append(hit.seconds)
         service.delete_volume(CTX, hit.volume.id)
@@ -291,21 +282,6 @@ def hit_vs_miss_reflink(work: Path) -> Figures:
         subprocess.run(["losetup", "-d", device], check=False)
 
 
-def clone_file(work: Path) -> Figures:
-    """File storage where the work directory is (ext4 here): a clone copies the data extents
-    (a 1 GiB volume holding 512 MiB; quick: 256 MiB / 32 MiB)."""
-    virtual, data = (1024, 512) if not QUICK else (256, 32)
-    raw = make_sparse_image(work / "img.raw", virtual_mib=virtual, data_mib=data)
-    storage = FileStorage(work / "volumes")
-    storage.create_volume("base", 1, "internal")
-    with open(raw, "rb") as f:
-        storage.write_image("base", iter(lambda: f.read(MIB), b""))
-    raw.unlink()
-    figures = {"clone_ms_p50_file": _clone_ms_p50(storage, "base")}
-    print(f"# clone_file: {storage.last_clone_method}", file=sys.stderr)
-    return figures
-
-
 def many_workers(work: Path) -> Figures:
     """Issue 5: single flight with 16 concurrent misses (threads, processes), bookkeeping
     per hit with 100 vs 100k entries (quick: 10k), hits/s of 8 processes; SQLite and
@@ -323,13 +299,6 @@ def hit_vs_miss_rbd(work: Path) -> Figures:
     from ivcache.adapters.storage.rbd import RbdStorage
     from tests.ceph_cluster import CephCluster
 
-    virtual, data = (1024, 512) if not QUICK else (256, 64)
-    raw = make_sparse_image(work / "img.raw", virtual_mib=virtual, data_mib=data)
-    images = LocalImageSource(work / "images")
-    image = images.add_image(CTX, raw)
-    raw.unlink()
-    engine = make_engine(f"sqlite:///{work / 'rbd.db'}")
-    upgrade(engine)
     # The OSD's block file goes on a tmpfs where there is one: a cluster's OSDs sit on
     # fast disks, and a file on this VM's disk makes every write of the cluster slower.
     shm = Path(os.environ.get("BENCH_CEPH_BLOCK_DIR", "/dev/shm"))
@@ -340,15 +309,14 @@ def hit_vs_miss_rbd(work: Path) -> Figures:
             block_dir = shm
     with CephCluster.start(block_dir=block_dir) as ceph, \
             RbdStorage(conf=str(ceph.conf)) as storage:
-        service = CacheService(host="bench", storage=storage, images=images,
-                               uow=SqlUnitOfWork(engine), notifier=RecordingNotifier())
-        miss = service.create_volume(CTX, image.id, 1)
+        service, image_id = _service_with_image(work, storage, "rbd")
+        miss = service.create_volume(CTX, image_id, 1)
         assert miss.outcome is Outcome.MISS
         hits, made = [], []
         # The clones take no room, so they are deleted after the timing, not between hits
         # (a delete leaves the OSD removing objects while the next hit runs).
         for _ in range(5 if QUICK else 9):
-            hit = service.create_volume(CTX, image.id, 1)
+            hit = service.create_volume(CTX, image_id, 1)
             assert hit.outcome is Outcome.HIT
             hits.append(hit.seconds)
             made.append(hit.volume.id)
@@ -358,7 +326,7 @@ def hit_vs_miss_rbd(work: Path) -> Figures:
         clones = []
         for n in range(10 if QUICK else 30):
             started = time.perf_counter()
-            storage.clone_volume(cache_volume, f"bench-clone-{n}", virtual, "bench")
+            storage.clone_volume(cache_volume, f"bench-clone-{n}", 1, "bench")
             clones.append(time.perf_counter() - started)
     hit_s = statistics.median(hits)
     return {"hit_vs_miss_speedup_rbd": miss.seconds / hit_s,
@@ -368,7 +336,7 @@ def hit_vs_miss_rbd(work: Path) -> Figures:
 
 BENCHES: list[Callable[[Path], Figures]] = [
     hit_vs_miss_file, bookkeeping, rss, glance, hit_vs_miss_qcow2, hit_vs_miss_reflink,
-    clone_file, hit_vs_miss_rbd, many_workers,
+    hit_vs_miss_rbd, many_workers,
 ]
 
 
