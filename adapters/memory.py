@@ -66,10 +66,9 @@ class InMemoryRepository:
                 return copy.copy(e)
         return None
 
-    def list(self, host: str | None = None, image_id: str | None = None) -> list[CacheEntry]:
+    def list(self, host: str | None = None) -> list[CacheEntry]:
         found = [copy.copy(e) for e in self._entries.values()
-                 if (host is None or e.host == host)
-                 and (image_id is None or e.image_id == image_id)]
+                 if host is None or e.host == host]
         return sorted(found, key=lambda e: (e.host, e.last_used, e.id))
 
     def add(self, entry: CacheEntry) -> None:
@@ -84,16 +83,19 @@ class InMemoryRepository:
         old = self._entries.get(entry.id)
         if old is None:
             return
-        self._entries[entry.id] = copy.copy(entry)
-        if old.size_gb != entry.size_gb:
-            t = self.totals(entry.host)
-            self._totals[entry.host] = attrs.evolve(
-                t, size_gb=t.size_gb + entry.size_gb - old.size_gb)
+        # size_gb is fixed at add: the totals never move on a save.
+        self._entries[entry.id] = attrs.evolve(entry, size_gb=old.size_gb)
 
     def clear_lease(self, entry_id: str, lease: dt.datetime) -> None:
         entry = self._entries.get(entry_id)
         if entry is not None and entry.lease_until == lease:
             entry.lease_until = None
+
+    def count_hit(self, entry_id: str, host: str) -> None:
+        entry = self._entries.get(entry_id)
+        if entry is not None:
+            entry.hits += 1
+        self.count_stats(host, hits=1)
 
     def remove(self, entry: CacheEntry) -> bool:
         gone = self._entries.pop(entry.id, None)
@@ -111,20 +113,26 @@ class InMemoryRepository:
 
 
 class InMemoryUnitOfWork:
-    """Snapshot on enter, restore on rollback; a lock stands in for the database's."""
+    """Snapshot on enter, restore on exit what was not committed; a lock stands in for the
+    database's.
+
+    As strict as the SQL one: a thread that enters while already inside gets an error
+    (SQLite would wait for its own lock), not a silently overwritten snapshot.
+    """
 
     def __init__(self, repo: InMemoryRepository | None = None) -> None:
         self.entries = repo if repo is not None else InMemoryRepository()
         self.committed = False
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()
+        self._holder: int | None = None
         self._snapshot: tuple[dict[str, CacheEntry], dict[str, HostTotals]] | None = None
 
     def __enter__(self) -> InMemoryUnitOfWork:
+        if self._holder == threading.get_ident():
+            raise RuntimeError("this thread is already inside this unit of work")
         self._lock.acquire()
-        self._snapshot = (
-            {k: copy.copy(v) for k, v in self.entries._entries.items()},
-            dict(self.entries._totals),
-        )
+        self._holder = threading.get_ident()
+        self._snapshot = self._copy()
         self.committed = False
         return self
 
@@ -132,25 +140,22 @@ class InMemoryUnitOfWork:
                  tb: TracebackType | None) -> None:
         try:
             # Back to the last commit: what came after it in the block is dropped, as in SQL.
-            self.rollback()
+            if self._snapshot is not None:
+                self.entries._entries = {k: copy.copy(v) for k, v in self._snapshot[0].items()}
+                self.entries._totals = dict(self._snapshot[1])
         finally:
             self._snapshot = None
+            self._holder = None
             self._lock.release()
 
     def commit(self) -> None:
         self.committed = True
         if self._snapshot is not None:
-            self._snapshot = (
-                {k: copy.copy(v) for k, v in self.entries._entries.items()},
-                dict(self.entries._totals),
-            )
+            self._snapshot = self._copy()
 
-    def rollback(self) -> None:
-        if self._snapshot is not None:
-            self.entries._entries, self.entries._totals = (
-                {k: copy.copy(v) for k, v in self._snapshot[0].items()},
-                dict(self._snapshot[1]),
-            )
+    def _copy(self) -> tuple[dict[str, CacheEntry], dict[str, HostTotals]]:
+        return ({k: copy.copy(v) for k, v in self.entries._entries.items()},
+                dict(self.entries._totals))
 
 
 class InMemoryImageSource:

@@ -23,6 +23,8 @@ class EvictReason(enum.Enum):
     ADMIN = "admin"
     RECONCILE = "reconcile"
     IMAGE_DELETED = "image-deleted"
+    #: the cache volume was gone when a clone needed it (deleted behind the cache's back)
+    MISSING_VOLUME = "missing-volume"
 
 
 @attrs.frozen

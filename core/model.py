@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import hashlib
 import math
 import re
 import uuid
+from collections.abc import Iterable, Sequence
 
 import attrs
 
@@ -80,6 +82,18 @@ class Image:
             return f"md5:{self.checksum}"
         return None
 
+    @property
+    def expected_hash(self) -> tuple[str, str] | None:
+        """``(algorithm, hex digest)`` the data is checked against while it streams: the
+        ``os_hash_*`` pair when this Python can compute that algorithm, else the md5
+        ``checksum``, else None (nothing to check)."""
+        if (self.os_hash_algo and self.os_hash_value
+                and self.os_hash_algo in hashlib.algorithms_available):
+            return self.os_hash_algo, self.os_hash_value
+        if self.checksum:
+            return "md5", self.checksum
+        return None
+
 
 @attrs.frozen
 class Volume:
@@ -126,6 +140,20 @@ class InternalTenant:
         """The cache's own identity, used to ask whether an image is gone for everyone."""
         return RequestContext(self.project_id, self.user_id, ("admin", "member", "reader"),
                               is_admin=True)
+
+    def quota_allows(self, totals: Iterable[HostTotals], adding_gb: int,
+                     freed: Sequence[CacheEntry] = ()) -> bool:
+        """Whether one more cache volume of ``adding_gb`` fits the quota, with the ``freed``
+        entries gone, given every host's totals (the quota spans all of them)."""
+        if not self.quota_gb and not self.quota_volumes:
+            return True
+        gb = volumes = 0
+        for t in totals:
+            gb, volumes = gb + t.size_gb, volumes + t.count
+        gb += adding_gb - sum(e.size_gb for e in freed)
+        volumes += 1 - len(freed)
+        return not ((self.quota_gb and gb > self.quota_gb)
+                    or (self.quota_volumes and volumes > self.quota_volumes))
 
 
 class EntryState(enum.Enum):

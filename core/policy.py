@@ -3,35 +3,27 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import attrs
 
 if TYPE_CHECKING:
-    from ivcache.core.model import CacheEntry
+    from ivcache.core.model import CacheEntry, HostTotals
     from ivcache.core.ports import CacheRepository
 
-__all__ = ["CachePolicy", "EvictionStrategy", "LeastRecentlyUsed"]
+__all__ = ["CachePolicy", "eviction_candidates"]
 
 
-class EvictionStrategy(Protocol):
-    """Yields eviction candidates of a host, best victim first."""
+def eviction_candidates(entries: CacheRepository, host: str,
+                        now: dt.datetime) -> Iterator[CacheEntry]:
+    """A host's entries that may be evicted to make room, best victim first.
 
-    name: str
-
-    def candidates(self, entries: CacheRepository, host: str,
-                   now: dt.datetime) -> Iterator[CacheEntry]: ...
-
-
-class LeastRecentlyUsed:
-    """Cinder's rule: the entry used longest ago goes first."""
-
-    name = "lru"
-
-    def candidates(self, entries: CacheRepository, host: str,
-                   now: dt.datetime) -> Iterator[CacheEntry]:
-        return entries.lru_victims(host, now)
+    Cinder's rule: the entry used longest ago goes first. This function is the one seam for
+    another strategy (a cost-aware one); the repository yields lazily, so taking k victims
+    reads about k rows.
+    """
+    return entries.lru_victims(host, now)
 
 
 @attrs.frozen
@@ -63,3 +55,23 @@ class CachePolicy:
     def over_limits(self, count: int, size_gb: int) -> bool:
         return bool((self.max_count and count > self.max_count)
                     or (self.max_size_gb and size_gb > self.max_size_gb))
+
+    def victims(self, totals: HostTotals, candidates: Iterable[CacheEntry],
+                adding_gb: int | None = None) -> list[CacheEntry] | None:
+        """The fewest leading ``candidates`` whose eviction brings the host within its limits.
+
+        ``adding_gb`` is the size of an entry about to be added (a claim), or None when
+        nothing is (a prune). Returns None when evicting every candidate would not be enough;
+        candidates are consumed only as far as needed.
+        """
+        count = totals.count + (0 if adding_gb is None else 1)
+        used = totals.size_gb + (adding_gb or 0)
+        chosen: list[CacheEntry] = []
+        if not self.over_limits(count, used):
+            return chosen
+        for candidate in candidates:
+            chosen.append(candidate)
+            count, used = count - 1, used - candidate.size_gb
+            if not self.over_limits(count, used):
+                return chosen
+        return None

@@ -89,7 +89,8 @@ class CacheRepository(Protocol):
 
     def find_by_volume(self, volume_id: str) -> CacheEntry | None: ...
 
-    def list(self, host: str | None = None, image_id: str | None = None) -> list[CacheEntry]:
+    def list(self, host: str | None = None) -> list[CacheEntry]:
+        """Entries of ``host`` (of every host with None), by host, last_used and id."""
         ...
 
     def add(self, entry: CacheEntry) -> None:
@@ -97,11 +98,18 @@ class CacheRepository(Protocol):
         ...
 
     def save(self, entry: CacheEntry) -> None:
-        """Write back state, last_used, hits, pinned, leases and image fields."""
+        """Write back state, last_used, hits, pinned, leases and image fields; a no-op if
+        the entry is gone. ``size_gb`` is fixed when the entry is added and never saved."""
         ...
 
     def clear_lease(self, entry_id: str, lease: dt.datetime) -> None:
         """Clear the entry's lease if it is still ``lease`` (one atomic update)."""
+        ...
+
+    def count_hit(self, entry_id: str, host: str) -> None:
+        """One more hit for ``host``'s totals and for the entry (if it still exists), as
+        atomic increments: no read, no host lock. The totals row is written first, as in
+        every transaction, so that row locks are always taken in one order."""
         ...
 
     def remove(self, entry: CacheEntry) -> bool:
@@ -118,7 +126,8 @@ class CacheRepository(Protocol):
 
 
 class UnitOfWork(Protocol):
-    """A transaction. Leaving the ``with`` block without ``commit()`` rolls back."""
+    """A transaction per ``with`` block. Leaving the block rolls back whatever was not
+    committed; entering it again on a thread already inside it is an error."""
 
     @property
     def entries(self) -> CacheRepository: ...
@@ -129,8 +138,6 @@ class UnitOfWork(Protocol):
                  tb: TracebackType | None) -> None: ...
 
     def commit(self) -> None: ...
-
-    def rollback(self) -> None: ...
 
 
 class Notifier(Protocol):

@@ -12,6 +12,7 @@ from collections.abc import Iterator, Mapping
 from types import TracebackType
 from typing import Any
 
+import attrs
 from sqlalchemy import (
     Connection,
     Engine,
@@ -92,12 +93,10 @@ class SqlCacheRepository:
         return self._one(
             select(cache_entries).where(_E.volume_id == volume_id).order_by(_E.id).limit(1))
 
-    def list(self, host: str | None = None, image_id: str | None = None) -> list[CacheEntry]:
+    def list(self, host: str | None = None) -> list[CacheEntry]:
         query = select(cache_entries).order_by(_E.host, _E.last_used, _E.id)
         if host is not None:
             query = query.where(_E.host == host)
-        if image_id is not None:
-            query = query.where(_E.image_id == image_id)
         return [_entry_from_row(r) for r in self._conn.execute(query)]
 
     def add(self, entry: CacheEntry) -> None:
@@ -116,33 +115,26 @@ class SqlCacheRepository:
         self._bump(entry.host, count=1, size_gb=entry.size_gb)
 
     def save(self, entry: CacheEntry) -> None:
-        """Write back every mutable field; a no-op if the entry is gone.
+        """Write back every mutable field (one statement); a no-op if the entry is gone.
 
-        A changed ``size_gb`` moves the host's total by the difference.
+        ``size_gb`` is fixed when the entry is added, so the totals never move here.
         """
         values = _entry_to_row(entry)
-        for key in ("id", "host", "image_id", "created_at"):
+        for key in ("id", "host", "image_id", "created_at", "size_gb"):
             del values[key]
-        # The common case (size unchanged, e.g. a hit's touch) is one statement.
-        done = self._conn.execute(
-            update(cache_entries)
-            .where(_E.id == entry.id, _E.size_gb == entry.size_gb)
-            .values(values))
-        if done.rowcount:
-            return
-        old = self._conn.execute(
-            select(_E.host, _E.size_gb).where(_E.id == entry.id).with_for_update()
-        ).one_or_none()
-        if old is None:
-            return
         self._conn.execute(update(cache_entries).where(_E.id == entry.id).values(values))
-        self._bump(old.host, size_gb=entry.size_gb - old.size_gb)
 
     def clear_lease(self, entry_id: str, lease: dt.datetime) -> None:
         self._conn.execute(
             update(cache_entries)
             .where(_E.id == entry_id, _E.lease_until == lease)
             .values(lease_until=None))
+
+    def count_hit(self, entry_id: str, host: str) -> None:
+        # The totals row first: rows are locked in that order everywhere (lock_host first).
+        self._bump(host, hits=1)
+        self._conn.execute(
+            update(cache_entries).where(_E.id == entry_id).values(hits=_E.hits + 1))
 
     def remove(self, entry: CacheEntry) -> bool:
         """Delete by id; return False if it was already gone.
@@ -269,9 +261,6 @@ class SqlUnitOfWork:
         state.connection.commit()
         state.committed = True
 
-    def rollback(self) -> None:
-        self._state().connection.rollback()
-
     def _state(self) -> _TxState:
         state: _TxState | None = getattr(self._local, "state", None)
         if state is None:
@@ -289,55 +278,27 @@ def _insert_or_ignore(conn: Connection, table: Table, values: Mapping[str, Any])
     raise NotImplementedError(f"the SQL adapter does not support {name}")
 
 
+# Columns are named as the attrs fields, so rows convert field by field; only the enum and
+# SQLite's 0/1 booleans need a hand.
+_ENTRY_FIELDS = tuple(f.name for f in attrs.fields(CacheEntry))
+_TOTALS_FIELDS = tuple(f.name for f in attrs.fields(HostTotals))
+
+
 def _entry_to_row(entry: CacheEntry) -> dict[str, Any]:
-    return {
-        "id": entry.id,
-        "host": entry.host,
-        "image_id": entry.image_id,
-        "volume_id": entry.volume_id,
-        "size_gb": entry.size_gb,
-        "image_updated_at": entry.image_updated_at,
-        "image_hash": entry.image_hash,
-        "state": entry.state.value,
-        "created_at": entry.created_at,
-        "last_used": entry.last_used,
-        "hits": entry.hits,
-        "pinned": entry.pinned,
-        "claim_expires": entry.claim_expires,
-        "lease_until": entry.lease_until,
-    }
+    row = attrs.asdict(entry, recurse=False)
+    row["state"] = entry.state.value
+    return row
 
 
 def _entry_from_row(row: Row[Any]) -> CacheEntry:
     m = row._mapping
-    return CacheEntry(
-        id=m["id"],
-        host=m["host"],
-        image_id=m["image_id"],
-        volume_id=m["volume_id"],
-        size_gb=m["size_gb"],
-        image_updated_at=m["image_updated_at"],
-        image_hash=m["image_hash"],
-        state=EntryState(m["state"]),
-        created_at=m["created_at"],
-        last_used=m["last_used"],
-        hits=m["hits"],
-        pinned=bool(m["pinned"]),
-        claim_expires=m["claim_expires"],
-        lease_until=m["lease_until"],
-    )
+    values = {name: m[name] for name in _ENTRY_FIELDS}
+    values["state"] = EntryState(values["state"])
+    values["pinned"] = bool(values["pinned"])
+    return CacheEntry(**values)
 
 
 def _totals_from_row(row: Row[Any]) -> HostTotals:
     # Through the mapping: ``row.count`` would be the tuple's method, not the column.
     m = row._mapping
-    return HostTotals(
-        host=m["host"],
-        count=m["count"],
-        size_gb=m["size_gb"],
-        hits=m["hits"],
-        misses=m["misses"],
-        evictions=m["evictions"],
-        downloads=m["downloads"],
-        bytes_downloaded=m["bytes_downloaded"],
-    )
+    return HostTotals(**{name: m[name] for name in _TOTALS_FIELDS})

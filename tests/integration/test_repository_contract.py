@@ -105,7 +105,7 @@ def test_an_added_entry_can_be_found_by_id_by_host_and_image_and_by_volume(
         assert uow.entries.find_by_volume("nope") is None
 
 
-def test_list_filters_by_host_and_image_and_orders_by_host_then_last_used_then_id(
+def test_list_filters_by_host_and_orders_by_host_then_last_used_then_id(
         uow: UnitOfWork) -> None:
     b_old = make_entry("img-1", "node-b", last_used=at(1))
     a_new = make_entry("img-2", "node-a", last_used=at(9))
@@ -115,8 +115,8 @@ def test_list_filters_by_host_and_image_and_orders_by_host_then_last_used_then_i
     with uow:
         assert uow.entries.list() == [a_old_x, a_old_y, a_new, b_old]
         assert uow.entries.list(host="node-a") == [a_old_x, a_old_y, a_new]
-        assert uow.entries.list(image_id="img-1") == [b_old]
-        assert uow.entries.list(host="node-a", image_id="img-1") == []
+        assert uow.entries.list(host="node-b") == [b_old]
+        assert uow.entries.list(host="node-c") == []
 
 
 def test_an_entry_read_back_is_a_copy_that_changes_nothing_until_saved(uow: UnitOfWork) -> None:
@@ -219,7 +219,8 @@ def test_a_second_claim_of_a_host_and_image_raises_and_the_transaction_goes_on(
 def test_the_same_image_may_be_claimed_on_two_hosts(uow: UnitOfWork) -> None:
     committed(uow, make_entry("img-1", "node-1"), make_entry("img-1", "node-2"))
     with uow:
-        assert [e.host for e in uow.entries.list(image_id="img-1")] == ["node-1", "node-2"]
+        assert [e.host for e in uow.entries.list()] == ["node-1", "node-2"]
+        assert [e.image_id for e in uow.entries.list("node-2")] == ["img-1"]
 
 
 # -- saving ------------------------------------------------------------------------------------
@@ -238,6 +239,19 @@ def test_save_writes_back_every_mutable_field(uow: UnitOfWork) -> None:
     with uow:
         assert uow.entries.get(entry.id) == changed
         assert uow.entries.totals("node-1") == HostTotals("node-1", count=1, size_gb=1)
+
+
+def test_a_save_never_moves_the_size_or_the_host_totals(uow: UnitOfWork) -> None:
+    # The size is fixed when the entry is added (a claim reserves it); a save writes back
+    # the mutable fields only, so the totals cannot drift.
+    entry = make_entry(size_gb=2)
+    with uow:
+        uow.entries.add(entry)
+        uow.entries.save(attrs.evolve(entry, size_gb=5, hits=3))
+        assert uow.entries.totals("node-1") == HostTotals("node-1", count=1, size_gb=2)
+        got = uow.entries.get(entry.id)
+        assert got is not None
+        assert (got.size_gb, got.hits) == (2, 3)
 
 
 def test_saving_an_entry_that_is_gone_does_nothing(uow: UnitOfWork) -> None:
@@ -286,14 +300,26 @@ def test_an_exception_in_the_block_rolls_back_and_propagates(uow: UnitOfWork) ->
         assert uow.entries.totals("node-1") == HostTotals("node-1")
 
 
-def test_rollback_undoes_the_work_since_the_last_commit(uow: UnitOfWork) -> None:
+def test_leaving_the_block_undoes_only_the_work_since_the_last_commit(
+        uow: UnitOfWork) -> None:
     with uow:
         uow.entries.add(make_entry("img-1"))
         uow.commit()
         uow.entries.add(make_entry("img-2"))
-        uow.rollback()
+    with uow:
         assert [e.image_id for e in uow.entries.list()] == ["img-1"]
         assert uow.entries.totals("node-1").count == 1
+
+
+def test_entering_again_on_a_thread_already_inside_is_an_error(uow: UnitOfWork) -> None:
+    with uow:
+        uow.entries.add(make_entry("img-1"))
+        with pytest.raises(RuntimeError, match="already inside"), uow:
+            pass
+        # The outer block is untouched by the refused inner one.
+        uow.commit()
+    with uow:
+        assert [e.image_id for e in uow.entries.list()] == ["img-1"]
 
 
 # -- LRU victims -------------------------------------------------------------------------------

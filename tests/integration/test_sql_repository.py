@@ -211,19 +211,6 @@ def test_a_naive_time_is_refused(uow: SqlUnitOfWork) -> None:
 
 # -- totals ------------------------------------------------------------------------------------
 
-def test_saving_a_new_size_moves_the_host_totals_by_the_difference(uow: SqlUnitOfWork) -> None:
-    entry = make_entry(size_gb=2)
-    with uow:
-        uow.entries.add(entry)
-        uow.entries.save(attrs.evolve(entry, size_gb=5))
-        assert uow.entries.totals("node-1") == HostTotals("node-1", count=1, size_gb=5)
-        uow.entries.save(attrs.evolve(entry, size_gb=1, hits=3))
-        assert uow.entries.totals("node-1") == HostTotals("node-1", count=1, size_gb=1)
-        got = uow.entries.get(entry.id)
-        assert got is not None
-        assert (got.size_gb, got.hits) == (1, 3)
-
-
 def test_lock_host_creates_the_totals_row_it_locks(uow: SqlUnitOfWork) -> None:
     with uow:
         assert uow.entries.lock_host("node-1") == HostTotals("node-1")

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable
 
 import pytest
@@ -11,7 +12,15 @@ from ivcache.adapters.memory import (
     RecordingNotifier,
 )
 from ivcache.adapters.storage.fake_lvm import FakeLvmStorage
-from ivcache.core.model import GIB, Image, InternalTenant, RequestContext
+from ivcache.core.events import CacheEvict, CacheHit, CacheMiss
+from ivcache.core.model import (
+    GIB,
+    CacheEntry,
+    EntryState,
+    Image,
+    InternalTenant,
+    RequestContext,
+)
 from ivcache.core.policy import CachePolicy
 from ivcache.core.service import CacheService
 
@@ -59,3 +68,36 @@ def world() -> World:
 @pytest.fixture
 def make_world() -> Callable[[], World]:
     return World
+
+
+# -- what the tests look at, and states they set up by hand ---------------------------------
+
+def outcomes_announced(world: World) -> list[str]:
+    return [e.name for e in world.notifier.events if isinstance(e, CacheHit | CacheMiss)]
+
+
+def evictions(world: World) -> list[tuple[str, str]]:
+    return [(e.image_id, e.reason.value) for e in world.notifier.of(CacheEvict)
+            if isinstance(e, CacheEvict)]
+
+
+def claim(world: World, image_id: str, expires_in: float) -> CacheEntry:
+    now = world.clock.now()
+    entry = CacheEntry(id="claim-1", host="node-1", image_id=image_id, volume_id="vol-claim",
+                       size_gb=1, image_updated_at=now, image_hash=None,
+                       state=EntryState.CREATING, created_at=now, last_used=now,
+                       claim_expires=now + dt.timedelta(seconds=expires_in))
+    with world.uow as uow:
+        uow.entries.add(entry)
+        uow.commit()
+    return entry
+
+
+def lease(world: World, image_id: str, seconds: float) -> None:
+    """As if a clone of the entry's volume were in progress for ``seconds`` more."""
+    with world.uow as uow:
+        entry = uow.entries.find("node-1", image_id)
+        assert entry is not None
+        entry.lease_until = world.clock.now() + dt.timedelta(seconds=seconds)
+        uow.entries.save(entry)
+        uow.commit()

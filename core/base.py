@@ -1,0 +1,189 @@
+"""What the cache's jobs share: the ports they speak through, and the moves every job makes.
+
+``CacheService`` (core/service.py: the request path) and its operator commands
+(core/operations.py) both change entries through the moves here, so that one rule holds
+everywhere: an entry changes only under its host's lock, and an entry goes before its
+volume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
+
+import attrs
+
+from ivcache.core.errors import VolumeNotFound
+from ivcache.core.events import CacheEvict, EvictReason
+from ivcache.core.model import CacheEntry, HostTotals, InternalTenant
+from ivcache.core.policy import CachePolicy
+from ivcache.core.ports import (
+    CacheRepository,
+    Clock,
+    ImageSource,
+    Notifier,
+    Span,
+    StorageBackend,
+    Tracer,
+    UnitOfWork,
+)
+
+__all__ = ["Filled", "NullTracer", "ServiceBase", "SystemClock"]
+
+T = TypeVar("T")
+
+#: Which entries an eviction may take, judged on the row as it is under the host's lock.
+MayGo = Callable[[CacheEntry, dt.datetime], bool]
+
+
+def ready_and_free(entry: CacheEntry, now: dt.datetime) -> bool:
+    """The usual rule: a READY entry that no clone is reading."""
+    return entry.ready and not entry.leased(now)
+
+
+def free(entry: CacheEntry, now: dt.datetime) -> bool:
+    """Any entry, READY or CREATING, that no clone is reading."""
+    return not entry.leased(now)
+
+
+def dead_claim(entry: CacheEntry, now: dt.datetime) -> bool:
+    """A claim whose owner let its lease run out: it died mid-download."""
+    return entry.claim_expired(now)
+
+
+def anything(entry: CacheEntry, now: dt.datetime) -> bool:
+    """Whatever its state or lease: for an entry whose volume is known to be gone."""
+    return True
+
+
+@attrs.frozen
+class Filled:
+    """A claim made READY: the entry, and its clone lease if one was asked for."""
+
+    entry: CacheEntry
+    lease: dt.datetime | None
+
+
+class SystemClock:
+    def now(self) -> dt.datetime:
+        return dt.datetime.now(dt.UTC)
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+class _NullSpan:
+    def set_attribute(self, key: str, value: str | int | float | bool) -> None:
+        pass
+
+
+class NullTracer:
+    @contextlib.contextmanager
+    def span(self, name: str,
+             attributes: dict[str, str | int | float | bool]) -> Iterator[Span]:
+        yield _NullSpan()
+
+
+class ServiceBase:
+    """The ports and policy of one storage host's cache, and the shared moves.
+
+    ``host`` names the storage host this service speaks for; entries are host-specific.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        storage: StorageBackend,
+        images: ImageSource,
+        uow: UnitOfWork,
+        notifier: Notifier,
+        policy: CachePolicy | None = None,
+        tenant: InternalTenant | None = None,
+        clock: Clock | None = None,
+        tracer: Tracer | None = None,
+    ) -> None:
+        self.host = host
+        self.storage = storage
+        self.images = images
+        self.uow = uow
+        self.notifier = notifier
+        self.policy = policy or CachePolicy()
+        self.tenant = tenant or InternalTenant()
+        self.clock: Clock = clock or SystemClock()
+        self.tracer: Tracer = tracer or NullTracer()
+
+    # -- transactions --------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self, host: str | None = None) -> Iterator[tuple[CacheRepository, HostTotals]]:
+        """Lock a host's totals row (this service's host by default), run the block, commit.
+
+        Claims, leases and evictions all take this lock, so limit checks and the choice of
+        victims cannot race. Leaving the block by an exception rolls it back.
+        """
+        with self.uow as uow:
+            totals = uow.entries.lock_host(host or self.host)
+            yield uow.entries, totals
+            uow.commit()
+
+    def _read(self, query: Callable[[CacheRepository], T]) -> T:
+        with self.uow as uow:
+            return query(uow.entries)
+
+    # -- eviction ------------------------------------------------------------------------
+
+    def _evict(self, entries: Iterable[CacheEntry], reason: EvictReason, *,
+               may_go: MayGo = ready_and_free) -> list[CacheEntry]:
+        """Remove the entries that ``may_go`` (judged again under their host's lock), then
+        delete their volumes and announce them; return the entries removed.
+
+        The entry goes first, so no hit can clone a volume that is being deleted; each
+        host's entries are removed under that host's lock and counted on that host.
+        """
+        by_host: dict[str, list[CacheEntry]] = {}
+        for entry in entries:
+            by_host.setdefault(entry.host, []).append(entry)
+        gone: list[CacheEntry] = []
+        for host, group in by_host.items():
+            with self._locked(host) as (repo, _):
+                now = self.clock.now()
+                current = [repo.get(e.id) for e in group]
+                gone += self._remove(repo, host, [
+                    c for c in current if c is not None and may_go(c, now)])
+        self._drop_volumes(gone, reason)
+        return gone
+
+    @staticmethod
+    def _remove(repo: CacheRepository, host: str,
+                entries: list[CacheEntry]) -> list[CacheEntry]:
+        """Remove entries of ``host`` inside the caller's locked transaction and count
+        them as evictions; their volumes are the caller's to drop after the commit."""
+        gone = [e for e in entries if repo.remove(e)]
+        if gone:
+            repo.count_stats(host, evictions=len(gone))
+        return gone
+
+    def _drop_volumes(self, entries: list[CacheEntry], reason: EvictReason) -> None:
+        for entry in entries:
+            self._delete_quietly(entry.volume_id)
+            self.notifier.publish(
+                CacheEvict(entry.image_id, entry.host, reason, entry.id, entry.size_gb))
+
+    def _delete_quietly(self, volume_id: str) -> None:
+        with contextlib.suppress(VolumeNotFound):
+            self.storage.delete_volume(volume_id)
+
+    def _take_over(self, entry: CacheEntry) -> bool:
+        """Remove a claim whose owner died, if it still is one; say whether it was."""
+        return bool(self._evict([entry], EvictReason.RECONCILE, may_go=dead_claim))
+
+    def _evict_image(self, image_id: str, reason: EvictReason) -> None:
+        """Evict this host's entry of the image, a dead claim included."""
+        entry = self._read(lambda repo: repo.find(self.host, image_id))
+        if entry is not None:
+            self._evict([entry], reason,
+                        may_go=lambda e, now: ready_and_free(e, now) or dead_claim(e, now))
