@@ -1,4 +1,4 @@
-"""The library facade: ivcache without the CLI.
+"""The library facade: ivcache without the CLI, with everything the CLI can do.
 
     from ivcache.entrypoints.library import ImageVolumeCache
 
@@ -7,15 +7,27 @@
     first = cache.create_volume(image.id, size_gb=2, project="demo")   # a miss
     second = cache.create_volume(image.id, size_gb=4, project="demo")  # a hit
     print(first.outcome.value, second.outcome.value, cache.stats().hits)
+
+User calls act for ``project`` (and ``user``); operator calls (entries, evict, prune, warm,
+pin, reconcile, stats) act on the cache of the facade's host.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ivcache.core.model import CacheEntry, CreateResult, HostTotals, Image, RequestContext, Volume
+from ivcache.core.model import (
+    CacheEntry,
+    CreateResult,
+    HostTotals,
+    Image,
+    InternalTenant,
+    RequestContext,
+    Volume,
+)
+from ivcache.core.operations import Finding
 from ivcache.core.policy import CachePolicy
-from ivcache.core.ports import ImageSource, Notifier, StorageBackend, UnitOfWork
+from ivcache.core.ports import Clock, ImageSource, Notifier, StorageBackend, Tracer, UnitOfWork
 from ivcache.core.service import CacheService
 from ivcache.entrypoints.bootstrap import Wiring, wire
 from ivcache.entrypoints.config import Config, load_config
@@ -44,15 +56,19 @@ class ImageVolumeCache:
 
     @classmethod
     def from_adapters(cls, *, host: str, storage: StorageBackend, images: ImageSource,
-                      uow: UnitOfWork, notifier: Notifier,
-                      policy: CachePolicy | None = None) -> ImageVolumeCache:
-        """Wire your own adapters (any objects that fit the ports)."""
+                      uow: UnitOfWork, notifier: Notifier, policy: CachePolicy | None = None,
+                      tenant: InternalTenant | None = None, clock: Clock | None = None,
+                      tracer: Tracer | None = None) -> ImageVolumeCache:
+        """Wire your own adapters (any objects that fit the ports in ``ivcache.core.ports``)."""
         return cls(CacheService(host=host, storage=storage, images=images, uow=uow,
-                                notifier=notifier, policy=policy))
+                                notifier=notifier, policy=policy, tenant=tenant, clock=clock,
+                                tracer=tracer))
 
     @property
     def config(self) -> Config | None:
         return self._wiring.config if self._wiring else None
+
+    # -- images ----------------------------------------------------------------------------
 
     def add_image(self, path: str | Path, *, name: str | None = None,
                   project: str = "demo", private: bool = False) -> Image:
@@ -63,9 +79,20 @@ class ImageVolumeCache:
             _context(project, None, False), Path(path), name=name,
             visibility="private" if private else "public")
 
+    def list_images(self, *, project: str = "demo", user: str | None = None,
+                    admin: bool = False) -> list[Image]:
+        """The images the caller may see."""
+        return self.service.images.list_images(_context(project, user, admin))
+
+    # -- volumes ---------------------------------------------------------------------------
+
     def create_volume(self, image_id: str, size_gb: int, *, project: str = "demo",
                       user: str | None = None) -> CreateResult:
         return self.service.create_volume(_context(project, user, False), image_id, size_gb)
+
+    def get_volume(self, volume_id: str, *, project: str = "demo",
+                   admin: bool = False) -> Volume:
+        return self.service.get_volume(_context(project, None, admin), volume_id)
 
     def delete_volume(self, volume_id: str, *, project: str = "demo",
                       admin: bool = False) -> None:
@@ -76,8 +103,13 @@ class ImageVolumeCache:
         return self.service.list_volumes(_context(project, None, admin),
                                          all_projects=all_projects)
 
+    # -- the cache (operator) ----------------------------------------------------------------
+
     def entries(self, host: str | None = None) -> list[CacheEntry]:
         return self.service.list_entries(host)
+
+    def get_entry(self, entry_id: str) -> CacheEntry:
+        return self.service.get_entry(entry_id)
 
     def evict(self, *, image_id: str | None = None, entry_id: str | None = None,
               everything: bool = False) -> list[CacheEntry]:
@@ -85,6 +117,19 @@ class ImageVolumeCache:
 
     def prune(self) -> list[CacheEntry]:
         return self.service.prune()
+
+    def warm(self, image_id: str) -> CacheEntry:
+        """Cache an image ahead of demand, so that the first create is a hit."""
+        return self.service.warm(image_id)
+
+    def pin(self, image_id: str) -> CacheEntry:
+        return self.service.pin(image_id, True)
+
+    def unpin(self, image_id: str) -> CacheEntry:
+        return self.service.pin(image_id, False)
+
+    def reconcile(self, *, fix: bool = False) -> list[Finding]:
+        return self.service.reconcile(fix=fix)
 
     def stats(self, host: str | None = None) -> HostTotals:
         return self.service.stats(host)
