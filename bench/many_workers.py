@@ -2,7 +2,7 @@
 PostgreSQL (a throwaway server started here, as the tests do; or ``IVCACHE_TEST_POSTGRES_URL``).
 
 Run through ``bench/run.py`` (``make bench``); the workers and the server come from the test
-helpers ``tests/flight.py`` and ``tests/pg.py``.
+helpers ``tests/support/flight.py`` and ``tests/support/pg.py``.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from ivcache.adapters.sql.tables import cache_entries
 from ivcache.adapters.storage.fake_lvm import FakeLvmStorage
 from ivcache.core.model import GIB, Image, Outcome, RequestContext
 from ivcache.core.service import CacheService
-from tests.flight import World, add_tiny_images, process_context, run_processes, run_threads
-from tests.pg import PostgresServer
+from tests.support.flight import World, add_tiny_images, process_context, run_processes, run_threads
+from tests.support.pg import PostgresServer
 
 __all__ = ["run"]
 

@@ -128,12 +128,12 @@ def rss(work: Path) -> Figures:
 
 
 def _glance_server_module() -> Any:
-    # The glance-api the tests run (tests/glance_server.py): not part of the package.
+    # The glance-api the tests run (tests/support/glance_server.py): not part of the package.
     root = str(Path(__file__).resolve().parent.parent)
     if root not in sys.path:
         sys.path.insert(0, root)
-    import tests.glance_server
-    return tests.glance_server
+    import tests.support.glance_server
+    return tests.support.glance_server
 
 
 def glance(work: Path) -> Figures:
@@ -297,7 +297,7 @@ def hit_vs_miss_rbd(work: Path) -> Figures:
     and the p50 of a bare RBD clone of a cache volume."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from ivcache.adapters.storage.rbd import RbdStorage
-    from tests.ceph_cluster import CephCluster
+    from tests.support.ceph_cluster import CephCluster
 
     # The OSD's block file goes on a tmpfs where there is one: a cluster's OSDs sit on
     # fast disks, and a file on this VM's disk makes every write of the cluster slower.

@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.pg import PostgresServer, PostgresUnavailable
+from tests.support.pg import PostgresServer, PostgresUnavailable
 
 if TYPE_CHECKING:
-    from tests.glance_server import GlanceServer
+    from tests.support.glance_server import GlanceServer
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -32,7 +32,7 @@ def pytest_runtest_makereport(item: pytest.Item,
 @pytest.fixture(scope="session")
 def glance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GlanceServer]:
     """A real glance-api for the whole session (installed once into a cached venv)."""
-    from tests.glance_server import GlanceServer, ensure_glance_venv
+    from tests.support.glance_server import GlanceServer, ensure_glance_venv
 
     server = GlanceServer(tmp_path_factory.mktemp("glance"), venv=ensure_glance_venv())
     server.start()

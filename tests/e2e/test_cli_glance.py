@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import Cli
-from tests.glance_server import GlanceServer
+from tests.support.glance_server import GlanceServer
 
 pytestmark = pytest.mark.glance
 

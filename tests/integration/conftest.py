@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.ceph_cluster import CephCluster, CephUnavailable, ceph_missing
+from tests.support.ceph_cluster import CephCluster, CephUnavailable, ceph_missing
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,7 @@ from ivcache.core.errors import (
 from ivcache.core.events import CacheEvict, EvictReason
 from ivcache.core.model import InternalTenant, Outcome, RequestContext
 from ivcache.core.service import CacheService
-from tests.glance_server import GlanceServer, Identity, ensure_glance_venv
+from tests.support.glance_server import GlanceServer, Identity, ensure_glance_venv
 
 pytestmark = pytest.mark.glance
 

@@ -3,7 +3,7 @@ concurrency, on SQLite and on PostgreSQL.
 
 Workers are threads of one process and spawned processes, each a real ``CacheService`` on the
 SQL repository, ``FileStorage`` and a local image source that trickles its bytes out so that
-the requests really overlap a download (see ``tests/flight.py``).
+the requests really overlap a download (see ``tests/support/flight.py``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from sqlalchemy import Engine
 
 from ivcache.adapters.sql import SqlUnitOfWork, make_engine, upgrade
 from ivcache.core.model import EntryState, HostTotals
-from tests.flight import (
+from tests.support.flight import (
     Result,
     Watcher,
     World,

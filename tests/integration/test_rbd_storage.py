@@ -22,7 +22,7 @@ from ivcache.adapters.storage.rbd import RbdStorage
 from ivcache.core.errors import ConfigError, StorageError, VolumeNotFound
 from ivcache.core.model import GIB, Outcome, RequestContext
 from ivcache.core.service import CacheService
-from tests.ceph_cluster import CephCluster, new_namespace
+from tests.support.ceph_cluster import CephCluster, new_namespace
 
 pytestmark = pytest.mark.rbd
 

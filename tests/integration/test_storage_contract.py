@@ -34,7 +34,7 @@ from ivcache.core.errors import (
 )
 from ivcache.core.model import GIB, Volume
 from ivcache.core.ports import StorageBackend
-from tests.ceph_cluster import new_namespace
+from tests.support.ceph_cluster import new_namespace
 
 MIB = 1024**2
 ONES = b"\x01" * MIB
