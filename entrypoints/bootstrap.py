@@ -8,6 +8,7 @@ from pathlib import Path
 import attrs
 
 from ivcache.adapters.images.local import LocalImageSource
+from ivcache.adapters.notify import NullNotifier
 from ivcache.adapters.notify.log import LogNotifier
 from ivcache.adapters.sql.engine import make_engine, upgrade
 from ivcache.adapters.sql.repository import SqlUnitOfWork
@@ -101,8 +102,7 @@ def build_notifier(config: Config) -> tuple[Notifier, Tracer | None]:
         otel = OtelNotifier()
         return otel, otel
     if config.notifier == "none":
-        from ivcache.adapters.memory import RecordingNotifier
-        return RecordingNotifier(), None
+        return NullNotifier(), None
     return LogNotifier(), None
 
 
