@@ -16,7 +16,7 @@ from ivcache.core.errors import ConfigError
 from ivcache.core.model import Image, RequestContext
 from ivcache.core.ports import ImageSource, Notifier, StorageBackend, Tracer
 from ivcache.core.service import CacheService, SystemClock
-from ivcache.entrypoints.config import Config
+from ivcache.entrypoints.config import IMAGE_SOURCES, STORAGE_KINDS, Config
 
 __all__ = ["Wiring", "build_glance", "build_images", "build_storage", "wire"]
 
@@ -71,8 +71,7 @@ def build_storage(config: Config) -> StorageBackend:
         # storage_capacity_gb sizes the fakes' simulated pools; a real pool's room is Ceph's.
         return RbdStorage(config.rbd_pool, conf=config.rbd_conf, user=config.rbd_user,
                           host=config.host, max_clone_depth=config.rbd_max_clone_depth)
-    raise ConfigError(f"storage = {config.storage} is not available in this version; "
-                      "use file, rbd, fake-lvm or fake-rbd")
+    raise ConfigError(f"storage = {config.storage!r} is not one of {', '.join(STORAGE_KINDS)}")
 
 
 def build_images(config: Config) -> ImageSource:
@@ -80,8 +79,8 @@ def build_images(config: Config) -> ImageSource:
         return LocalImageSource(_ensure_dir(config.images_path, "images_path"))
     if config.image_source == "glance":
         return build_glance(config)
-    raise ConfigError(f"image_source = {config.image_source} is not available in this "
-                      "version; use local")
+    raise ConfigError(f"image_source = {config.image_source!r} is not one of "
+                      f"{', '.join(IMAGE_SOURCES)}")
 
 
 def build_glance(config: Config) -> ImageSource:

@@ -18,7 +18,15 @@ from ivcache.core.errors import ConfigError
 from ivcache.core.model import InternalTenant
 from ivcache.core.policy import CachePolicy
 
-__all__ = ["STORAGE_KINDS", "Config", "GlanceConfig", "default_home", "load_config"]
+__all__ = [
+    "IMAGE_SOURCES",
+    "NOTIFIERS",
+    "STORAGE_KINDS",
+    "Config",
+    "GlanceConfig",
+    "default_home",
+    "load_config",
+]
 
 STORAGE_KINDS = ("file", "qcow2", "rbd", "fake-lvm", "fake-rbd")
 IMAGE_SOURCES = ("local", "glance")
