@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import attrs
+from sqlalchemy import Engine
 
 from ivcache.adapters.images.local import LocalImageSource
 from ivcache.adapters.notify import NullNotifier
@@ -18,7 +19,15 @@ from ivcache.core.ports import ImageSource, Notifier, StorageBackend, Tracer
 from ivcache.core.service import CacheService, SystemClock
 from ivcache.entrypoints.config import IMAGE_SOURCES, STORAGE_KINDS, Config
 
-__all__ = ["Wiring", "build_glance", "build_images", "build_storage", "wire"]
+__all__ = [
+    "Wiring",
+    "build_glance",
+    "build_images",
+    "build_notifier",
+    "build_storage",
+    "open_database",
+    "wire",
+]
 
 Progress = Callable[[str, int], Callable[[int], None]]
 
@@ -131,14 +140,19 @@ class ProgressImages:
             yield chunk
 
 
-def wire(config: Config, *, progress: Progress | None = None) -> Wiring:
-    """Build the service for ``config``: the database schema is created or upgraded here."""
-    if config.database_url.startswith("sqlite:///"):
-        db_path = Path(config.database_url[len("sqlite:///"):])
-        if str(db_path) and not str(db_path).startswith(":memory:"):
-            _ensure_dir(db_path.parent, "database")
+def open_database(config: Config) -> Engine:
+    """An engine on ``config``'s database, its schema created or upgraded (a no-op when up
+    to date); a SQLite file's directory is made first."""
+    if config.sqlite_path is not None:
+        _ensure_dir(config.sqlite_path.parent, "database")
     engine = make_engine(config.database_url)
     upgrade(engine)
+    return engine
+
+
+def wire(config: Config, *, progress: Progress | None = None) -> Wiring:
+    """Build the service for ``config``: the database schema is created or upgraded here."""
+    engine = open_database(config)
     images = build_images(config)
     storage = build_storage(config)
     notifier, tracer = build_notifier(config)

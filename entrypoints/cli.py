@@ -17,7 +17,7 @@ import click
 
 from ivcache.core.errors import IvcacheError
 from ivcache.core.model import CacheEntry, HostTotals, Image, RequestContext, Volume
-from ivcache.entrypoints.bootstrap import Wiring, wire
+from ivcache.entrypoints.bootstrap import Wiring, open_database, wire
 from ivcache.entrypoints.config import load_config
 
 __all__ = ["cli", "main"]
@@ -189,13 +189,8 @@ def db() -> None:
 @common
 def db_upgrade() -> None:
     """Create or upgrade the database schema."""
-    from ivcache.adapters.sql.engine import current_revision, make_engine, upgrade
-    config = load_config(_state().config_path)
-    if config.database_url.startswith("sqlite:///"):
-        Path(config.database_url[len("sqlite:///"):]).parent.mkdir(parents=True,
-                                                                    exist_ok=True)
-    engine = make_engine(config.database_url)
-    upgrade(engine)
+    from ivcache.adapters.sql.engine import current_revision
+    engine = open_database(load_config(_state().config_path))
     revision = current_revision(engine)
     _emit({"database_url": engine.url.render_as_string(hide_password=True),
            "revision": revision},
