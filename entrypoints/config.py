@@ -374,9 +374,15 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+def _type_text(option: Option) -> str:
+    return "choice" if option.choices else _TYPE_NAMES[option.type]
+
+
 def _default_text(option: Option) -> str:
     if option.type is bool:
         return "`true`" if option.default else "`false`"
+    if option.type is float:
+        return f"`{option.default:g}`"
     return f"`{option.default}`" if str(option.default) else "(empty)"
 
 
@@ -385,8 +391,10 @@ def render_markdown() -> str:
     lines = [
         "# Configuration reference",
         "",
-        "<!-- Generated from OPTIONS in entrypoints/config.py; do not edit. Regenerate with",
-        "     `make docs` (python -m ivcache.entrypoints.config --markdown). -->",
+        "*Generated from the option table `OPTIONS` in `entrypoints/config.py`: edit the "
+        "table, not this page, and regenerate it with `make docs` (`python -m "
+        "ivcache.entrypoints.config --markdown > docs/configuration.md`). A test fails "
+        "while the page differs from the table.*",
         "",
         "An INI file, given by `--config FILE` or `$IVCACHE_CONFIG`; with none, every option "
         "has its default and everything lives under `$IVCACHE_HOME` (default "
@@ -404,7 +412,7 @@ def render_markdown() -> str:
                 what += " One of: " + ", ".join(f"`{c}`" for c in o.choices) + "."
             if o.aliases:
                 what += " Also read as " + ", ".join(f"`{a}`" for a in o.aliases) + "."
-            lines.append(f"| `{o.name}` | {_TYPE_NAMES[o.type]} | {_cell(_default_text(o))} "
+            lines.append(f"| `{o.name}` | {_type_text(o)} | {_cell(_default_text(o))} "
                          f"| {_cell(what)} |")
     return "\n".join(lines) + "\n"
 
