@@ -344,34 +344,38 @@ def cache_stats(host: str | None) -> None:
     _emit(doc, lambda: _fields(doc))
 
 
-@cache.command("warm")
-@common
-@_host_option
-@click.argument("image_id", metavar="IMAGE_ID")
+def _image_command(name: str) -> Callable[[Callable[[str, str | None], None]],
+                                           click.Command]:
+    """A cache command on one image's entry on a host: ``IMAGE_ID`` and ``--host``."""
+    def decorate(func: Callable[[str, str | None], None]) -> click.Command:
+        return cache.command(name)(common(_host_option(
+            click.argument("image_id", metavar="IMAGE_ID")(func))))
+    return decorate
+
+
+@_image_command("warm")
 def cache_warm(image_id: str, host: str | None) -> None:
     """Cache an image on a host ahead of demand."""
     doc = _entry_doc(_wiring(host).service.warm(image_id))
     _emit(doc, lambda: _fields(doc))
 
 
-@cache.command("pin")
-@common
-@_host_option
-@click.argument("image_id", metavar="IMAGE_ID")
+@_image_command("pin")
 def cache_pin(image_id: str, host: str | None) -> None:
     """Keep an image's entry from being evicted to make room."""
-    doc = _entry_doc(_wiring(host).service.pin(image_id, True))
-    _emit(doc, lambda: click.echo(f"pinned {image_id} on {doc['host']}"))
+    _set_pinned(image_id, host, True)
 
 
-@cache.command("unpin")
-@common
-@_host_option
-@click.argument("image_id", metavar="IMAGE_ID")
+@_image_command("unpin")
 def cache_unpin(image_id: str, host: str | None) -> None:
     """Let an image's entry be evicted again."""
-    doc = _entry_doc(_wiring(host).service.pin(image_id, False))
-    _emit(doc, lambda: click.echo(f"unpinned {image_id} on {doc['host']}"))
+    _set_pinned(image_id, host, False)
+
+
+def _set_pinned(image_id: str, host: str | None, pinned: bool) -> None:
+    doc = _entry_doc(_wiring(host).service.pin(image_id, pinned))
+    done = "pinned" if pinned else "unpinned"
+    _emit(doc, lambda: click.echo(f"{done} {image_id} on {doc['host']}"))
 
 
 @cache.command("reconcile")
