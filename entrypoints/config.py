@@ -264,25 +264,11 @@ class _Reader:
             quota_gb=ivc["internal_tenant_quota_gb"],
             quota_volumes=ivc["internal_tenant_quota_volumes"],
         )
-        return Config(
-            home=self.home,
-            host=cache["host"] or socket.gethostname(),
-            tenant=tenant,
-            policy=policy,
-            database_url=ivc["database_url"],
-            storage=ivc["storage"],
-            storage_path=ivc["storage_path"],
-            storage_capacity_gb=ivc["storage_capacity_gb"],
-            image_source=ivc["image_source"],
-            images_path=ivc["images_path"],
-            notifier=ivc["notifier"],
-            glance=GlanceConfig(**glance),
-            rbd_pool=ivc["rbd_pool"],
-            rbd_conf=ivc["rbd_conf"],
-            rbd_user=ivc["rbd_user"],
-            rbd_max_clone_depth=ivc["rbd_max_clone_depth"],
-            source=self.source,
-        )
+        # The [ivcache] options that are fields of Config by the same name go in as they are.
+        same = {f.name: ivc[f.name] for f in attrs.fields(Config) if f.name in ivc}
+        return Config(home=self.home, host=cache["host"] or socket.gethostname(),
+                      tenant=tenant, policy=policy, glance=GlanceConfig(**glance),
+                      source=self.source, **same)
 
     def section_values(self, where: Where, section: str) -> dict[str, Any]:
         """The value of every ``where`` option, read from ``section`` (which falls back to
