@@ -10,7 +10,7 @@ EDITABLE = --config-settings editable_mode=strict
 # source folders is invisible until reinstalled, so the install depends on every file there.
 SRC := $(shell find core adapters entrypoints -type f ! -path '*/__pycache__/*' ! -name '*.py[co]' 2>/dev/null)
 
-.PHONY: install demo lint ruff mypy imports bare-imports test unit integration e2e wheel-test bench clean
+.PHONY: install demo docs lint ruff mypy imports bare-imports test unit integration e2e wheel-test bench clean
 
 install: $(VENV)/.installed $(VENV)/.ceph-bindings
 
@@ -32,6 +32,11 @@ $(VENV)/.ceph-bindings: tools/link_ceph_bindings.py $(CEPH_BINDINGS) | $(VENV)/.
 
 demo: install
 	$(VENV)/bin/ivcache demo
+
+# The configuration reference is generated from the option table in entrypoints/config.py
+# (tests/integration/test_config_docs.py fails while the page is out of date).
+docs: install
+	$(PY) -m ivcache.entrypoints.config --markdown > docs/configuration.md
 
 lint: install ruff mypy imports bare-imports
 

@@ -6,8 +6,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import attrs
+from sqlalchemy import Engine
 
 from ivcache.adapters.images.local import LocalImageSource
+from ivcache.adapters.notify import NullNotifier
 from ivcache.adapters.notify.log import LogNotifier
 from ivcache.adapters.sql.engine import make_engine, upgrade
 from ivcache.adapters.sql.repository import SqlUnitOfWork
@@ -15,9 +17,17 @@ from ivcache.core.errors import ConfigError
 from ivcache.core.model import Image, RequestContext
 from ivcache.core.ports import ImageSource, Notifier, StorageBackend, Tracer
 from ivcache.core.service import CacheService, SystemClock
-from ivcache.entrypoints.config import Config
+from ivcache.entrypoints.config import IMAGE_SOURCES, STORAGE_KINDS, Config
 
-__all__ = ["Wiring", "build_glance", "build_images", "build_storage", "wire"]
+__all__ = [
+    "Wiring",
+    "build_glance",
+    "build_images",
+    "build_notifier",
+    "build_storage",
+    "open_database",
+    "wire",
+]
 
 Progress = Callable[[str, int], Callable[[int], None]]
 
@@ -70,8 +80,7 @@ def build_storage(config: Config) -> StorageBackend:
         # storage_capacity_gb sizes the fakes' simulated pools; a real pool's room is Ceph's.
         return RbdStorage(config.rbd_pool, conf=config.rbd_conf, user=config.rbd_user,
                           host=config.host, max_clone_depth=config.rbd_max_clone_depth)
-    raise ConfigError(f"storage = {config.storage} is not available in this version; "
-                      "use file, rbd, fake-lvm or fake-rbd")
+    raise ConfigError(f"storage = {config.storage!r} is not one of {', '.join(STORAGE_KINDS)}")
 
 
 def build_images(config: Config) -> ImageSource:
@@ -79,8 +88,8 @@ def build_images(config: Config) -> ImageSource:
         return LocalImageSource(_ensure_dir(config.images_path, "images_path"))
     if config.image_source == "glance":
         return build_glance(config)
-    raise ConfigError(f"image_source = {config.image_source} is not available in this "
-                      "version; use local")
+    raise ConfigError(f"image_source = {config.image_source!r} is not one of "
+                      f"{', '.join(IMAGE_SOURCES)}")
 
 
 def build_glance(config: Config) -> ImageSource:
@@ -101,8 +110,7 @@ def build_notifier(config: Config) -> tuple[Notifier, Tracer | None]:
         otel = OtelNotifier()
         return otel, otel
     if config.notifier == "none":
-        from ivcache.adapters.memory import RecordingNotifier
-        return RecordingNotifier(), None
+        return NullNotifier(), None
     return LogNotifier(), None
 
 
@@ -132,14 +140,19 @@ class ProgressImages:
             yield chunk
 
 
-def wire(config: Config, *, progress: Progress | None = None) -> Wiring:
-    """Build the service for ``config``: the database schema is created or upgraded here."""
-    if config.database_url.startswith("sqlite:///"):
-        db_path = Path(config.database_url[len("sqlite:///"):])
-        if str(db_path) and not str(db_path).startswith(":memory:"):
-            _ensure_dir(db_path.parent, "database")
+def open_database(config: Config) -> Engine:
+    """An engine on ``config``'s database, its schema created or upgraded (a no-op when up
+    to date); a SQLite file's directory is made first."""
+    if config.sqlite_path is not None:
+        _ensure_dir(config.sqlite_path.parent, "database")
     engine = make_engine(config.database_url)
     upgrade(engine)
+    return engine
+
+
+def wire(config: Config, *, progress: Progress | None = None) -> Wiring:
+    """Build the service for ``config``: the database schema is created or upgraded here."""
+    engine = open_database(config)
     images = build_images(config)
     storage = build_storage(config)
     notifier, tracer = build_notifier(config)

@@ -17,7 +17,7 @@ import click
 
 from ivcache.core.errors import IvcacheError
 from ivcache.core.model import CacheEntry, HostTotals, Image, RequestContext, Volume
-from ivcache.entrypoints.bootstrap import Wiring, wire
+from ivcache.entrypoints.bootstrap import Wiring, open_database, wire
 from ivcache.entrypoints.config import load_config
 
 __all__ = ["cli", "main"]
@@ -189,13 +189,8 @@ def db() -> None:
 @common
 def db_upgrade() -> None:
     """Create or upgrade the database schema."""
-    from ivcache.adapters.sql.engine import current_revision, make_engine, upgrade
-    config = load_config(_state().config_path)
-    if config.database_url.startswith("sqlite:///"):
-        Path(config.database_url[len("sqlite:///"):]).parent.mkdir(parents=True,
-                                                                    exist_ok=True)
-    engine = make_engine(config.database_url)
-    upgrade(engine)
+    from ivcache.adapters.sql.engine import current_revision
+    engine = open_database(load_config(_state().config_path))
     revision = current_revision(engine)
     _emit({"database_url": engine.url.render_as_string(hide_password=True),
            "revision": revision},
@@ -349,34 +344,38 @@ def cache_stats(host: str | None) -> None:
     _emit(doc, lambda: _fields(doc))
 
 
-@cache.command("warm")
-@common
-@_host_option
-@click.argument("image_id", metavar="IMAGE_ID")
+def _image_command(name: str) -> Callable[[Callable[[str, str | None], None]],
+                                           click.Command]:
+    """A cache command on one image's entry on a host: ``IMAGE_ID`` and ``--host``."""
+    def decorate(func: Callable[[str, str | None], None]) -> click.Command:
+        return cache.command(name)(common(_host_option(
+            click.argument("image_id", metavar="IMAGE_ID")(func))))
+    return decorate
+
+
+@_image_command("warm")
 def cache_warm(image_id: str, host: str | None) -> None:
     """Cache an image on a host ahead of demand."""
     doc = _entry_doc(_wiring(host).service.warm(image_id))
     _emit(doc, lambda: _fields(doc))
 
 
-@cache.command("pin")
-@common
-@_host_option
-@click.argument("image_id", metavar="IMAGE_ID")
+@_image_command("pin")
 def cache_pin(image_id: str, host: str | None) -> None:
     """Keep an image's entry from being evicted to make room."""
-    doc = _entry_doc(_wiring(host).service.pin(image_id, True))
-    _emit(doc, lambda: click.echo(f"pinned {image_id} on {doc['host']}"))
+    _set_pinned(image_id, host, True)
 
 
-@cache.command("unpin")
-@common
-@_host_option
-@click.argument("image_id", metavar="IMAGE_ID")
+@_image_command("unpin")
 def cache_unpin(image_id: str, host: str | None) -> None:
     """Let an image's entry be evicted again."""
-    doc = _entry_doc(_wiring(host).service.pin(image_id, False))
-    _emit(doc, lambda: click.echo(f"unpinned {image_id} on {doc['host']}"))
+    _set_pinned(image_id, host, False)
+
+
+def _set_pinned(image_id: str, host: str | None, pinned: bool) -> None:
+    doc = _entry_doc(_wiring(host).service.pin(image_id, pinned))
+    done = "pinned" if pinned else "unpinned"
+    _emit(doc, lambda: click.echo(f"{done} {image_id} on {doc['host']}"))
 
 
 @cache.command("reconcile")

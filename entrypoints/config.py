@@ -1,51 +1,159 @@
 """The INI configuration, with Cinder's option names so a backend section can be pasted.
 
+Every option is one row of ``OPTIONS``: where it is read, its name, type, default, choices
+and help. That table drives the parsing (configparser's own getters), the check for unknown
+options and the reference page ``docs/configuration.md``, which is generated from it::
+
+    python -m ivcache.entrypoints.config --markdown > docs/configuration.md   # make docs
+
 Where no file is given, everything lives under ``$IVCACHE_HOME``
-(default ``~/.local/share/ivcache``).
+(default ``~/.local/share/ivcache``); relative paths in a file are relative to the file.
 """
 
 from __future__ import annotations
 
+import argparse
 import configparser
+import enum
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import attrs
+from sqlalchemy import URL, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from ivcache.core.errors import ConfigError
 from ivcache.core.model import InternalTenant
 from ivcache.core.policy import CachePolicy
 
-__all__ = ["STORAGE_KINDS", "Config", "GlanceConfig", "default_home", "load_config"]
+__all__ = [
+    "IMAGE_SOURCES",
+    "NOTIFIERS",
+    "OPTIONS",
+    "STORAGE_KINDS",
+    "Config",
+    "GlanceConfig",
+    "Option",
+    "Where",
+    "default_home",
+    "load_config",
+    "render_markdown",
+]
 
 STORAGE_KINDS = ("file", "qcow2", "rbd", "fake-lvm", "fake-rbd")
 IMAGE_SOURCES = ("local", "glance")
 NOTIFIERS = ("log", "otel", "none")
+GLANCE_AUTH = ("keystone", "trusted-headers")
 
-# Options of the cache itself, read from [DEFAULT] (or the section named by
-# [ivcache] backend = NAME, as in a Cinder backend section). Other [DEFAULT] options are
-# ignored: an operator's pasted section may carry the driver's own.
-_CACHE_OPTIONS = {
-    "host",
-    "cinder_internal_tenant_project_id",
-    "cinder_internal_tenant_user_id",
-    "image_volume_cache_enabled",
-    "image_volume_cache_max_size_gb",
-    "image_volume_cache_max_count",
-    "image_volume_cache_max_size_count",
-}
-_IVCACHE_OPTIONS = {
-    "backend", "database_url", "storage", "storage_path", "storage_capacity_gb",
-    "image_source", "images_path", "notifier", "internal_tenant_quota_gb",
-    "internal_tenant_quota_volumes", "claim_wait_seconds", "claim_lease_seconds",
-    "rbd_pool", "rbd_conf", "rbd_user", "rbd_max_clone_depth",
-}
-_GLANCE_OPTIONS = {
-    "url", "os_cloud", "auth", "insecure", "cafile", "connect_timeout", "read_timeout",
-    "retries",
-}
+
+class Where(enum.Enum):
+    """Which section an option is read from."""
+
+    #: Cinder's options: [DEFAULT], or the section that ``[ivcache] backend`` names (a pasted
+    #: Cinder backend section). Other options there are the driver's, and are ignored.
+    BACKEND = "backend"
+    IVCACHE = "ivcache"
+    GLANCE = "glance"
+
+
+@attrs.frozen
+class Option:
+    """One configuration option.
+
+    ``type`` is ``str``, ``int``, ``float``, ``bool``, ``Path`` (relative to the file) or
+    ``URL`` (a database URL; a relative SQLite path is relative to the file). Numbers must
+    be 0 or more. An empty value means the default. ``aliases`` are other names read when
+    the option itself is not set.
+    """
+
+    where: Where
+    name: str
+    type: type
+    default: Any
+    help: str
+    choices: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.name, *self.aliases)
+
+
+_B, _I, _G = Where.BACKEND, Where.IVCACHE, Where.GLANCE
+
+OPTIONS: tuple[Option, ...] = (
+    Option(_B, "host", str, "",
+           "The storage host this worker serves: entries, limits and stats are per host. "
+           "Empty: this machine's host name."),
+    Option(_B, "cinder_internal_tenant_project_id", str, "internal",
+           "The internal tenant's project, which owns every cache volume; user commands "
+           "acting as it are refused."),
+    Option(_B, "cinder_internal_tenant_user_id", str, "internal",
+           "The internal tenant's user."),
+    Option(_B, "image_volume_cache_enabled", bool, True,
+           "Serve volumes from images through the cache; false: download each image "
+           "straight into its volume."),
+    Option(_B, "image_volume_cache_max_size_gb", int, 0,
+           "The most GiB of cache volumes on a host (0: unlimited); a larger image is never "
+           "cached."),
+    Option(_B, "image_volume_cache_max_count", int, 0,
+           "The most cache entries on a host (0: unlimited).",
+           aliases=("image_volume_cache_max_size_count",)),
+    Option(_I, "backend", str, "",
+           "Read the cache options (the first table) from this section instead of [DEFAULT]: "
+           "a Cinder backend section pasted as it is."),
+    Option(_I, "database_url", URL, "sqlite:///ivcache.db",
+           "The cache's database, an SQLAlchemy URL: `sqlite:///PATH` (relative to the "
+           "file; `sqlite:////PATH` is absolute) or `postgresql+psycopg://USER:PASSWORD@HOST/DB`"
+           " shared by many hosts."),
+    Option(_I, "storage", str, "file", "The storage backend (docs/storage.md).",
+           choices=STORAGE_KINDS),
+    Option(_I, "storage_path", Path, Path("volumes"),
+           "Where file and qcow2 keep volumes, and fake-lvm and fake-rbd their state."),
+    Option(_I, "storage_capacity_gb", int, 1000,
+           "The size of the simulated volume group or pool of fake-lvm and fake-rbd."),
+    Option(_I, "image_source", str, "local",
+           "Where images come from: a local directory (images_path) or Glance ([glance]).",
+           choices=IMAGE_SOURCES),
+    Option(_I, "images_path", Path, Path("images"), "The local image source's directory."),
+    Option(_I, "notifier", str, "log",
+           "Where events go: log lines (logger `ivcache.events`), OpenTelemetry, or nowhere.",
+           choices=NOTIFIERS),
+    Option(_I, "internal_tenant_quota_gb", int, 0,
+           "The internal tenant's quota in GiB (0: unlimited), checked before anything is "
+           "evicted."),
+    Option(_I, "internal_tenant_quota_volumes", int, 0,
+           "The internal tenant's quota in volumes (0: unlimited)."),
+    Option(_I, "claim_wait_seconds", float, 600.0,
+           "How long a request waits for another worker's download of the same image "
+           "before it is served uncached."),
+    Option(_I, "claim_lease_seconds", float, 3600.0,
+           "How old a claim may grow before another worker takes it over as dead."),
+    Option(_I, "rbd_pool", str, "rbd",
+           "The Ceph pool of `storage = rbd`, made and `rbd pool init`-ed beforehand."),
+    Option(_I, "rbd_conf", str, "/etc/ceph/ceph.conf", "The Ceph configuration file."),
+    Option(_I, "rbd_user", str, "", "The Ceph client id (cinder, ...); empty: the default."),
+    Option(_I, "rbd_max_clone_depth", int, 5,
+           "A clone deeper than this is flattened, as in Cinder (rbd and fake-rbd)."),
+    Option(_G, "url", str, "",
+           "Glance's root URL (not .../v2); needed by `auth = trusted-headers`."),
+    Option(_G, "os_cloud", str, "", "A cloud of clouds.yaml; needed by `auth = keystone`."),
+    Option(_G, "auth", str, "keystone",
+           "keystone: the service's own credentials from clouds.yaml; trusted-headers: the "
+           "caller's identity in keystonemiddleware's headers (a Glance behind a trusted "
+           "proxy).", choices=GLANCE_AUTH),
+    Option(_G, "insecure", bool, False, "Do not verify Glance's TLS certificate."),
+    Option(_G, "cafile", str, "",
+           "The CA bundle to verify Glance's certificate with; empty: the system's."),
+    Option(_G, "connect_timeout", float, 10.0, "Seconds to wait for a connection."),
+    Option(_G, "read_timeout", float, 300.0, "Seconds to wait for data."),
+    Option(_G, "retries", int, 3,
+           "Retries of connection errors and 5xx responses (with backoff), and resumptions "
+           "of a cut download."),
+)
 
 
 @attrs.frozen
@@ -66,7 +174,7 @@ class Config:
     host: str
     tenant: InternalTenant
     policy: CachePolicy
-    database_url: str
+    database_url: URL = attrs.field(converter=make_url)
     storage: str
     storage_path: Path
     storage_capacity_gb: int
@@ -82,6 +190,11 @@ class Config:
 
     def with_host(self, host: str | None) -> Config:
         return attrs.evolve(self, host=host) if host else self
+
+    @property
+    def sqlite_path(self) -> Path | None:
+        """The SQLite database's file, or None (an in-memory or a server database)."""
+        return _sqlite_file(self.database_url)
 
 
 def default_home(env: Mapping[str, str] | None = None) -> Path:
@@ -99,7 +212,7 @@ def load_config(path: str | Path | None = None,
     chosen = path or env.get("IVCACHE_CONFIG") or None
     parser = configparser.ConfigParser(inline_comment_prefixes=(";", "#"),
                                        interpolation=None)
-    base = default_home(env)
+    home = default_home(env)
     source: Path | None = None
     if chosen:
         source = Path(chosen).expanduser().absolute()
@@ -111,140 +224,193 @@ def load_config(path: str | Path | None = None,
         except configparser.Error as exc:
             first = str(exc).splitlines()[0]
             raise ConfigError(f"config file {source} is not valid INI: {first}") from exc
-    return _build(parser, base, source)
+    return _Reader(parser, source, home).config()
+
+
+def _sqlite_file(url: URL) -> Path | None:
+    if url.get_backend_name() != "sqlite" or not url.database:
+        return None
+    if url.database.startswith(":memory:") or url.query.get("uri"):
+        return None
+    return Path(url.database)
 
 
 class _Reader:
-    def __init__(self, parser: configparser.ConfigParser, section: str, where: str) -> None:
-        self.parser, self.section, self.where = parser, section, where
+    """Reads the options of ``OPTIONS`` from one parsed file."""
 
-    def raw(self, name: str) -> str | None:
-        if self.parser.has_option(self.section, name):
-            return self.parser.get(self.section, name).strip()
-        return None
+    def __init__(self, parser: configparser.ConfigParser, source: Path | None,
+                 home: Path) -> None:
+        self.parser, self.source, self.home = parser, source, home
+        self.where = str(source) if source else "defaults"
+        self.base = source.parent if source else home
 
-    def text(self, name: str, default: str, choices: tuple[str, ...] = ()) -> str:
-        value = self.raw(name)
-        if value is None or value == "":
-            return default
-        if choices and value not in choices:
-            raise ConfigError(f"{self.where}: option {name} = {value!r} is not one of "
-                              f"{', '.join(choices)}")
+    def config(self) -> Config:
+        ivc = self.section_values(Where.IVCACHE, "ivcache")
+        backend = ivc["backend"]
+        if backend and not self.parser.has_section(backend):
+            raise ConfigError(f"{self.where}: option backend = {backend!r} names no section")
+        cache = self.section_values(Where.BACKEND, backend or self.parser.default_section)
+        glance = self.section_values(Where.GLANCE, "glance")
+        policy = CachePolicy(
+            enabled=cache["image_volume_cache_enabled"],
+            max_size_gb=cache["image_volume_cache_max_size_gb"],
+            max_count=cache["image_volume_cache_max_count"],
+            claim_wait_seconds=ivc["claim_wait_seconds"],
+            claim_lease_seconds=ivc["claim_lease_seconds"],
+        )
+        tenant = InternalTenant(
+            project_id=cache["cinder_internal_tenant_project_id"],
+            user_id=cache["cinder_internal_tenant_user_id"],
+            quota_gb=ivc["internal_tenant_quota_gb"],
+            quota_volumes=ivc["internal_tenant_quota_volumes"],
+        )
+        # The [ivcache] options that are fields of Config by the same name go in as they are.
+        same = {f.name: ivc[f.name] for f in attrs.fields(Config) if f.name in ivc}
+        return Config(home=self.home, host=cache["host"] or socket.gethostname(),
+                      tenant=tenant, policy=policy, glance=GlanceConfig(**glance),
+                      source=self.source, **same)
+
+    def section_values(self, where: Where, section: str) -> dict[str, Any]:
+        """The value of every ``where`` option, read from ``section`` (which falls back to
+        [DEFAULT], as configparser does; a missing section reads [DEFAULT] alone)."""
+        options = [o for o in OPTIONS if o.where is where]
+        if where is not Where.BACKEND:
+            self.check_known(section, options)
+        if not self.parser.has_section(section):
+            section = self.parser.default_section
+        return {o.name: self.value(section, o) for o in options}
+
+    def check_known(self, section: str, options: Sequence[Option]) -> None:
+        if not self.parser.has_section(section):
+            return
+        known = sorted(name for o in options for name in o.names)
+        defaults = self.parser.defaults()
+        for name in self.parser.options(section):
+            if name not in known and name not in defaults:
+                raise ConfigError(f"{self.where}: unknown option {name!r} in [{section}]; "
+                                  f"known: {', '.join(known)}")
+
+    def value(self, section: str, option: Option) -> Any:
+        parser = self.parser
+        name = next((n for n in option.names if parser.get(section, n, fallback="")), None)
+        if name is None:
+            return self.resolve(option, option.default)
+        raw = parser.get(section, name)
+        bad = f"{self.where}: option {name} = {raw!r}"
+        getters: dict[type, Callable[[str, str], Any]] = {
+            int: parser.getint, float: parser.getfloat, bool: parser.getboolean}
+        getter = getters.get(option.type)
+        if getter is None:
+            if option.choices and raw not in option.choices:
+                raise ConfigError(f"{bad} is not one of {', '.join(option.choices)}")
+            return self.resolve(option, raw)
+        try:
+            value = getter(section, name)
+        except ValueError:
+            raise ConfigError(f"{bad} is not {_TYPE_WORDS[option.type]}") from None
+        if option.type is not bool and value < 0:
+            raise ConfigError(f"{self.where}: option {name} = {value} must be 0 or more")
         return value
 
-    def integer(self, name: str, default: int) -> int:
-        value = self.raw(name)
-        if value is None or value == "":
-            return default
+    def resolve(self, option: Option, value: Any) -> Any:
+        """Paths and SQLite files relative to the file's folder (or $IVCACHE_HOME)."""
+        if option.type is Path:
+            path = Path(value).expanduser()
+            return path if path.is_absolute() else self.base / path
+        if option.type is URL:
+            return self.database_url(option.name, value)
+        return value
+
+    def database_url(self, name: str, text: str) -> URL:
+        what = (f"{self.where}: option {name} is not a database URL "
+                "(sqlite:///PATH or postgresql+psycopg://USER:PASSWORD@HOST/DB)")
         try:
-            number = int(value)
-        except ValueError:
-            raise ConfigError(f"{self.where}: option {name} = {value!r} is not a whole "
-                              "number") from None
-        if number < 0:
-            raise ConfigError(f"{self.where}: option {name} = {number} must be 0 or more")
-        return number
-
-    def number(self, name: str, default: float) -> float:
-        value = self.raw(name)
-        if value is None or value == "":
-            return default
-        try:
-            number = float(value)
-        except ValueError:
-            raise ConfigError(f"{self.where}: option {name} = {value!r} is not a "
-                              "number") from None
-        if number < 0:
-            raise ConfigError(f"{self.where}: option {name} = {number} must be 0 or more")
-        return number
-
-    def flag(self, name: str, default: bool) -> bool:
-        value = self.raw(name)
-        if value is None or value == "":
-            return default
-        lowered = value.lower()
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"{self.where}: option {name} = {value!r} is not true or false")
+            url = make_url(text)
+            url.get_dialect()
+        except NoSuchModuleError:
+            raise ConfigError(f"{what}: no database {url.drivername!r}") from None
+        except ArgumentError:
+            # The text is not repeated: it may hold a password.
+            raise ConfigError(what) from None
+        path = _sqlite_file(url)
+        if path is not None and not path.is_absolute():
+            url = url.set(database=str(self.base / path))
+        return url
 
 
-def _check_known(parser: configparser.ConfigParser, section: str, known: set[str],
-                 where: str) -> None:
-    if not parser.has_section(section):
-        return
-    defaults = set(parser.defaults())
-    for name in parser.options(section):
-        if name not in known and name not in defaults:
-            raise ConfigError(f"{where}: unknown option {name!r} in [{section}]; known: "
-                              f"{', '.join(sorted(known))}")
+_TYPE_WORDS: dict[type, str] = {int: "a whole number", float: "a number",
+                                bool: "true or false"}
 
 
-def _build(parser: configparser.ConfigParser, home: Path, source: Path | None) -> Config:
-    where = str(source) if source else "defaults"
-    _check_known(parser, "ivcache", _IVCACHE_OPTIONS, where)
-    _check_known(parser, "glance", _GLANCE_OPTIONS, where)
-    ivc = _Reader(parser, "ivcache" if parser.has_section("ivcache") else "DEFAULT", where)
-    backend = ivc.text("backend", "")
-    if backend and not parser.has_section(backend):
-        raise ConfigError(f"{where}: option backend = {backend!r} names no section")
-    cache = _Reader(parser, backend or "DEFAULT", where)
-    base = source.parent if source else home
+# ------------------------------------------------------------------ the reference page
 
-    def path(reader: _Reader, name: str, default: Path) -> Path:
-        value = reader.raw(name)
-        if not value:
-            return default
-        candidate = Path(value).expanduser()
-        return candidate if candidate.is_absolute() else (base / candidate)
+_SECTIONS = {
+    Where.BACKEND: ("Cache options: `[DEFAULT]`, or the section `backend` names",
+                    "Cinder's names and meanings, so a Cinder backend section can be pasted. "
+                    "Cinder's other options there are ignored."),
+    Where.IVCACHE: ("`[ivcache]`", "An unknown option here is an error."),
+    Where.GLANCE: ("`[glance]`", "For `image_source = glance` (`pip install "
+                                 "'ivcache[glance]'`). An unknown option here is an error."),
+}
+_TYPE_NAMES: dict[type, str] = {str: "text", int: "whole number", float: "number",
+                                bool: "true/false", Path: "path", URL: "database URL"}
 
-    max_count = cache.integer("image_volume_cache_max_count",
-                          cache.integer("image_volume_cache_max_size_count", 0))
-    policy = CachePolicy(
-        enabled=cache.flag("image_volume_cache_enabled", True),
-        max_size_gb=cache.integer("image_volume_cache_max_size_gb", 0),
-        max_count=max_count,
-        claim_wait_seconds=ivc.number("claim_wait_seconds", 600.0),
-        claim_lease_seconds=ivc.number("claim_lease_seconds", 3600.0),
-    )
-    tenant = InternalTenant(
-        project_id=cache.text("cinder_internal_tenant_project_id", "internal"),
-        user_id=cache.text("cinder_internal_tenant_user_id", "internal"),
-        quota_gb=ivc.integer("internal_tenant_quota_gb", 0),
-        quota_volumes=ivc.integer("internal_tenant_quota_volumes", 0),
-    )
-    g = _Reader(parser, "glance" if parser.has_section("glance") else "DEFAULT", where)
-    glance = GlanceConfig(
-        url=g.text("url", ""), os_cloud=g.text("os_cloud", ""),
-        auth=g.text("auth", "keystone", ("keystone", "trusted-headers")),
-        insecure=g.flag("insecure", False), cafile=g.text("cafile", ""),
-        connect_timeout=g.number("connect_timeout", 10.0),
-        read_timeout=g.number("read_timeout", 300.0), retries=g.integer("retries", 3),
-    )
-    database_url = ivc.text("database_url", "")
-    if not database_url:
-        database_url = f"sqlite:///{base / 'ivcache.db'}"
-    elif database_url.startswith("sqlite:///") and not database_url.startswith("sqlite:////"):
-        relative = database_url[len("sqlite:///"):]
-        if relative and not relative.startswith(":memory:"):
-            database_url = f"sqlite:///{base / relative}"
-    return Config(
-        home=home,
-        host=cache.text("host", "") or socket.gethostname(),
-        tenant=tenant,
-        policy=policy,
-        database_url=database_url,
-        storage=ivc.text("storage", "file", STORAGE_KINDS),
-        storage_path=path(ivc, "storage_path", base / "volumes"),
-        storage_capacity_gb=ivc.integer("storage_capacity_gb", 1000),
-        image_source=ivc.text("image_source", "local", IMAGE_SOURCES),
-        images_path=path(ivc, "images_path", base / "images"),
-        notifier=ivc.text("notifier", "log", NOTIFIERS),
-        glance=glance,
-        rbd_pool=ivc.text("rbd_pool", "rbd"),
-        rbd_conf=ivc.text("rbd_conf", "/etc/ceph/ceph.conf"),
-        rbd_user=ivc.text("rbd_user", ""),
-        rbd_max_clone_depth=ivc.integer("rbd_max_clone_depth", 5),
-        source=source,
-    )
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _type_text(option: Option) -> str:
+    return "choice" if option.choices else _TYPE_NAMES[option.type]
+
+
+def _default_text(option: Option) -> str:
+    if option.type is bool:
+        return "`true`" if option.default else "`false`"
+    if option.type is float:
+        return f"`{option.default:g}`"
+    return f"`{option.default}`" if str(option.default) else "(empty)"
+
+
+def render_markdown() -> str:
+    """The reference page ``docs/configuration.md``, from ``OPTIONS``."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "*Generated from the option table `OPTIONS` in `entrypoints/config.py`: edit the "
+        "table, not this page, and regenerate it with `make docs` (`python -m "
+        "ivcache.entrypoints.config --markdown > docs/configuration.md`). A test fails "
+        "while the page differs from the table.*",
+        "",
+        "An INI file, given by `--config FILE` or `$IVCACHE_CONFIG`; with none, every option "
+        "has its default and everything lives under `$IVCACHE_HOME` (default "
+        "`~/.local/share/ivcache`). Relative paths are relative to the file's folder (or "
+        "to `$IVCACHE_HOME`). An empty value means the default; numbers must be 0 or more; "
+        "`[DEFAULT]` supplies a value for every section. A bad value is an error that names "
+        "the option.",
+    ]
+    for where, (title, intro) in _SECTIONS.items():
+        lines += ["", f"## {title}", "", intro, "",
+                  "| option | type | default | what |", "|---|---|---|---|"]
+        for o in (o for o in OPTIONS if o.where is where):
+            what = o.help
+            if o.choices:
+                what += " One of: " + ", ".join(f"`{c}`" for c in o.choices) + "."
+            if o.aliases:
+                what += " Also read as " + ", ".join(f"`{a}`" for a in o.aliases) + "."
+            lines.append(f"| `{o.name}` | {_type_text(o)} | {_cell(_default_text(o))} "
+                         f"| {_cell(what)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ivcache.entrypoints.config",
+                                     description="ivcache's configuration options.")
+    parser.add_argument("--markdown", action="store_true", required=True,
+                        help="print the reference page docs/configuration.md")
+    parser.parse_args(argv)
+    print(render_markdown(), end="")
+
+
+if __name__ == "__main__":
+    main()
