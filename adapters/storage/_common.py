@@ -1,11 +1,9 @@
-"""What the storage adapters share: argument checks, zero detection, atomic writes, the
-staging of a streamed image into 1 MiB blocks, and the on-disk state of the fakes."""
+"""What the storage adapters share: argument checks, zero detection, the staging of a
+streamed image into 1 MiB blocks, and the on-disk state of the fakes."""
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import json
 import os
 import secrets
@@ -17,6 +15,7 @@ from typing import Any
 
 import attrs
 
+from ivcache.adapters.storage._files import FileLock, atomic_write
 from ivcache.core.errors import InvalidSize, NoSpace, StorageError
 from ivcache.core.model import GIB, check_id
 
@@ -28,24 +27,18 @@ __all__ = [
     "StagedWrite",
     "StateDir",
     "already_exists",
-    "atomic_write",
     "check_grow",
     "check_size",
     "check_volume_id",
     "does_not_fit",
-    "fsync_dir",
     "is_zero",
     "merge_tail",
-    "no_space_errors",
     "read_range",
 ]
 
 MIB = 1024**2
 BLOCK = MIB
 ZERO_BLOCK = bytes(BLOCK)
-
-_NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
-
 
 def check_volume_id(volume_id: str) -> str:
     return check_id("volume", volume_id)
@@ -81,51 +74,6 @@ def is_zero(buf: bytes | bytearray | memoryview) -> bool:
     view = memoryview(buf).cast("B")
     return all(ZERO_BLOCK.startswith(view[start:start + BLOCK])
                for start in range(0, len(view), BLOCK))
-
-
-@contextlib.contextmanager
-def no_space_errors(what: str) -> Iterator[None]:
-    """Turn ENOSPC/EDQUOT into ``NoSpace``; other OS errors into ``StorageError``."""
-    try:
-        yield
-    except OSError as exc:
-        if exc.errno in _NO_SPACE_ERRNOS:
-            raise NoSpace(f"{what}: the filesystem is full ({exc.strerror})") from exc
-        raise StorageError(f"{what}: {exc}") from exc
-
-
-def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
-    """Replace ``path`` with ``data`` so a reader sees the old or the new file, never half.
-
-    ``durable`` also survives a power loss (fsync of the file and of its directory).
-    """
-    tmp = path.with_name(f".tmp-{os.getpid()}-{secrets.token_hex(6)}-{path.name}")
-    try:
-        with no_space_errors(f"writing {path}"):
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                if durable:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-            if durable:
-                fsync_dir(path.parent)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_range(size_bytes: int, block: Callable[[int], bytes | None], offset: int,
@@ -245,18 +193,10 @@ class StateDir:
         self._blocks_dir = self.path / "blocks"
         self._blocks_dir.mkdir(parents=True, exist_ok=True)
         self._cache: dict[str, dict[int, bytes]] = {}
-        self._thread_lock = threading.Lock()
+        self._lock = FileLock(self.path / ".lock")
 
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        # A new open file description per use: flock locks conflict between descriptions,
-        # so this excludes other threads as well as other processes.
-        with self._thread_lock, open(self.path / ".lock", "a+b") as lock_file:
-            fcntl.flock(lock_file, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock_file, fcntl.LOCK_UN)
+    def locked(self) -> contextlib.AbstractContextManager[None]:
+        return self._lock.held()
 
     def load(self) -> dict[str, Any] | None:
         try:

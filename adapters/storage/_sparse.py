@@ -6,7 +6,8 @@ import errno
 import os
 from collections.abc import Iterable
 
-from ivcache.adapters.storage._common import does_not_fit, is_zero, no_space_errors
+from ivcache.adapters.storage._common import does_not_fit, is_zero
+from ivcache.adapters.storage._files import no_space_errors
 
 __all__ = ["HOLE_GRAIN", "SparseWriter", "pwrite_all", "write_chunks"]
 

@@ -8,7 +8,8 @@
     files/<id>.<token>.raw     a volume made by create_volume: a raw sparse file
     files/<id>.<token>.qcow2   a clone: a qcow2 overlay naming its backing file by absolute
                                path and format (``-b ABS -F FMT``)
-    files/.tmp-<pid>-*         an image being staged: removed if its maker died
+    files/.tmp-<owner>-*       an image being staged: removed if its maker (pid and start
+                               time, see ``_files``) died
     files/.tpl-<file>-<gb>.qcow2   an empty overlay on <file> that clones copy (made once
                                by qemu-img create); removed with <file>
 
@@ -21,15 +22,12 @@ a hidden file of the same id still backs others.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import secrets
 import shutil
 import subprocess
-import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,12 +35,19 @@ import attrs
 
 from ivcache.adapters.storage._common import (
     already_exists,
-    atomic_write,
     check_grow,
     check_size,
     check_volume_id,
+)
+from ivcache.adapters.storage._files import (
+    TEMP_PREFIX,
+    FileLock,
+    atomic_write,
     fsync_dir,
     no_space_errors,
+    open_temp,
+    sweep,
+    temp_name,
 )
 from ivcache.adapters.storage._sparse import pwrite_all, write_chunks
 from ivcache.core.errors import NoSpace, StorageError, VolumeNotFound
@@ -154,16 +159,16 @@ class Qcow2Storage:
         self.host = host
         self.capacity_gb = capacity_gb
         self.max_chain_depth = max_chain_depth
-        self._lock = threading.Lock()
         with no_space_errors(f"creating {self.files_dir}"):
             self.files_dir.mkdir(parents=True, exist_ok=True)
-        with self._locked():
+        self._lock = FileLock(self.root / ".lock")
+        with self._lock.held():
             self._reap(self._load())
 
     def create_volume(self, volume_id: str, size_gb: int, owner: str) -> Volume:
         check_volume_id(volume_id)
         check_size(size_gb)
-        with self._locked():
+        with self._lock.held():
             state = self._load()
             if volume_id in state.volumes:
                 raise already_exists(volume_id)
@@ -183,7 +188,7 @@ class Qcow2Storage:
                 state.volumes[volume_id] = _Vol(name, size_gb, owner)
                 self._save(state)
             except BaseException:
-                _unlink(path)
+                path.unlink(missing_ok=True)
                 raise
         return self._volume(volume_id, state.volumes[volume_id])
 
@@ -195,7 +200,7 @@ class Qcow2Storage:
         clusters, so they hide what the backing file holds).
         """
         check_volume_id(volume_id)
-        with self._locked():
+        with self._lock.held():
             state = self._load()
             volume = self._require(state, volume_id)
             if state.has_children(volume.file):
@@ -210,7 +215,7 @@ class Qcow2Storage:
         check_volume_id(src_id)
         check_volume_id(dst_id)
         check_size(size_gb)
-        with self._locked():
+        with self._lock.held():
             state = self._load()
             src = self._require(state, src_id)
             if dst_id in state.volumes:
@@ -222,14 +227,14 @@ class Qcow2Storage:
                 state.volumes[dst_id] = _Vol(name, size_gb, owner)
                 self._save(state)
             except BaseException:
-                _unlink(self.files_dir / name)
+                (self.files_dir / name).unlink(missing_ok=True)
                 raise
         return self._volume(dst_id, state.volumes[dst_id])
 
     def extend_volume(self, volume_id: str, size_gb: int) -> Volume:
         check_volume_id(volume_id)
         check_size(size_gb)
-        with self._locked():
+        with self._lock.held():
             state = self._load()
             volume = self._require(state, volume_id)
             check_grow(volume_id, volume.size_gb, size_gb)
@@ -247,7 +252,7 @@ class Qcow2Storage:
 
     def delete_volume(self, volume_id: str) -> None:
         check_volume_id(volume_id)
-        with self._locked():
+        with self._lock.held():
             state = self._load()
             self._require(state, volume_id)
             del state.volumes[volume_id]
@@ -256,7 +261,7 @@ class Qcow2Storage:
             # file behind (the next start removes files that the index does not name).
             self._save(state)
             for name in gone:
-                _unlink(self.files_dir / name)
+                (self.files_dir / name).unlink(missing_ok=True)
                 self._drop_templates(name)
             with no_space_errors(f"deleting volume {volume_id}"):
                 fsync_dir(self.files_dir)
@@ -304,11 +309,9 @@ class Qcow2Storage:
     def _write_qcow2(self, volume_id: str, volume: _Vol, path: Path,
                      chunks: Iterable[bytes]) -> int:
         limit = volume.size_gb * GIB
-        staged = self._temp_path("raw")
+        staged, fd = open_temp(self.files_dir, ".raw")
         written = 0
         try:
-            with no_space_errors(f"writing volume {volume_id}"):
-                fd = os.open(staged, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
                 written = write_chunks(fd, chunks, volume_id=volume_id,
                                        size_gb=volume.size_gb, fresh=True)
@@ -327,7 +330,7 @@ class Qcow2Storage:
                 self._qemu(["convert", "-q", "-n", "-f", "raw", "-O", "qcow2", str(staged),
                             str(path)], f"writing volume {volume_id}")
         finally:
-            _unlink(staged)
+            staged.unlink(missing_ok=True)
         return written
 
     def _read_file(self, name: str, fmt: Format, size: int, offset: int,
@@ -337,7 +340,7 @@ class Qcow2Storage:
             return b""
         first = offset // _READ_BLOCK
         count = -(-end // _READ_BLOCK) - first
-        out = self._temp_path("raw")
+        out = self._temp_path(".raw")
         try:
             # qemu-img dd (7.2) counts ``count`` from the start of the input, skipped blocks
             # included; a dd that counts after the skip just reads more. Either way the
@@ -348,7 +351,7 @@ class Qcow2Storage:
             with open(out, "rb") as f:
                 return os.pread(f.fileno(), end - offset, offset - first * _READ_BLOCK)
         finally:
-            _unlink(out)
+            out.unlink(missing_ok=True)
 
     # -- files and the index ---------------------------------------------------------------
 
@@ -376,7 +379,7 @@ class Qcow2Storage:
                 state.files[name] = _File("qcow2", size_gb, None)
         except BaseException:
             state.files.pop(name, None)
-            _unlink(path)
+            path.unlink(missing_ok=True)
             raise
         return name
 
@@ -390,13 +393,13 @@ class Qcow2Storage:
         """
         template = self._template(base, size_gb)
         if not template.exists():
-            staged = self._temp_path("qcow2")
+            staged = self._temp_path(".qcow2")
             try:
                 self._qemu(["create", "-q", "-f", "qcow2", "-b", str(self.files_dir / base),
                             "-F", fmt, str(staged), str(size_gb * GIB)], what)
                 os.replace(staged, template)
             finally:
-                _unlink(staged)
+                staged.unlink(missing_ok=True)
         with no_space_errors(what), open(template, "rb") as src, \
                 open(path, "xb") as dst:
             shutil.copyfileobj(src, dst)
@@ -408,7 +411,7 @@ class Qcow2Storage:
 
     def _drop_templates(self, base: str) -> None:
         for template in self.files_dir.glob(f".tpl-{base}-*.qcow2"):
-            _unlink(template)
+            template.unlink(missing_ok=True)
 
     def _move_to_overlay(self, state: _State, volume_id: str, volume: _Vol,
                          size_gb: int) -> _Vol:
@@ -419,7 +422,7 @@ class Qcow2Storage:
         try:
             self._save(state)
         except BaseException:
-            _unlink(self.files_dir / name)
+            (self.files_dir / name).unlink(missing_ok=True)
             raise
         return moved
 
@@ -475,7 +478,8 @@ class Qcow2Storage:
         return f"{stem}.{secrets.token_hex(6)}.{fmt}"
 
     def _temp_path(self, suffix: str) -> Path:
-        return self.files_dir / f".tmp-{os.getpid()}-{secrets.token_hex(6)}.{suffix}"
+        """A temp file's path for qemu-img to create."""
+        return self.files_dir / temp_name(suffix)
 
     def _qemu(self, args: list[str], what: str) -> None:
         try:
@@ -493,49 +497,21 @@ class Qcow2Storage:
             raise NoSpace(f"{what}: the filesystem is full ({message})")
         raise StorageError(f"{what}: qemu-img {args[0]} failed: {message}")
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        # A new open file description per use: flock excludes other threads as well.
-        with self._lock, open(self.root / ".lock", "a+b") as lock_file:
-            fcntl.flock(lock_file, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock_file, fcntl.LOCK_UN)
-
     def _reap(self, state: _State) -> None:
         """Remove what crashed processes left: temp files, and files the index forgot.
 
         Every data file is made and indexed under the lock, so with the lock held a file in
         ``files/`` that the index does not name is a leftover, never one being made.
         """
-        for name in os.listdir(self.files_dir):
-            if name.startswith(".tmp-"):
-                pid = name.split("-")[1]
-                if pid.isdigit() and not _alive(int(pid)):
-                    _unlink(self.files_dir / name)
-            elif name.startswith(".tpl-"):
+        for name in sweep(self.files_dir):
+            if name.startswith(".tpl-"):
                 base = name.removeprefix(".tpl-").removesuffix(".qcow2").rpartition("-")[0]
                 if base not in state.files:
-                    _unlink(self.files_dir / name)
-            elif name.endswith((".raw", ".qcow2")) and name not in state.files:
-                _unlink(self.files_dir / name)
+                    (self.files_dir / name).unlink(missing_ok=True)
+            elif name.endswith((".raw", ".qcow2")) and not name.startswith(TEMP_PREFIX) \
+                    and name not in state.files:
+                (self.files_dir / name).unlink(missing_ok=True)
 
 
 def _is_size(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def _unlink(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
