@@ -5,6 +5,7 @@
     index.json      every volume (its data file, size, owner) and every data file (format,
                     size, backing file); replaced atomically, under the lock
     .lock           flock'ed around every change, so processes sharing root agree
+    .tmp-<owner>-*  the index being replaced: removed if its maker died
     files/<id>.<token>.raw     a volume made by create_volume: a raw sparse file
     files/<id>.<token>.qcow2   a clone: a qcow2 overlay naming its backing file by absolute
                                path and format (``-b ABS -F FMT``)
@@ -22,12 +23,13 @@ a hidden file of the same id still backs others.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import shutil
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -162,14 +164,13 @@ class Qcow2Storage:
         with no_space_errors(f"creating {self.files_dir}"):
             self.files_dir.mkdir(parents=True, exist_ok=True)
         self._lock = FileLock(self.root / ".lock")
-        with self._lock.held():
-            self._reap(self._load())
+        with self._changing():
+            pass
 
     def create_volume(self, volume_id: str, size_gb: int, owner: str) -> Volume:
         check_volume_id(volume_id)
         check_size(size_gb)
-        with self._lock.held():
-            state = self._load()
+        with self._changing() as state:
             if volume_id in state.volumes:
                 raise already_exists(volume_id)
             self._reserve(state, size_gb)
@@ -200,8 +201,7 @@ class Qcow2Storage:
         clusters, so they hide what the backing file holds).
         """
         check_volume_id(volume_id)
-        with self._lock.held():
-            state = self._load()
+        with self._changing() as state:
             volume = self._require(state, volume_id)
             if state.has_children(volume.file):
                 volume = self._move_to_overlay(state, volume_id, volume, volume.size_gb)
@@ -215,8 +215,7 @@ class Qcow2Storage:
         check_volume_id(src_id)
         check_volume_id(dst_id)
         check_size(size_gb)
-        with self._lock.held():
-            state = self._load()
+        with self._changing() as state:
             src = self._require(state, src_id)
             if dst_id in state.volumes:
                 raise already_exists(dst_id)
@@ -234,8 +233,7 @@ class Qcow2Storage:
     def extend_volume(self, volume_id: str, size_gb: int) -> Volume:
         check_volume_id(volume_id)
         check_size(size_gb)
-        with self._lock.held():
-            state = self._load()
+        with self._changing() as state:
             volume = self._require(state, volume_id)
             check_grow(volume_id, volume.size_gb, size_gb)
             if size_gb == volume.size_gb:
@@ -252,8 +250,7 @@ class Qcow2Storage:
 
     def delete_volume(self, volume_id: str) -> None:
         check_volume_id(volume_id)
-        with self._lock.held():
-            state = self._load()
+        with self._changing() as state:
             self._require(state, volume_id)
             del state.volumes[volume_id]
             gone = state.collect()
@@ -497,12 +494,23 @@ class Qcow2Storage:
             raise NoSpace(f"{what}: the filesystem is full ({message})")
         raise StorageError(f"{what}: qemu-img {args[0]} failed: {message}")
 
+    @contextlib.contextmanager
+    def _changing(self) -> Iterator[_State]:
+        """Hold the lock and yield the index, once what crashed processes left is gone."""
+        with self._lock.held():
+            state = self._load()
+            self._reap(state)
+            yield state
+
     def _reap(self, state: _State) -> None:
         """Remove what crashed processes left: temp files, and files the index forgot.
 
         Every data file is made and indexed under the lock, so with the lock held a file in
-        ``files/`` that the index does not name is a leftover, never one being made.
+        ``files/`` that the index does not name is a leftover, never one being made. Done
+        by every change, so a crash (mid-save of the index, say) leaves nothing once the
+        next change is made: a listing of ``files/`` costs less than the index's own load.
         """
+        sweep(self.root)  # the index's temp files
         for name in sweep(self.files_dir):
             if name.startswith(".tpl-"):
                 base = name.removeprefix(".tpl-").removesuffix(".qcow2").rpartition("-")[0]
