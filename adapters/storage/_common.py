@@ -1,21 +1,12 @@
-"""What the storage adapters share: argument checks, zero detection, the staging of a
-streamed image into 1 MiB blocks, and the on-disk state of the fakes."""
+"""What the storage adapters share: argument checks, messages, zero detection, and the
+staging of a streamed image into 1 MiB blocks."""
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import secrets
-import struct
-import threading
-from collections.abc import Callable, Collection, Iterator, Mapping
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Collection
 
 import attrs
 
-from ivcache.adapters.storage._files import FileLock, atomic_write
 from ivcache.core.errors import InvalidSize, NoSpace, StorageError
 from ivcache.core.model import GIB, check_id
 
@@ -25,8 +16,8 @@ __all__ = [
     "ZERO_BLOCK",
     "BlockWriter",
     "StagedWrite",
-    "StateDir",
     "already_exists",
+    "check_at_least",
     "check_grow",
     "check_size",
     "check_volume_id",
@@ -39,6 +30,15 @@ __all__ = [
 MIB = 1024**2
 BLOCK = MIB
 ZERO_BLOCK = bytes(BLOCK)
+
+def check_at_least(name: str, value: int, least: int, meaning: str = "") -> int:
+    """``value`` of the parameter ``name`` if it is ``least`` or more, else ValueError;
+    ``meaning`` says what the least value means ("0 = unlimited")."""
+    if value < least:
+        said = f" ({meaning})" if meaning else ""
+        raise ValueError(f"{name} must be at least {least}{said}, not {value}")
+    return value
+
 
 def check_volume_id(volume_id: str) -> str:
     return check_id("volume", volume_id)
@@ -170,134 +170,3 @@ class BlockWriter:
 def merge_tail(tail: bytes, old: bytes | None) -> bytes:
     """The last block of a write: the written bytes, then what the block held before."""
     return tail + (old if old is not None else ZERO_BLOCK)[len(tail):]
-
-
-class StateDir:
-    """Where a fake keeps its state so volumes outlive the process.
-
-    ``index.json`` holds the metadata and a random ``serial`` that changes on every save;
-    each volume's blocks live in an immutable ``blocks/<stem>.<token>.blk`` file named in the
-    index, so a save writes only what changed, a reader reuses the blocks it has already
-    loaded, and several index records (an RBD snapshot and its image) can share one file.
-    Every load-modify-save runs under ``locked()``, an flock that also serialises processes.
-
-    The fakes simulate storage: rename keeps the state whole if a process dies, but the
-    block files are not fsynced, so a power loss is not modelled.
-    """
-
-    _MAGIC = b"IVBLK1\n"
-    _INDEX = struct.Struct(">Q")
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self._blocks_dir = self.path / "blocks"
-        self._blocks_dir.mkdir(parents=True, exist_ok=True)
-        self._cache: dict[str, dict[int, bytes]] = {}
-        self._lock = FileLock(self.path / ".lock")
-
-    def locked(self) -> contextlib.AbstractContextManager[None]:
-        return self._lock.held()
-
-    def load(self) -> dict[str, Any] | None:
-        try:
-            text = (self.path / "index.json").read_bytes()
-        except FileNotFoundError:
-            return None
-        try:
-            doc = json.loads(text)
-        except ValueError as exc:
-            raise StorageError(f"state file {self.path / 'index.json'} is corrupt: {exc}") from exc
-        if not isinstance(doc, dict):
-            raise StorageError(f"state file {self.path / 'index.json'} is corrupt: not an object")
-        return doc
-
-    def save(self, doc: Mapping[str, Any], keep: Collection[str]) -> None:
-        """Write the index, then remove block files that no record names any more."""
-        atomic_write(self.path / "index.json",
-                     json.dumps(doc, sort_keys=True, indent=1).encode(), durable=False)
-        for entry in os.scandir(self._blocks_dir):
-            if entry.name not in keep:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(entry.path)
-        self.forget_all_but(keep)
-
-    def forget_all_but(self, keep: Collection[str]) -> None:
-        """Drop cached blocks of files the index no longer names."""
-        for name in [name for name in self._cache if name not in keep]:
-            del self._cache[name]
-
-    def read_blocks(self, name: str) -> dict[int, bytes]:
-        """The blocks of file ``name`` (a fresh dict: the caller may change it)."""
-        if not name:
-            return {}
-        cached = self._cache.get(name)
-        if cached is None:
-            cached = self._cache[name] = self._parse(name)
-        return dict(cached)
-
-    def write_blocks(self, stem: str, blocks: Mapping[int, bytes]) -> str:
-        """Write ``blocks`` to a new file and return its name ("" for no blocks)."""
-        if not blocks:
-            return ""
-        name = f"{stem}.{secrets.token_hex(8)}.blk"
-        parts = [self._MAGIC]
-        for index in sorted(blocks):
-            parts += (self._INDEX.pack(index), blocks[index])
-        atomic_write(self._blocks_dir / name, b"".join(parts), durable=False)
-        self._cache[name] = dict(blocks)
-        return name
-
-    def _parse(self, name: str) -> dict[int, bytes]:
-        path = self._blocks_dir / name
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError as exc:
-            raise StorageError(f"state file {path} is missing: the state is damaged") from exc
-        record = self._INDEX.size + BLOCK
-        if not data.startswith(self._MAGIC) or (len(data) - len(self._MAGIC)) % record:
-            raise StorageError(f"state file {path} is corrupt")
-        view = memoryview(data)
-        blocks: dict[int, bytes] = {}
-        for start in range(len(self._MAGIC), len(data), record):
-            (index,) = self._INDEX.unpack_from(view, start)
-            blocks[index] = view[start + self._INDEX.size:start + record].tobytes()
-        return blocks
-
-
-class PersistedFake:
-    """What the fakes share: a lock, and with a state directory, load before and save after.
-
-    A subclass sets ``_lock``, ``_state`` and ``_serial`` and provides ``_refresh`` (load the
-    state if another process changed it) and ``_save``.
-    """
-
-    _lock: threading.RLock
-    _state: StateDir | None
-    _serial: str | None
-
-    def _refresh(self, state: StateDir) -> None:
-        raise NotImplementedError
-
-    def _save(self, state: StateDir) -> None:
-        raise NotImplementedError
-
-    @contextlib.contextmanager
-    def _txn(self, *, write: bool = False) -> Iterator[None]:
-        """Hold the lock; with a state directory, load before and (``write``) save after.
-
-        Every operation checks before it changes anything, so a failed one leaves memory as
-        it was; a persisted fake reloads after a failure all the same.
-        """
-        with self._lock:
-            if self._state is None:
-                yield
-                return
-            with self._state.locked():
-                self._refresh(self._state)
-                try:
-                    yield
-                    if write:
-                        self._save(self._state)
-                except BaseException:
-                    self._serial = None
-                    raise

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import secrets
-import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +12,6 @@ import attrs
 from ivcache.adapters.storage._common import (
     ZERO_BLOCK,
     BlockWriter,
-    PersistedFake,
-    StateDir,
     already_exists,
     check_grow,
     check_size,
@@ -22,12 +19,11 @@ from ivcache.adapters.storage._common import (
     merge_tail,
     read_range,
 )
-from ivcache.core.errors import NoSpace, StorageError, VolumeNotFound
+from ivcache.adapters.storage._state import PersistedFake, Stored
+from ivcache.core.errors import NoSpace, VolumeNotFound
 from ivcache.core.model import GIB, Volume
 
 __all__ = ["FakeLvmStorage"]
-
-_KIND = "fake-lvm"
 
 
 @attrs.define
@@ -55,17 +51,12 @@ class FakeLvmStorage(PersistedFake):
     """
 
     vg_name = "ivcache-fake-vg"
+    _kind = "fake-lvm"
+    _volumes: dict[str, _LogicalVolume]
 
     def __init__(self, capacity_gb: int = 1000, *, host: str = "",
                  state_path: Path | None = None) -> None:
-        if capacity_gb < 1:
-            raise ValueError(f"capacity_gb must be at least 1, not {capacity_gb}")
-        self.capacity_gb = capacity_gb
-        self.host = host
-        self._lock = threading.RLock()
-        self._volumes: dict[str, _LogicalVolume] = {}
-        self._state = StateDir(state_path) if state_path is not None else None
-        self._serial: str | None = None
+        super().__init__(capacity_gb, host, state_path)
 
     @property
     def free_gb(self) -> int:
@@ -165,12 +156,6 @@ class FakeLvmStorage(PersistedFake):
             raise VolumeNotFound(volume_id)
         return lv
 
-    def _blocks(self, lv: _LogicalVolume) -> dict[int, bytes]:
-        if lv.blocks is None:
-            assert self._state is not None  # only a persisted group defers loading
-            lv.blocks = self._state.read_blocks(lv.file)
-        return lv.blocks
-
     def _used_gb(self) -> int:
         return sum(lv.size_gb for lv in self._volumes.values())
 
@@ -184,43 +169,27 @@ class FakeLvmStorage(PersistedFake):
         return Volume(lv.id, lv.size_gb, lv.owner, self.host, f"/dev/{self.vg_name}/{lv.id}",
                       "path")
 
-    def _refresh(self, state: StateDir) -> None:
-        doc = state.load()
-        if doc is None:
-            self._volumes, self._serial = {}, None
-            return
-        if doc.get("serial") == self._serial:
-            return
-        if doc.get("kind") != _KIND:
-            raise StorageError(f"{state.path} holds the state of a {doc.get('kind')!r} "
-                               f"backend, not {_KIND!r}")
-        try:
-            volumes = {
-                vid: _LogicalVolume(vid, int(rec["size_gb"]), str(rec["owner"]),
-                                    str(rec["uid"]), None if rec["file"] else {},
-                                    str(rec["file"]))
-                for vid, rec in doc["volumes"].items()
-            }
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise StorageError(f"state file {state.path / 'index.json'} is corrupt: "
-                               f"{exc!r}") from exc
-        self._volumes, self._serial = volumes, str(doc["serial"])
-        state.forget_all_but({lv.file for lv in volumes.values()})
+    def _clear(self) -> None:
+        self._volumes = {}
 
-    def _save(self, state: StateDir) -> None:
-        for lv in self._volumes.values():
-            if lv.dirty:
-                lv.file = state.write_blocks(lv.id, self._blocks(lv))
-                lv.dirty = False
-        serial = secrets.token_hex(16)
-        volumes: dict[str, Any] = {
+    def _restore(self, doc: Mapping[str, Any]) -> None:
+        self._volumes = {
+            vid: _LogicalVolume(vid, int(rec["size_gb"]), str(rec["owner"]), str(rec["uid"]),
+                                None if rec["file"] else {}, str(rec["file"]))
+            for vid, rec in doc["volumes"].items()
+        }
+
+    def _dump(self) -> dict[str, Any]:
+        return {"volumes": {
             lv.id: {"size_gb": lv.size_gb, "owner": lv.owner, "uid": lv.uid, "file": lv.file}
             for lv in self._volumes.values()
-        }
-        state.save({"kind": _KIND, "serial": serial, "capacity_gb": self.capacity_gb,
-                    "volumes": volumes},
-                   keep={lv.file for lv in self._volumes.values() if lv.file})
-        self._serial = serial
+        }}
+
+    def _stored(self) -> Iterable[tuple[str, Stored]]:
+        return ((lv.id, lv) for lv in self._volumes.values())
+
+    def _files(self) -> set[str]:
+        return {lv.file for lv in self._volumes.values() if lv.file}
 
 
 def _put(blocks: dict[int, bytes], index: int, data: bytes | None) -> None:

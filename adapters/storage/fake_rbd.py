@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import secrets
-import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,21 +13,19 @@ from ivcache.adapters.storage._common import (
     BLOCK,
     ZERO_BLOCK,
     BlockWriter,
-    PersistedFake,
-    StateDir,
     already_exists,
+    check_at_least,
     check_grow,
     check_size,
     check_volume_id,
     merge_tail,
     read_range,
 )
-from ivcache.core.errors import NoSpace, StorageError, VolumeNotFound
+from ivcache.adapters.storage._state import PersistedFake, Stored
+from ivcache.core.errors import NoSpace, VolumeNotFound
 from ivcache.core.model import GIB, Volume
 
 __all__ = ["FakeRbdStorage"]
-
-_KIND = "fake-rbd"
 
 
 @attrs.define
@@ -81,21 +78,14 @@ class FakeRbdStorage(PersistedFake):
     """
 
     pool = "ivcache-fake-pool"
+    _kind = "fake-rbd"
+    _images: dict[str, _Image]
+    _names: dict[str, str]
 
     def __init__(self, capacity_gb: int = 1000, *, host: str = "",
                  state_path: Path | None = None, max_clone_depth: int = 5) -> None:
-        if capacity_gb < 1:
-            raise ValueError(f"capacity_gb must be at least 1, not {capacity_gb}")
-        if max_clone_depth < 0:
-            raise ValueError(f"max_clone_depth must be at least 0, not {max_clone_depth}")
-        self.capacity_gb = capacity_gb
-        self.host = host
-        self.max_clone_depth = max_clone_depth
-        self._lock = threading.RLock()
-        self._images: dict[str, _Image] = {}
-        self._names: dict[str, str] = {}
-        self._state = StateDir(state_path) if state_path is not None else None
-        self._serial: str | None = None
+        self.max_clone_depth = check_at_least("max_clone_depth", max_clone_depth, 0)
+        super().__init__(capacity_gb, host, state_path)
 
     @property
     def used_bytes(self) -> int:
@@ -117,7 +107,7 @@ class FakeRbdStorage(PersistedFake):
         with self._txn():
             image = self._get(volume_id)
             key, size_gb, used = image.key, image.size_gb, self._used_blocks()
-            existing = frozenset(self._head(image))
+            existing = frozenset(self._blocks(image))
         free = self.capacity_gb * GIB // BLOCK - used
         # The stream is consumed without the lock. Each new object takes room, and zeros can
         # free at most the objects already there: a lower bound of the room the write needs,
@@ -132,7 +122,7 @@ class FakeRbdStorage(PersistedFake):
             image = self._get(volume_id)
             if image.key != key:
                 raise VolumeNotFound(volume_id)
-            blocks = dict(self._head(image))
+            blocks = dict(self._blocks(image))
             for index, data in staged.blocks.items():
                 self._put(image, blocks, index, data)
             if staged.tail is not None:
@@ -172,7 +162,7 @@ class FakeRbdStorage(PersistedFake):
                     snap_name = f"snap-{secrets.token_hex(6)}"
                     # The snapshot shares the image's current block file (both are
                     # immutable), and takes no space until the image changes.
-                    src.snaps[snap_name] = _Snapshot(set(), dict(self._head(src)), src.file)
+                    src.snaps[snap_name] = _Snapshot(set(), dict(self._blocks(src)), src.file)
                     src.clone_snap = snap_name
                 src.snaps[snap_name].children.add(clone.key)
                 clone.parent = f"{src.key}@{snap_name}"
@@ -267,22 +257,22 @@ class FakeRbdStorage(PersistedFake):
         parent = image.parent
         while parent is not None:
             owner, snap = self._snapshot(parent)
-            data = self._snap_blocks(snap).get(index)
+            data = self._blocks(snap).get(index)
             if data is not None:
                 return data
             parent = owner.parent
         return None
 
     def _block(self, image: _Image, index: int) -> bytes | None:
-        data = self._head(image).get(index)
+        data = self._blocks(image).get(index)
         return data if data is not None else self._parent_block(image, index)
 
     def _flattened(self, image: _Image) -> dict[int, bytes]:
-        indexes = set(self._head(image))
+        indexes = set(self._blocks(image))
         parent = image.parent
         while parent is not None:
             owner, snap = self._snapshot(parent)
-            indexes.update(self._snap_blocks(snap))
+            indexes.update(self._blocks(snap))
             parent = owner.parent
         blocks = {}
         for index in indexes:
@@ -332,30 +322,16 @@ class FakeRbdStorage(PersistedFake):
         A snapshot takes space only where its image has since changed; several snapshots
         holding the same old object count it once.
         """
-        blocks = head if head is not None else self._head(image)
+        blocks = head if head is not None else self._blocks(image)
         if not image.snaps:
             return len(blocks)
         distinct: dict[int, list[bytes]] = {index: [data] for index, data in blocks.items()}
         for snap in image.snaps.values():
-            for index, data in self._snap_blocks(snap).items():
+            for index, data in self._blocks(snap).items():
                 seen = distinct.setdefault(index, [])
                 if not any(data is other or data == other for other in seen):
                     seen.append(data)
         return sum(len(seen) for seen in distinct.values())
-
-    def _head(self, image: _Image) -> dict[int, bytes]:
-        if image.blocks is None:
-            image.blocks = self._read(image.file)
-        return image.blocks
-
-    def _snap_blocks(self, snap: _Snapshot) -> dict[int, bytes]:
-        if snap.blocks is None:
-            snap.blocks = self._read(snap.file)
-        return snap.blocks
-
-    def _read(self, file: str) -> dict[int, bytes]:
-        assert self._state is not None  # only a persisted pool defers loading
-        return self._state.read_blocks(file)
 
     def _no_space(self, volume_id: str) -> NoSpace:
         free = max(0, self.capacity_gb * GIB - self._used_blocks() * BLOCK)
@@ -367,42 +343,25 @@ class FakeRbdStorage(PersistedFake):
         return Volume(image.name, image.size_gb, image.owner, self.host,
                       f"{self.pool}/{image.name}", "rbd_image")
 
-    def _refresh(self, state: StateDir) -> None:
-        doc = state.load()
-        if doc is None:
-            self._images, self._names, self._serial = {}, {}, None
-            return
-        if doc.get("serial") == self._serial:
-            return
-        if doc.get("kind") != _KIND:
-            raise StorageError(f"{state.path} holds the state of a {doc.get('kind')!r} "
-                               f"backend, not {_KIND!r}")
-        try:
-            images = {}
-            for key, rec in doc["images"].items():
-                snaps = {name: _Snapshot(set(map(str, s["children"])),
-                                         None if s["file"] else {},
-                                         str(s["file"]))
-                         for name, s in rec["snaps"].items()}
-                images[key] = _Image(str(key), rec["name"], int(rec["size_gb"]),
-                                     str(rec["owner"]), rec["parent"],
-                                     None if rec["file"] else {}, snaps, int(rec["objects"]),
-                                     str(rec["file"]), clone_snap=rec.get("clone_snap"))
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise StorageError(f"state file {state.path / 'index.json'} is corrupt: "
-                               f"{exc!r}") from exc
+    def _clear(self) -> None:
+        self._images, self._names = {}, {}
+
+    def _restore(self, doc: Mapping[str, Any]) -> None:
+        images = {}
+        for key, rec in doc["images"].items():
+            snaps = {name: _Snapshot(set(map(str, s["children"])), None if s["file"] else {},
+                                     str(s["file"]))
+                     for name, s in rec["snaps"].items()}
+            images[key] = _Image(str(key), rec["name"], int(rec["size_gb"]), str(rec["owner"]),
+                                 rec["parent"], None if rec["file"] else {}, snaps,
+                                 int(rec["objects"]), str(rec["file"]),
+                                 clone_snap=rec.get("clone_snap"))
         self._images = images
         self._names = {image.name: key for key, image in images.items()
                        if image.name is not None}
-        self._serial = str(doc["serial"])
-        state.forget_all_but(self._files())
 
-    def _save(self, state: StateDir) -> None:
-        for image in self._images.values():
-            if image.dirty:
-                image.file = state.write_blocks(image.key, self._head(image))
-                image.dirty = False
-        records: dict[str, Any] = {
+    def _dump(self) -> dict[str, Any]:
+        records = {
             image.key: {
                 "name": image.name, "size_gb": image.size_gb, "owner": image.owner,
                 "parent": image.parent, "file": image.file, "objects": image.objects,
@@ -412,11 +371,10 @@ class FakeRbdStorage(PersistedFake):
             }
             for image in self._images.values()
         }
-        serial = secrets.token_hex(16)
-        state.save({"kind": _KIND, "serial": serial, "capacity_gb": self.capacity_gb,
-                    "max_clone_depth": self.max_clone_depth, "images": records},
-                   keep=self._files())
-        self._serial = serial
+        return {"max_clone_depth": self.max_clone_depth, "images": records}
+
+    def _stored(self) -> Iterable[tuple[str, Stored]]:
+        return ((image.key, image) for image in self._images.values())
 
     def _files(self) -> set[str]:
         """The block files the pool's images and snapshots are stored in."""
