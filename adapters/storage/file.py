@@ -38,7 +38,7 @@ from ivcache.adapters.storage._files import (
     open_temp,
     sweep,
 )
-from ivcache.adapters.storage._sparse import SparseWriter, write_chunks
+from ivcache.adapters.storage._sparse import SparseWriter, write_file
 from ivcache.core.errors import InvalidIdentifier, NoSpace, StorageError, VolumeNotFound
 from ivcache.core.model import GIB, Volume
 
@@ -107,18 +107,8 @@ class FileStorage:
         """Stream ``chunks`` into the volume from offset 0, leaving zero runs as holes."""
         check_volume_id(volume_id)
         meta = self._require(volume_id)
-        try:
-            fd = os.open(self._data(volume_id), os.O_WRONLY | os.O_CLOEXEC)
-        except FileNotFoundError as exc:
-            raise VolumeNotFound(volume_id) from exc
-        try:
-            written = write_chunks(fd, chunks, volume_id=volume_id, size_gb=meta.size_gb,
-                                   fresh=False)
-            with no_space_errors(f"writing volume {volume_id}"):
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        return written
+        return write_file(self._data(volume_id), chunks, volume_id=volume_id,
+                          size_gb=meta.size_gb)
 
     def clone_volume(self, src_id: str, dst_id: str, size_gb: int, owner: str) -> Volume:
         check_volume_id(src_id)

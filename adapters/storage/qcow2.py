@@ -51,7 +51,7 @@ from ivcache.adapters.storage._files import (
     sweep,
     temp_name,
 )
-from ivcache.adapters.storage._sparse import pwrite_all, write_chunks
+from ivcache.adapters.storage._sparse import pwrite_all, write_chunks, write_file
 from ivcache.core.errors import NoSpace, StorageError, VolumeNotFound
 from ivcache.core.model import GIB, Volume
 
@@ -208,7 +208,7 @@ class Qcow2Storage:
             fmt = state.files[volume.file].format
         path = self.files_dir / volume.file
         if fmt == "raw":
-            return self._write_raw(volume_id, volume, path, chunks)
+            return write_file(path, chunks, volume_id=volume_id, size_gb=volume.size_gb)
         return self._write_qcow2(volume_id, volume, path, chunks)
 
     def clone_volume(self, src_id: str, dst_id: str, size_gb: int, owner: str) -> Volume:
@@ -287,21 +287,6 @@ class Qcow2Storage:
                                volume.size_gb * GIB, offset, length)
 
     # -- data ------------------------------------------------------------------------------
-
-    def _write_raw(self, volume_id: str, volume: _Vol, path: Path,
-                   chunks: Iterable[bytes]) -> int:
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-        except FileNotFoundError as exc:
-            raise VolumeNotFound(volume_id) from exc
-        try:
-            written = write_chunks(fd, chunks, volume_id=volume_id, size_gb=volume.size_gb,
-                                   fresh=False)
-            with no_space_errors(f"writing volume {volume_id}"):
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        return written
 
     def _write_qcow2(self, volume_id: str, volume: _Vol, path: Path,
                      chunks: Iterable[bytes]) -> int:
