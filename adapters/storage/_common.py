@@ -18,12 +18,17 @@ __all__ = [
     "StagedWrite",
     "already_exists",
     "check_at_least",
+    "check_clone",
     "check_grow",
+    "check_range",
+    "check_room",
     "check_size",
+    "check_sized",
     "check_volume_id",
     "does_not_fit",
     "is_zero",
     "merge_tail",
+    "no_room",
     "read_range",
 ]
 
@@ -40,6 +45,12 @@ def check_at_least(name: str, value: int, least: int, meaning: str = "") -> int:
     return value
 
 
+def check_range(offset: int, length: int) -> None:
+    """The arguments of a ``read`` (for tests) of ``length`` bytes at ``offset``."""
+    if offset < 0 or length < 0:
+        raise ValueError(f"offset and length must be >= 0, not {offset} and {length}")
+
+
 def check_volume_id(volume_id: str) -> str:
     return check_id("volume", volume_id)
 
@@ -49,6 +60,19 @@ def check_size(size_gb: int) -> int:
     if isinstance(size_gb, bool) or not isinstance(size_gb, int) or size_gb < 1:
         raise InvalidSize(f"a volume size is a whole number of GiB, at least 1, not {size_gb!r}")
     return size_gb
+
+
+def check_sized(volume_id: str, size_gb: int) -> None:
+    """The arguments of create_volume and extend_volume."""
+    check_volume_id(volume_id)
+    check_size(size_gb)
+
+
+def check_clone(src_id: str, dst_id: str, size_gb: int) -> None:
+    """The arguments of clone_volume (the source's size is checked by ``check_grow``)."""
+    check_volume_id(src_id)
+    check_volume_id(dst_id)
+    check_size(size_gb)
 
 
 def check_grow(volume_id: str, current_gb: int, new_gb: int, *, clone: bool = False) -> None:
@@ -62,6 +86,22 @@ def check_grow(volume_id: str, current_gb: int, new_gb: int, *, clone: bool = Fa
 
 def already_exists(volume_id: str) -> StorageError:
     return StorageError(f"volume {volume_id} already exists: choose another id or delete it first")
+
+
+def no_room(where: str, free_bytes: int, capacity_gb: int, wanted: str) -> NoSpace:
+    """The one "no room" error: ``where`` has ``free_bytes`` left of ``capacity_gb``, too
+    few for ``wanted`` ("3 GiB more", "the data of volume v1")."""
+    free = max(free_bytes, 0)
+    left = f"{free // GIB} GiB" if free % GIB == 0 else f"{free // MIB} MiB"
+    return NoSpace(f"{where} has {left} free of {capacity_gb} GiB: no room for {wanted}")
+
+
+def check_room(where: str, capacity_gb: int, used_bytes: int, size_gb: int) -> None:
+    """Raise ``no_room`` unless ``size_gb`` GiB more fit in ``capacity_gb`` (0: unlimited)
+    of which ``used_bytes`` are taken."""
+    free = capacity_gb * GIB - used_bytes
+    if capacity_gb and size_gb * GIB > free:
+        raise no_room(where, free, capacity_gb, f"{size_gb} GiB more")
 
 
 def does_not_fit(volume_id: str, size_gb: int) -> NoSpace:
@@ -79,8 +119,7 @@ def is_zero(buf: bytes | bytearray | memoryview) -> bool:
 def read_range(size_bytes: int, block: Callable[[int], bytes | None], offset: int,
                length: int) -> bytes:
     """Bytes ``[offset, offset + length)`` of a block-mapped volume, cut at its end."""
-    if offset < 0 or length < 0:
-        raise ValueError(f"offset and length must be >= 0, not {offset} and {length}")
+    check_range(offset, length)
     end = min(offset + length, size_bytes)
     out = bytearray()
     pos = offset
@@ -106,6 +145,16 @@ class StagedWrite:
     tail: tuple[int, bytes] | None
     written: int
 
+    def apply(self, put: Callable[[int, bytes | None], None],
+              old: Callable[[int], bytes | None]) -> None:
+        """Apply the write block by block through ``put(index, data)``; ``old(index)`` is
+        what the volume holds in the block the tail lands in (None: zeros)."""
+        for index, data in self.blocks.items():
+            put(index, data)
+        if self.tail is not None:
+            index, data = self.tail
+            put(index, merge_tail(data, old(index)))
+
 
 class BlockWriter:
     """Cut chunks written from offset 0 into whole 1 MiB blocks.
@@ -115,14 +164,18 @@ class BlockWriter:
     under the backend's lock, instead of while the stream is consumed.
 
     ``new_data_blocks`` counts non-zero blocks at indexes outside ``existing`` (the blocks the
-    volume holds), so that a thin backend can refuse a too-big image before the end.
+    volume holds), so that a thin backend can refuse a too-big image before the end: past
+    ``room`` such blocks, ``full()`` is raised.
     """
 
-    def __init__(self, volume_id: str, size_gb: int, *, existing: Collection[int] = ()) -> None:
+    def __init__(self, volume_id: str, size_gb: int, *, existing: Collection[int] = (),
+                 room: int | None = None, full: Callable[[], Exception] | None = None) -> None:
         self._volume_id = volume_id
         self._size_gb = size_gb
         self._limit = size_gb * GIB
         self._existing = existing
+        self._room = room
+        self._full = full
         self._blocks: dict[int, bytes | None] = {}
         self._buf = bytearray()
         self.written = 0
@@ -165,6 +218,9 @@ class BlockWriter:
         self._blocks[index] = data
         if index not in self._existing:
             self.new_data_blocks += 1
+            if self._room is not None and self.new_data_blocks > self._room:
+                assert self._full is not None  # room goes with full
+                raise self._full()
 
 
 def merge_tail(tail: bytes, old: bytes | None) -> bytes:

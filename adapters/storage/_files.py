@@ -25,6 +25,7 @@ __all__ = [
     "TEMP_PREFIX",
     "FileLock",
     "atomic_write",
+    "filesystem_full",
     "fsync_dir",
     "no_space_errors",
     "open_temp",
@@ -39,6 +40,10 @@ TEMP_PREFIX = ".tmp-"
 _NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
+def filesystem_full(what: str, detail: str) -> NoSpace:
+    return NoSpace(f"{what}: the filesystem is full ({detail})")
+
+
 @contextlib.contextmanager
 def no_space_errors(what: str) -> Iterator[None]:
     """Turn ENOSPC/EDQUOT into ``NoSpace``; other OS errors into ``StorageError``."""
@@ -46,7 +51,7 @@ def no_space_errors(what: str) -> Iterator[None]:
         yield
     except OSError as exc:
         if exc.errno in _NO_SPACE_ERRNOS:
-            raise NoSpace(f"{what}: the filesystem is full ({exc.strerror})") from exc
+            raise filesystem_full(what, str(exc.strerror)) from exc
         raise StorageError(f"{what}: {exc}") from exc
 
 

@@ -11,11 +11,21 @@ import struct
 import threading
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
-from ivcache.adapters.storage._common import BLOCK, check_at_least
+from ivcache.adapters.storage._common import (
+    BLOCK,
+    BlockWriter,
+    StagedWrite,
+    already_exists,
+    check_at_least,
+    check_grow,
+    check_sized,
+    check_volume_id,
+)
 from ivcache.adapters.storage._files import FileLock, atomic_write, sweep
-from ivcache.core.errors import StorageError
+from ivcache.core.errors import StorageError, VolumeNotFound
+from ivcache.core.model import Volume
 
 __all__ = ["Loadable", "PersistedFake", "StateDir", "Stored"]
 
@@ -129,15 +139,29 @@ class Stored(Loadable, Protocol):
     dirty: bool
 
 
-class PersistedFake:
-    """What the fakes share: capacity, host, a lock, and with a state directory, load before
-    and save after.
+class FakeVolume(Protocol):
+    """A fake's volume: ``uid`` tells it from a later volume of the same id."""
 
-    A subclass names its ``_kind`` and provides ``_clear`` (no volumes), ``_restore`` (take
-    the records of a loaded index: a KeyError, TypeError, ValueError or AttributeError there
-    means the index is corrupt), ``_dump`` (the records to save), ``_stored`` (its records
-    with their own blocks, by the stem of their block file) and ``_files`` (the block files
-    its records name).
+    size_gb: int
+
+    @property
+    def uid(self) -> str: ...
+
+
+V = TypeVar("V", bound=FakeVolume)
+
+
+class PersistedFake(Generic[V]):
+    """What the fakes share: capacity, host, a lock, and with a state directory, load before
+    and save after; and what their volumes ``V`` answer alike.
+
+    A subclass names its ``_kind`` and provides ``_get`` (the volume of an id, or
+    VolumeNotFound), ``_exists``, ``_volume`` (the port's ``Volume`` of one), ``_writer``
+    and ``_apply`` (how a write is staged, then applied), and for its
+    state ``_clear`` (no volumes), ``_restore`` (take the records of a loaded index: a
+    KeyError, TypeError, ValueError or AttributeError there means the index is corrupt),
+    ``_dump`` (the records to save), ``_stored`` (its records with their own blocks, by the
+    stem of their block file) and ``_files`` (the block files its records name).
     """
 
     _kind: ClassVar[str]
@@ -149,6 +173,73 @@ class PersistedFake:
         self._state = StateDir(state_path) if state_path is not None else None
         self._serial: str | None = None
         self._clear()
+
+    def write_image(self, volume_id: str, chunks: Iterable[bytes]) -> int:
+        check_volume_id(volume_id)
+        with self._txn():
+            volume = self._get(volume_id)
+            uid, writer = volume.uid, self._writer(volume_id, volume)
+        # The stream (a download, perhaps) is consumed without the lock, so other volumes
+        # stay usable meanwhile; the blocks are applied at the end, all at once.
+        for chunk in chunks:
+            writer.feed(chunk)
+        staged = writer.finish()
+        with self._txn(write=True):
+            volume = self._get(volume_id)
+            if volume.uid != uid:  # deleted meanwhile, and made again
+                raise VolumeNotFound(volume_id)
+            self._apply(volume_id, volume, staged)
+        return staged.written
+
+    def extend_volume(self, volume_id: str, size_gb: int) -> Volume:
+        check_sized(volume_id, size_gb)
+        with self._txn(write=True):
+            volume = self._get(volume_id)
+            check_grow(volume_id, volume.size_gb, size_gb)
+            self._reserve(size_gb - volume.size_gb)
+            volume.size_gb = size_gb
+            return self._volume(volume)
+
+    def get_volume(self, volume_id: str) -> Volume:
+        check_volume_id(volume_id)
+        with self._txn():
+            return self._volume(self._get(volume_id))
+
+    def _get(self, volume_id: str) -> V:
+        raise NotImplementedError
+
+    def _exists(self, volume_id: str) -> bool:
+        raise NotImplementedError
+
+    def _volume(self, volume: V) -> Volume:
+        raise NotImplementedError
+
+    def _writer(self, volume_id: str, volume: V) -> BlockWriter:
+        """What stages a write into ``volume``; in a transaction."""
+        raise NotImplementedError
+
+    def _apply(self, volume_id: str, volume: V, staged: StagedWrite) -> None:
+        """Put a staged write into ``volume`` (NoSpace leaves it as it was); in a
+        transaction."""
+        raise NotImplementedError
+
+    def _reserve(self, size_gb: int) -> None:
+        """Take ``size_gb`` more from the capacity, or raise NoSpace; in a transaction.
+
+        A thick fake takes room here; a thin one (the default) when data is written.
+        """
+
+    def _check_free(self, volume_id: str) -> None:
+        """Raise unless no volume has the id ``volume_id``; in a transaction."""
+        if self._exists(volume_id):
+            raise already_exists(volume_id)
+
+    def _clone_source(self, src_id: str, dst_id: str, size_gb: int) -> V:
+        """The volume to clone into a new ``dst_id`` of ``size_gb``; in a transaction."""
+        src = self._get(src_id)
+        self._check_free(dst_id)
+        check_grow(src_id, src.size_gb, size_gb, clone=True)
+        return src
 
     def _clear(self) -> None:
         raise NotImplementedError

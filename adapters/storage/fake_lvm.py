@@ -12,15 +12,15 @@ import attrs
 from ivcache.adapters.storage._common import (
     ZERO_BLOCK,
     BlockWriter,
-    already_exists,
-    check_grow,
-    check_size,
+    StagedWrite,
+    check_clone,
+    check_room,
+    check_sized,
     check_volume_id,
-    merge_tail,
     read_range,
 )
 from ivcache.adapters.storage._state import PersistedFake, Stored
-from ivcache.core.errors import NoSpace, VolumeNotFound
+from ivcache.core.errors import VolumeNotFound
 from ivcache.core.model import GIB, Volume
 
 __all__ = ["FakeLvmStorage"]
@@ -40,7 +40,7 @@ class _LogicalVolume:
     dirty: bool = False
 
 
-class FakeLvmStorage(PersistedFake):
+class FakeLvmStorage(PersistedFake[_LogicalVolume]):
     """A simulated LVM volume group of ``capacity_gb``: thick volumes, full copies.
 
     Every volume takes its whole size from the group when it is made or extended, and a
@@ -65,50 +65,18 @@ class FakeLvmStorage(PersistedFake):
             return self.capacity_gb - self._used_gb()
 
     def create_volume(self, volume_id: str, size_gb: int, owner: str) -> Volume:
-        check_volume_id(volume_id)
-        check_size(size_gb)
+        check_sized(volume_id, size_gb)
         with self._txn(write=True):
-            if volume_id in self._volumes:
-                raise already_exists(volume_id)
+            self._check_free(volume_id)
             self._reserve(size_gb)
             lv = _LogicalVolume(volume_id, size_gb, owner, secrets.token_hex(8))
             self._volumes[volume_id] = lv
             return self._volume(lv)
 
-    def write_image(self, volume_id: str, chunks: Iterable[bytes]) -> int:
-        check_volume_id(volume_id)
-        with self._txn():
-            lv = self._get(volume_id)
-            uid, size_gb = lv.uid, lv.size_gb
-        # The stream (a download, perhaps) is consumed without the lock, so other volumes
-        # stay usable meanwhile; the blocks are applied at the end, all at once.
-        writer = BlockWriter(volume_id, size_gb)
-        for chunk in chunks:
-            writer.feed(chunk)
-        staged = writer.finish()
-        with self._txn(write=True):
-            lv = self._get(volume_id)
-            if lv.uid != uid:
-                raise VolumeNotFound(volume_id)
-            blocks = dict(self._blocks(lv))
-            for index, data in staged.blocks.items():
-                _put(blocks, index, data)
-            if staged.tail is not None:
-                index, data = staged.tail
-                _put(blocks, index, merge_tail(data, blocks.get(index)))
-            lv.blocks = blocks
-            lv.dirty = True
-        return staged.written
-
     def clone_volume(self, src_id: str, dst_id: str, size_gb: int, owner: str) -> Volume:
-        check_volume_id(src_id)
-        check_volume_id(dst_id)
-        check_size(size_gb)
+        check_clone(src_id, dst_id, size_gb)
         with self._txn(write=True):
-            src = self._get(src_id)
-            if dst_id in self._volumes:
-                raise already_exists(dst_id)
-            check_grow(src_id, src.size_gb, size_gb, clone=True)
+            src = self._clone_source(src_id, dst_id, size_gb)
             self._reserve(size_gb)
             # Blocks are immutable bytes, so sharing them is a copy as far as anyone can
             # tell; a persisted group writes every byte into the clone's own file.
@@ -117,26 +85,11 @@ class FakeLvmStorage(PersistedFake):
             self._volumes[dst_id] = lv
             return self._volume(lv)
 
-    def extend_volume(self, volume_id: str, size_gb: int) -> Volume:
-        check_volume_id(volume_id)
-        check_size(size_gb)
-        with self._txn(write=True):
-            lv = self._get(volume_id)
-            check_grow(volume_id, lv.size_gb, size_gb)
-            self._reserve(size_gb - lv.size_gb)
-            lv.size_gb = size_gb
-            return self._volume(lv)
-
     def delete_volume(self, volume_id: str) -> None:
         check_volume_id(volume_id)
         with self._txn(write=True):
             self._get(volume_id)
             del self._volumes[volume_id]
-
-    def get_volume(self, volume_id: str) -> Volume:
-        check_volume_id(volume_id)
-        with self._txn():
-            return self._volume(self._get(volume_id))
 
     def list_volumes(self, owner: str | None = None) -> list[Volume]:
         with self._txn():
@@ -156,14 +109,24 @@ class FakeLvmStorage(PersistedFake):
             raise VolumeNotFound(volume_id)
         return lv
 
+    def _exists(self, volume_id: str) -> bool:
+        return volume_id in self._volumes
+
+    def _writer(self, volume_id: str, lv: _LogicalVolume) -> BlockWriter:
+        return BlockWriter(volume_id, lv.size_gb)
+
+    def _apply(self, volume_id: str, lv: _LogicalVolume, staged: StagedWrite) -> None:
+        blocks = dict(self._blocks(lv))
+        staged.apply(lambda index, data: _put(blocks, index, data), blocks.get)
+        lv.blocks = blocks
+        lv.dirty = True
+
     def _used_gb(self) -> int:
         return sum(lv.size_gb for lv in self._volumes.values())
 
     def _reserve(self, size_gb: int) -> None:
-        free = self.capacity_gb - self._used_gb()
-        if size_gb > free:
-            raise NoSpace(f"volume group {self.vg_name} has {free} GiB free of "
-                          f"{self.capacity_gb} GiB; {size_gb} GiB asked")
+        check_room(f"volume group {self.vg_name}", self.capacity_gb, self._used_gb() * GIB,
+                   size_gb)
 
     def _volume(self, lv: _LogicalVolume) -> Volume:
         return Volume(lv.id, lv.size_gb, lv.owner, self.host, f"/dev/{self.vg_name}/{lv.id}",

@@ -13,12 +13,12 @@ from ivcache.adapters.storage._common import (
     BLOCK,
     ZERO_BLOCK,
     BlockWriter,
-    already_exists,
+    StagedWrite,
     check_at_least,
-    check_grow,
-    check_size,
+    check_clone,
+    check_sized,
     check_volume_id,
-    merge_tail,
+    no_room,
     read_range,
 )
 from ivcache.adapters.storage._state import PersistedFake, Stored
@@ -62,8 +62,12 @@ class _Image:
     # (as RbdStorage does with its ``ivcache.snap`` metadata).
     clone_snap: str | None = None
 
+    @property
+    def uid(self) -> str:
+        return self.key
 
-class FakeRbdStorage(PersistedFake):
+
+class FakeRbdStorage(PersistedFake[_Image]):
     """A simulated RBD pool of ``capacity_gb``: thin images and copy-on-write clones.
 
     It behaves as ``RbdStorage`` does on a real pool. An image takes only the 1 MiB objects
@@ -95,60 +99,15 @@ class FakeRbdStorage(PersistedFake):
             return self._used_blocks() * BLOCK
 
     def create_volume(self, volume_id: str, size_gb: int, owner: str) -> Volume:
-        check_volume_id(volume_id)
-        check_size(size_gb)
+        check_sized(volume_id, size_gb)
         with self._txn(write=True):
-            if volume_id in self._names:
-                raise already_exists(volume_id)
+            self._check_free(volume_id)
             return self._volume(self._add(volume_id, size_gb, owner))
 
-    def write_image(self, volume_id: str, chunks: Iterable[bytes]) -> int:
-        check_volume_id(volume_id)
-        with self._txn():
-            image = self._get(volume_id)
-            key, size_gb, used = image.key, image.size_gb, self._used_blocks()
-            existing = frozenset(self._blocks(image))
-        free = self.capacity_gb * GIB // BLOCK - used
-        # The stream is consumed without the lock. Each new object takes room, and zeros can
-        # free at most the objects already there: a lower bound of the room the write needs,
-        # so an image far too big fails early; the exact check is made when applying.
-        writer = BlockWriter(volume_id, size_gb, existing=existing)
-        for chunk in chunks:
-            writer.feed(chunk)
-            if writer.new_data_blocks - len(existing) > free:
-                raise self._no_space(volume_id)
-        staged = writer.finish()
-        with self._txn(write=True):
-            image = self._get(volume_id)
-            if image.key != key:
-                raise VolumeNotFound(volume_id)
-            blocks = dict(self._blocks(image))
-            for index, data in staged.blocks.items():
-                self._put(image, blocks, index, data)
-            if staged.tail is not None:
-                index, data = staged.tail
-                old = blocks.get(index)
-                if old is None:
-                    old = self._parent_block(image, index)
-                self._put(image, blocks, index, merge_tail(data, old))
-            snaps, clone_snap = dict(image.snaps), image.clone_snap
-            self._forget_clone_snap(image)
-            objects = self._count(image, blocks)
-            if self._used_blocks() - image.objects + objects > self.capacity_gb * GIB // BLOCK:
-                image.snaps, image.clone_snap = snaps, clone_snap
-                raise self._no_space(volume_id)
-            image.blocks, image.objects, image.dirty = blocks, objects, True
-        return staged.written
-
     def clone_volume(self, src_id: str, dst_id: str, size_gb: int, owner: str) -> Volume:
-        check_volume_id(src_id)
-        check_volume_id(dst_id)
-        check_size(size_gb)
+        check_clone(src_id, dst_id, size_gb)
         with self._txn(write=True):
-            src = self._get(src_id)
-            if dst_id in self._names:
-                raise already_exists(dst_id)
-            check_grow(src_id, src.size_gb, size_gb, clone=True)
+            src = self._clone_source(src_id, dst_id, size_gb)
             if self._depth(src) + 1 > self.max_clone_depth:
                 blocks = self._flattened(src)
                 if self._used_blocks() + len(blocks) > self.capacity_gb * GIB // BLOCK:
@@ -168,15 +127,6 @@ class FakeRbdStorage(PersistedFake):
                 clone.parent = f"{src.key}@{snap_name}"
             return self._volume(clone)
 
-    def extend_volume(self, volume_id: str, size_gb: int) -> Volume:
-        check_volume_id(volume_id)
-        check_size(size_gb)
-        with self._txn(write=True):
-            image = self._get(volume_id)
-            check_grow(volume_id, image.size_gb, size_gb)
-            image.size_gb = size_gb
-            return self._volume(image)
-
     def delete_volume(self, volume_id: str) -> None:
         check_volume_id(volume_id)
         with self._txn(write=True):
@@ -187,11 +137,6 @@ class FakeRbdStorage(PersistedFake):
                 image.name = None
             else:
                 self._purge(image)
-
-    def get_volume(self, volume_id: str) -> Volume:
-        check_volume_id(volume_id)
-        with self._txn():
-            return self._volume(self._get(volume_id))
 
     def list_volumes(self, owner: str | None = None) -> list[Volume]:
         with self._txn():
@@ -234,6 +179,30 @@ class FakeRbdStorage(PersistedFake):
         if key is None:
             raise VolumeNotFound(volume_id)
         return self._images[key]
+
+    def _exists(self, volume_id: str) -> bool:
+        return volume_id in self._names
+
+    def _writer(self, volume_id: str, image: _Image) -> BlockWriter:
+        existing = frozenset(self._blocks(image))
+        # Each new object takes room, and zeros can free at most the objects already there:
+        # a lower bound of the room the write needs, so an image far too big fails early
+        # (the stream is consumed without the lock); the exact check is made when applying.
+        room = self.capacity_gb * GIB // BLOCK - self._used_blocks() + len(existing)
+        return BlockWriter(volume_id, image.size_gb, existing=existing, room=room,
+                           full=lambda: self._no_space(volume_id))
+
+    def _apply(self, volume_id: str, image: _Image, staged: StagedWrite) -> None:
+        blocks = dict(self._blocks(image))
+        staged.apply(lambda index, data: self._put(image, blocks, index, data),
+                     lambda index: self._block(image, index))
+        snaps, clone_snap = dict(image.snaps), image.clone_snap
+        self._forget_clone_snap(image)
+        objects = self._count(image, blocks)
+        if self._used_blocks() - image.objects + objects > self.capacity_gb * GIB // BLOCK:
+            image.snaps, image.clone_snap = snaps, clone_snap
+            raise self._no_space(volume_id)
+        image.blocks, image.objects, image.dirty = blocks, objects, True
 
     def _add(self, name: str, size_gb: int, owner: str) -> _Image:
         image = _Image(secrets.token_hex(8), name, size_gb, owner)
@@ -334,9 +303,8 @@ class FakeRbdStorage(PersistedFake):
         return sum(len(seen) for seen in distinct.values())
 
     def _no_space(self, volume_id: str) -> NoSpace:
-        free = max(0, self.capacity_gb * GIB - self._used_blocks() * BLOCK)
-        return NoSpace(f"pool {self.pool} has {free // (1024 * 1024)} MiB free of "
-                       f"{self.capacity_gb} GiB: no room for the data of volume {volume_id}")
+        return no_room(f"pool {self.pool}", self.capacity_gb * GIB - self._used_blocks() * BLOCK,
+                       self.capacity_gb, f"the data of volume {volume_id}")
 
     def _volume(self, image: _Image) -> Volume:
         assert image.name is not None  # only visible images are ever returned

@@ -25,8 +25,11 @@ import attrs
 from ivcache.adapters.storage._common import (
     BLOCK,
     already_exists,
+    check_at_least,
+    check_clone,
     check_grow,
-    check_size,
+    check_room,
+    check_sized,
     check_volume_id,
 )
 from ivcache.adapters.storage._files import (
@@ -39,7 +42,7 @@ from ivcache.adapters.storage._files import (
     sweep,
 )
 from ivcache.adapters.storage._sparse import SparseWriter, write_file
-from ivcache.core.errors import InvalidIdentifier, NoSpace, StorageError, VolumeNotFound
+from ivcache.core.errors import InvalidIdentifier, StorageError, VolumeNotFound
 from ivcache.core.model import GIB, Volume
 
 __all__ = ["CloneMethod", "FileStorage"]
@@ -70,8 +73,7 @@ class FileStorage:
     """
 
     def __init__(self, root: Path, *, host: str = "", capacity_gb: int = 0) -> None:
-        if capacity_gb < 0:
-            raise ValueError(f"capacity_gb must be 0 (unlimited) or more, not {capacity_gb}")
+        check_at_least("capacity_gb", capacity_gb, 0, "0 = unlimited")
         self.root = Path(root).absolute()
         self.host = host
         self.capacity_gb = capacity_gb
@@ -83,8 +85,7 @@ class FileStorage:
             self._reap()
 
     def create_volume(self, volume_id: str, size_gb: int, owner: str) -> Volume:
-        check_volume_id(volume_id)
-        check_size(size_gb)
+        check_sized(volume_id, size_gb)
         meta = _Meta(size_gb, owner)
         with self._lock.held():
             if self._read_meta(volume_id) is not None:
@@ -111,9 +112,7 @@ class FileStorage:
                           size_gb=meta.size_gb)
 
     def clone_volume(self, src_id: str, dst_id: str, size_gb: int, owner: str) -> Volume:
-        check_volume_id(src_id)
-        check_volume_id(dst_id)
-        check_size(size_gb)
+        check_clone(src_id, dst_id, size_gb)
         meta = _Meta(size_gb, owner)
         with self._lock.held():
             src = self._require(src_id)
@@ -147,8 +146,7 @@ class FileStorage:
         return self._volume(dst_id, meta)
 
     def extend_volume(self, volume_id: str, size_gb: int) -> Volume:
-        check_volume_id(volume_id)
-        check_size(size_gb)
+        check_sized(volume_id, size_gb)
         with self._lock.held():
             old = self._require(volume_id)
             check_grow(volume_id, old.size_gb, size_gb)
@@ -261,10 +259,7 @@ class FileStorage:
                                           or f"{name.removesuffix('.raw')}.json" in names):
                 with contextlib.suppress(FileNotFoundError):
                     used += os.stat(self.root / name, follow_symlinks=False).st_size
-        free = self.capacity_gb * GIB - used
-        if size_gb * GIB > free:
-            raise NoSpace(f"storage {self.root} has {max(free, 0) // GIB} GiB free of "
-                          f"{self.capacity_gb} GiB; {size_gb} GiB asked")
+        check_room(f"storage {self.root}", self.capacity_gb, used, size_gb)
 
     def _copy_from(self, src_id: str, dst_fd: int, size: int) -> CloneMethod:
         try:

@@ -37,14 +37,19 @@ import attrs
 
 from ivcache.adapters.storage._common import (
     already_exists,
+    check_at_least,
+    check_clone,
     check_grow,
-    check_size,
+    check_range,
+    check_room,
+    check_sized,
     check_volume_id,
 )
 from ivcache.adapters.storage._files import (
     TEMP_PREFIX,
     FileLock,
     atomic_write,
+    filesystem_full,
     fsync_dir,
     no_space_errors,
     open_temp,
@@ -52,7 +57,7 @@ from ivcache.adapters.storage._files import (
     temp_name,
 )
 from ivcache.adapters.storage._sparse import pwrite_all, write_chunks, write_file
-from ivcache.core.errors import NoSpace, StorageError, VolumeNotFound
+from ivcache.core.errors import StorageError, VolumeNotFound
 from ivcache.core.model import GIB, Volume
 
 __all__ = ["Qcow2Storage"]
@@ -147,10 +152,8 @@ class Qcow2Storage:
 
     def __init__(self, root: Path, *, host: str = "", capacity_gb: int = 0,
                  qemu_img: str = "qemu-img", max_chain_depth: int = 8) -> None:
-        if capacity_gb < 0:
-            raise ValueError(f"capacity_gb must be 0 (unlimited) or more, not {capacity_gb}")
-        if max_chain_depth < 1:
-            raise ValueError(f"max_chain_depth must be 1 or more, not {max_chain_depth}")
+        check_at_least("capacity_gb", capacity_gb, 0, "0 = unlimited")
+        check_at_least("max_chain_depth", max_chain_depth, 1)
         found = shutil.which(qemu_img)
         if found is None:
             raise StorageError(f"{qemu_img} not found: the qcow2 storage needs it; "
@@ -168,8 +171,7 @@ class Qcow2Storage:
             pass
 
     def create_volume(self, volume_id: str, size_gb: int, owner: str) -> Volume:
-        check_volume_id(volume_id)
-        check_size(size_gb)
+        check_sized(volume_id, size_gb)
         with self._changing() as state:
             if volume_id in state.volumes:
                 raise already_exists(volume_id)
@@ -212,9 +214,7 @@ class Qcow2Storage:
         return self._write_qcow2(volume_id, volume, path, chunks)
 
     def clone_volume(self, src_id: str, dst_id: str, size_gb: int, owner: str) -> Volume:
-        check_volume_id(src_id)
-        check_volume_id(dst_id)
-        check_size(size_gb)
+        check_clone(src_id, dst_id, size_gb)
         with self._changing() as state:
             src = self._require(state, src_id)
             if dst_id in state.volumes:
@@ -231,8 +231,7 @@ class Qcow2Storage:
         return self._volume(dst_id, state.volumes[dst_id])
 
     def extend_volume(self, volume_id: str, size_gb: int) -> Volume:
-        check_volume_id(volume_id)
-        check_size(size_gb)
+        check_sized(volume_id, size_gb)
         with self._changing() as state:
             volume = self._require(state, volume_id)
             check_grow(volume_id, volume.size_gb, size_gb)
@@ -279,8 +278,7 @@ class Qcow2Storage:
         Through ``qemu-img dd``: for tests and checks, not for moving much data.
         """
         check_volume_id(volume_id)
-        if offset < 0 or length < 0:
-            raise ValueError(f"offset and length must be >= 0, not {offset} and {length}")
+        check_range(offset, length)
         state = self._load()
         volume = self._require(state, volume_id)
         return self._read_file(volume.file, state.files[volume.file].format,
@@ -424,10 +422,7 @@ class Qcow2Storage:
             return
         used = sum(volume.size_gb for volume in state.volumes.values())
         used += sum(state.files[name].size_gb for name in state.hidden())
-        free = self.capacity_gb - used
-        if size_gb > free:
-            raise NoSpace(f"storage {self.root} has {max(free, 0)} GiB free of "
-                          f"{self.capacity_gb} GiB; {size_gb} GiB asked")
+        check_room(f"storage {self.root}", self.capacity_gb, used * GIB, size_gb)
 
     def _load(self) -> _State:
         path = self.root / "index.json"
@@ -476,7 +471,7 @@ class Qcow2Storage:
                  if line.strip()]
         message = lines[-1] if lines else f"exit status {proc.returncode}"
         if "No space left" in message or "Disk quota exceeded" in message:
-            raise NoSpace(f"{what}: the filesystem is full ({message})")
+            raise filesystem_full(what, message)
         raise StorageError(f"{what}: qemu-img {args[0]} failed: {message}")
 
     @contextlib.contextmanager
