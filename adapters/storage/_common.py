@@ -36,6 +36,7 @@ MIB = 1024**2
 BLOCK = MIB
 ZERO_BLOCK = bytes(BLOCK)
 
+
 def check_at_least(name: str, value: int, least: int, meaning: str = "") -> int:
     """``value`` of the parameter ``name`` if it is ``least`` or more, else ValueError;
     ``meaning`` says what the least value means ("0 = unlimited")."""

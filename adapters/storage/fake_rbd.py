@@ -110,7 +110,7 @@ class FakeRbdStorage(PersistedFake[_Image]):
             src = self._clone_source(src_id, dst_id, size_gb)
             if self._depth(src) + 1 > self.max_clone_depth:
                 blocks = self._flattened(src)
-                if self._used_blocks() + len(blocks) > self.capacity_gb * GIB // BLOCK:
+                if len(blocks) > self._free_blocks():
                     raise self._no_space(dst_id)
                 clone = self._add(dst_id, size_gb, owner)
                 clone.blocks, clone.objects, clone.dirty = blocks, len(blocks), True
@@ -188,7 +188,7 @@ class FakeRbdStorage(PersistedFake[_Image]):
         # Each new object takes room, and zeros can free at most the objects already there:
         # a lower bound of the room the write needs, so an image far too big fails early
         # (the stream is consumed without the lock); the exact check is made when applying.
-        room = self.capacity_gb * GIB // BLOCK - self._used_blocks() + len(existing)
+        room = self._free_blocks() + len(existing)
         return BlockWriter(volume_id, image.size_gb, existing=existing, room=room,
                            full=lambda: self._no_space(volume_id))
 
@@ -199,7 +199,7 @@ class FakeRbdStorage(PersistedFake[_Image]):
         snaps, clone_snap = dict(image.snaps), image.clone_snap
         self._forget_clone_snap(image)
         objects = self._count(image, blocks)
-        if self._used_blocks() - image.objects + objects > self.capacity_gb * GIB // BLOCK:
+        if objects - image.objects > self._free_blocks():
             image.snaps, image.clone_snap = snaps, clone_snap
             raise self._no_space(volume_id)
         image.blocks, image.objects, image.dirty = blocks, objects, True
@@ -282,6 +282,9 @@ class FakeRbdStorage(PersistedFake[_Image]):
         if name is not None and not image.snaps[name].children:
             del image.snaps[name]
 
+    def _free_blocks(self) -> int:
+        return self.capacity_gb * GIB // BLOCK - self._used_blocks()
+
     def _used_blocks(self) -> int:
         return sum(image.objects for image in self._images.values())
 
@@ -303,8 +306,8 @@ class FakeRbdStorage(PersistedFake[_Image]):
         return sum(len(seen) for seen in distinct.values())
 
     def _no_space(self, volume_id: str) -> NoSpace:
-        return no_room(f"pool {self.pool}", self.capacity_gb * GIB - self._used_blocks() * BLOCK,
-                       self.capacity_gb, f"the data of volume {volume_id}")
+        return no_room(f"pool {self.pool}", self._free_blocks() * BLOCK, self.capacity_gb,
+                       f"the data of volume {volume_id}")
 
     def _volume(self, image: _Image) -> Volume:
         assert image.name is not None  # only visible images are ever returned

@@ -88,8 +88,7 @@ class FileStorage:
         check_sized(volume_id, size_gb)
         meta = _Meta(size_gb, owner)
         with self._lock.held():
-            if self._read_meta(volume_id) is not None:
-                raise already_exists(volume_id)
+            self._check_free(volume_id)
             self._reserve(size_gb)
             tmp, fd = open_temp(self.root, ".raw")
             try:
@@ -116,8 +115,7 @@ class FileStorage:
         meta = _Meta(size_gb, owner)
         with self._lock.held():
             src = self._require(src_id)
-            if self._read_meta(dst_id) is not None:
-                raise already_exists(dst_id)
+            self._check_free(dst_id)
             check_grow(src_id, src.size_gb, size_gb, clone=True)
             self._reserve(size_gb)
             tmp, fd = open_temp(self.root, ".raw")
@@ -136,8 +134,7 @@ class FileStorage:
             os.close(fd)
             fd = -1
             with self._lock.held():
-                if self._read_meta(dst_id) is not None:
-                    raise already_exists(dst_id)
+                self._check_free(dst_id)
                 self._commit(dst_id, tmp, meta)
         except BaseException:
             _discard(tmp, fd)
@@ -229,6 +226,10 @@ class FileStorage:
         if meta is None:
             raise VolumeNotFound(volume_id)
         return meta
+
+    def _check_free(self, volume_id: str) -> None:
+        if self._read_meta(volume_id) is not None:
+            raise already_exists(volume_id)
 
     def _write_meta(self, volume_id: str, meta: _Meta) -> None:
         doc = {"id": volume_id, "size_gb": meta.size_gb, "owner": meta.owner}
