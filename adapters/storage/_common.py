@@ -1,19 +1,9 @@
-"""What the storage adapters share: argument checks, zero detection, atomic writes, the
-staging of a streamed image into 1 MiB blocks, and the on-disk state of the fakes."""
+"""What the storage adapters share: argument checks, messages, zero detection, and the
+staging of a streamed image into 1 MiB blocks."""
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import fcntl
-import json
-import os
-import secrets
-import struct
-import threading
-from collections.abc import Callable, Collection, Iterator, Mapping
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Collection
 
 import attrs
 
@@ -26,17 +16,19 @@ __all__ = [
     "ZERO_BLOCK",
     "BlockWriter",
     "StagedWrite",
-    "StateDir",
     "already_exists",
-    "atomic_write",
+    "check_at_least",
+    "check_clone",
     "check_grow",
+    "check_range",
+    "check_room",
     "check_size",
+    "check_sized",
     "check_volume_id",
     "does_not_fit",
-    "fsync_dir",
     "is_zero",
     "merge_tail",
-    "no_space_errors",
+    "no_room",
     "read_range",
 ]
 
@@ -44,7 +36,20 @@ MIB = 1024**2
 BLOCK = MIB
 ZERO_BLOCK = bytes(BLOCK)
 
-_NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+def check_at_least(name: str, value: int, least: int, meaning: str = "") -> int:
+    """``value`` of the parameter ``name`` if it is ``least`` or more, else ValueError;
+    ``meaning`` says what the least value means ("0 = unlimited")."""
+    if value < least:
+        said = f" ({meaning})" if meaning else ""
+        raise ValueError(f"{name} must be at least {least}{said}, not {value}")
+    return value
+
+
+def check_range(offset: int, length: int) -> None:
+    """The arguments of a ``read`` (for tests) of ``length`` bytes at ``offset``."""
+    if offset < 0 or length < 0:
+        raise ValueError(f"offset and length must be >= 0, not {offset} and {length}")
 
 
 def check_volume_id(volume_id: str) -> str:
@@ -56,6 +61,19 @@ def check_size(size_gb: int) -> int:
     if isinstance(size_gb, bool) or not isinstance(size_gb, int) or size_gb < 1:
         raise InvalidSize(f"a volume size is a whole number of GiB, at least 1, not {size_gb!r}")
     return size_gb
+
+
+def check_sized(volume_id: str, size_gb: int) -> None:
+    """The arguments of create_volume and extend_volume."""
+    check_volume_id(volume_id)
+    check_size(size_gb)
+
+
+def check_clone(src_id: str, dst_id: str, size_gb: int) -> None:
+    """The arguments of clone_volume (the source's size is checked by ``check_grow``)."""
+    check_volume_id(src_id)
+    check_volume_id(dst_id)
+    check_size(size_gb)
 
 
 def check_grow(volume_id: str, current_gb: int, new_gb: int, *, clone: bool = False) -> None:
@@ -71,6 +89,22 @@ def already_exists(volume_id: str) -> StorageError:
     return StorageError(f"volume {volume_id} already exists: choose another id or delete it first")
 
 
+def no_room(where: str, free_bytes: int, capacity_gb: int, wanted: str) -> NoSpace:
+    """The one "no room" error: ``where`` has ``free_bytes`` left of ``capacity_gb``, too
+    few for ``wanted`` ("3 GiB more", "the data of volume v1")."""
+    free = max(free_bytes, 0)
+    left = f"{free // GIB} GiB" if free % GIB == 0 else f"{free // MIB} MiB"
+    return NoSpace(f"{where} has {left} free of {capacity_gb} GiB: no room for {wanted}")
+
+
+def check_room(where: str, capacity_gb: int, used_bytes: int, size_gb: int) -> None:
+    """Raise ``no_room`` unless ``size_gb`` GiB more fit in ``capacity_gb`` (0: unlimited)
+    of which ``used_bytes`` are taken."""
+    free = capacity_gb * GIB - used_bytes
+    if capacity_gb and size_gb * GIB > free:
+        raise no_room(where, free, capacity_gb, f"{size_gb} GiB more")
+
+
 def does_not_fit(volume_id: str, size_gb: int) -> NoSpace:
     return NoSpace(f"the image does not fit in volume {volume_id} ({size_gb} GiB): "
                    f"create a larger volume")
@@ -83,56 +117,10 @@ def is_zero(buf: bytes | bytearray | memoryview) -> bool:
                for start in range(0, len(view), BLOCK))
 
 
-@contextlib.contextmanager
-def no_space_errors(what: str) -> Iterator[None]:
-    """Turn ENOSPC/EDQUOT into ``NoSpace``; other OS errors into ``StorageError``."""
-    try:
-        yield
-    except OSError as exc:
-        if exc.errno in _NO_SPACE_ERRNOS:
-            raise NoSpace(f"{what}: the filesystem is full ({exc.strerror})") from exc
-        raise StorageError(f"{what}: {exc}") from exc
-
-
-def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
-    """Replace ``path`` with ``data`` so a reader sees the old or the new file, never half.
-
-    ``durable`` also survives a power loss (fsync of the file and of its directory).
-    """
-    tmp = path.with_name(f".tmp-{os.getpid()}-{secrets.token_hex(6)}-{path.name}")
-    try:
-        with no_space_errors(f"writing {path}"):
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                if durable:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-            if durable:
-                fsync_dir(path.parent)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def read_range(size_bytes: int, block: Callable[[int], bytes | None], offset: int,
                length: int) -> bytes:
     """Bytes ``[offset, offset + length)`` of a block-mapped volume, cut at its end."""
-    if offset < 0 or length < 0:
-        raise ValueError(f"offset and length must be >= 0, not {offset} and {length}")
+    check_range(offset, length)
     end = min(offset + length, size_bytes)
     out = bytearray()
     pos = offset
@@ -158,6 +146,16 @@ class StagedWrite:
     tail: tuple[int, bytes] | None
     written: int
 
+    def apply(self, put: Callable[[int, bytes | None], None],
+              old: Callable[[int], bytes | None]) -> None:
+        """Apply the write block by block through ``put(index, data)``; ``old(index)`` is
+        what the volume holds in the block the tail lands in (None: zeros)."""
+        for index, data in self.blocks.items():
+            put(index, data)
+        if self.tail is not None:
+            index, data = self.tail
+            put(index, merge_tail(data, old(index)))
+
 
 class BlockWriter:
     """Cut chunks written from offset 0 into whole 1 MiB blocks.
@@ -167,14 +165,18 @@ class BlockWriter:
     under the backend's lock, instead of while the stream is consumed.
 
     ``new_data_blocks`` counts non-zero blocks at indexes outside ``existing`` (the blocks the
-    volume holds), so that a thin backend can refuse a too-big image before the end.
+    volume holds), so that a thin backend can refuse a too-big image before the end: past
+    ``room`` such blocks, ``full()`` is raised.
     """
 
-    def __init__(self, volume_id: str, size_gb: int, *, existing: Collection[int] = ()) -> None:
+    def __init__(self, volume_id: str, size_gb: int, *, existing: Collection[int] = (),
+                 room: int | None = None, full: Callable[[], Exception] | None = None) -> None:
         self._volume_id = volume_id
         self._size_gb = size_gb
         self._limit = size_gb * GIB
         self._existing = existing
+        self._room = room
+        self._full = full
         self._blocks: dict[int, bytes | None] = {}
         self._buf = bytearray()
         self.written = 0
@@ -217,147 +219,11 @@ class BlockWriter:
         self._blocks[index] = data
         if index not in self._existing:
             self.new_data_blocks += 1
+            if self._room is not None and self.new_data_blocks > self._room:
+                assert self._full is not None  # room goes with full
+                raise self._full()
 
 
 def merge_tail(tail: bytes, old: bytes | None) -> bytes:
     """The last block of a write: the written bytes, then what the block held before."""
     return tail + (old if old is not None else ZERO_BLOCK)[len(tail):]
-
-
-class StateDir:
-    """Where a fake keeps its state so volumes outlive the process.
-
-    ``index.json`` holds the metadata and a random ``serial`` that changes on every save;
-    each volume's blocks live in an immutable ``blocks/<stem>.<token>.blk`` file named in the
-    index, so a save writes only what changed, a reader reuses the blocks it has already
-    loaded, and several index records (an RBD snapshot and its image) can share one file.
-    Every load-modify-save runs under ``locked()``, an flock that also serialises processes.
-
-    The fakes simulate storage: rename keeps the state whole if a process dies, but the
-    block files are not fsynced, so a power loss is not modelled.
-    """
-
-    _MAGIC = b"IVBLK1\n"
-    _INDEX = struct.Struct(">Q")
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self._blocks_dir = self.path / "blocks"
-        self._blocks_dir.mkdir(parents=True, exist_ok=True)
-        self._cache: dict[str, dict[int, bytes]] = {}
-        self._thread_lock = threading.Lock()
-
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        # A new open file description per use: flock locks conflict between descriptions,
-        # so this excludes other threads as well as other processes.
-        with self._thread_lock, open(self.path / ".lock", "a+b") as lock_file:
-            fcntl.flock(lock_file, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock_file, fcntl.LOCK_UN)
-
-    def load(self) -> dict[str, Any] | None:
-        try:
-            text = (self.path / "index.json").read_bytes()
-        except FileNotFoundError:
-            return None
-        try:
-            doc = json.loads(text)
-        except ValueError as exc:
-            raise StorageError(f"state file {self.path / 'index.json'} is corrupt: {exc}") from exc
-        if not isinstance(doc, dict):
-            raise StorageError(f"state file {self.path / 'index.json'} is corrupt: not an object")
-        return doc
-
-    def save(self, doc: Mapping[str, Any], keep: Collection[str]) -> None:
-        """Write the index, then remove block files that no record names any more."""
-        atomic_write(self.path / "index.json",
-                     json.dumps(doc, sort_keys=True, indent=1).encode(), durable=False)
-        for entry in os.scandir(self._blocks_dir):
-            if entry.name not in keep:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(entry.path)
-        self.forget_all_but(keep)
-
-    def forget_all_but(self, keep: Collection[str]) -> None:
-        """Drop cached blocks of files the index no longer names."""
-        for name in [name for name in self._cache if name not in keep]:
-            del self._cache[name]
-
-    def read_blocks(self, name: str) -> dict[int, bytes]:
-        """The blocks of file ``name`` (a fresh dict: the caller may change it)."""
-        if not name:
-            return {}
-        cached = self._cache.get(name)
-        if cached is None:
-            cached = self._cache[name] = self._parse(name)
-        return dict(cached)
-
-    def write_blocks(self, stem: str, blocks: Mapping[int, bytes]) -> str:
-        """Write ``blocks`` to a new file and return its name ("" for no blocks)."""
-        if not blocks:
-            return ""
-        name = f"{stem}.{secrets.token_hex(8)}.blk"
-        parts = [self._MAGIC]
-        for index in sorted(blocks):
-            parts += (self._INDEX.pack(index), blocks[index])
-        atomic_write(self._blocks_dir / name, b"".join(parts), durable=False)
-        self._cache[name] = dict(blocks)
-        return name
-
-    def _parse(self, name: str) -> dict[int, bytes]:
-        path = self._blocks_dir / name
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError as exc:
-            raise StorageError(f"state file {path} is missing: the state is damaged") from exc
-        record = self._INDEX.size + BLOCK
-        if not data.startswith(self._MAGIC) or (len(data) - len(self._MAGIC)) % record:
-            raise StorageError(f"state file {path} is corrupt")
-        view = memoryview(data)
-        blocks: dict[int, bytes] = {}
-        for start in range(len(self._MAGIC), len(data), record):
-            (index,) = self._INDEX.unpack_from(view, start)
-            blocks[index] = view[start + self._INDEX.size:start + record].tobytes()
-        return blocks
-
-
-class PersistedFake:
-    """What the fakes share: a lock, and with a state directory, load before and save after.
-
-    A subclass sets ``_lock``, ``_state`` and ``_serial`` and provides ``_refresh`` (load the
-    state if another process changed it) and ``_save``.
-    """
-
-    _lock: threading.RLock
-    _state: StateDir | None
-    _serial: str | None
-
-    def _refresh(self, state: StateDir) -> None:
-        raise NotImplementedError
-
-    def _save(self, state: StateDir) -> None:
-        raise NotImplementedError
-
-    @contextlib.contextmanager
-    def _txn(self, *, write: bool = False) -> Iterator[None]:
-        """Hold the lock; with a state directory, load before and (``write``) save after.
-
-        Every operation checks before it changes anything, so a failed one leaves memory as
-        it was; a persisted fake reloads after a failure all the same.
-        """
-        with self._lock:
-            if self._state is None:
-                yield
-                return
-            with self._state.locked():
-                self._refresh(self._state)
-                try:
-                    yield
-                    if write:
-                        self._save(self._state)
-                except BaseException:
-                    self._serial = None
-                    raise

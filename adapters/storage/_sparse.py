@@ -5,10 +5,14 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Iterable
+from pathlib import Path
 
-from ivcache.adapters.storage._common import does_not_fit, is_zero, no_space_errors
+from ivcache.adapters.storage._common import does_not_fit, is_zero
+from ivcache.adapters.storage._files import no_space_errors
+from ivcache.core.errors import VolumeNotFound
+from ivcache.core.model import GIB
 
-__all__ = ["HOLE_GRAIN", "SparseWriter", "pwrite_all", "write_chunks"]
+__all__ = ["HOLE_GRAIN", "SparseWriter", "pwrite_all", "write_chunks", "write_file"]
 
 # Zero runs this long (and aligned) become holes: small enough to keep an image's holes,
 # large enough that the zero test is not the cost of a write.
@@ -76,7 +80,7 @@ def write_chunks(fd: int, chunks: Iterable[bytes], *, volume_id: str, size_gb: i
 
     NoSpace if the data is bigger than the volume's ``size_gb`` or the filesystem is full.
     """
-    limit = size_gb * (1 << 30)
+    limit = size_gb * GIB
     writer = SparseWriter(fd, fresh=fresh)
     written = 0
     for chunk in chunks:
@@ -86,4 +90,23 @@ def write_chunks(fd: int, chunks: Iterable[bytes], *, volume_id: str, size_gb: i
         with no_space_errors(f"writing volume {volume_id}"):
             writer.write(view, written)
         written += len(view)
+    return written
+
+
+def write_file(path: Path, chunks: Iterable[bytes], *, volume_id: str, size_gb: int) -> int:
+    """Write ``chunks`` from offset 0 of the volume's raw file ``path`` and fsync it.
+
+    Zero runs stay holes where the file has none already; VolumeNotFound if the file is
+    gone, NoSpace as ``write_chunks``.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    except FileNotFoundError as exc:
+        raise VolumeNotFound(volume_id) from exc
+    try:
+        written = write_chunks(fd, chunks, volume_id=volume_id, size_gb=size_gb, fresh=False)
+        with no_space_errors(f"writing volume {volume_id}"):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
     return written

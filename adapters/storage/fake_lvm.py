@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import secrets
-import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,21 +12,18 @@ import attrs
 from ivcache.adapters.storage._common import (
     ZERO_BLOCK,
     BlockWriter,
-    PersistedFake,
-    StateDir,
-    already_exists,
-    check_grow,
-    check_size,
+    StagedWrite,
+    check_clone,
+    check_room,
+    check_sized,
     check_volume_id,
-    merge_tail,
     read_range,
 )
-from ivcache.core.errors import NoSpace, StorageError, VolumeNotFound
+from ivcache.adapters.storage._state import PersistedFake, Stored
+from ivcache.core.errors import VolumeNotFound
 from ivcache.core.model import GIB, Volume
 
 __all__ = ["FakeLvmStorage"]
-
-_KIND = "fake-lvm"
 
 
 @attrs.define
@@ -44,7 +40,7 @@ class _LogicalVolume:
     dirty: bool = False
 
 
-class FakeLvmStorage(PersistedFake):
+class FakeLvmStorage(PersistedFake[_LogicalVolume]):
     """A simulated LVM volume group of ``capacity_gb``: thick volumes, full copies.
 
     Every volume takes its whole size from the group when it is made or extended, and a
@@ -55,17 +51,12 @@ class FakeLvmStorage(PersistedFake):
     """
 
     vg_name = "ivcache-fake-vg"
+    _kind = "fake-lvm"
+    _volumes: dict[str, _LogicalVolume]
 
     def __init__(self, capacity_gb: int = 1000, *, host: str = "",
                  state_path: Path | None = None) -> None:
-        if capacity_gb < 1:
-            raise ValueError(f"capacity_gb must be at least 1, not {capacity_gb}")
-        self.capacity_gb = capacity_gb
-        self.host = host
-        self._lock = threading.RLock()
-        self._volumes: dict[str, _LogicalVolume] = {}
-        self._state = StateDir(state_path) if state_path is not None else None
-        self._serial: str | None = None
+        super().__init__(capacity_gb, host, state_path)
 
     @property
     def free_gb(self) -> int:
@@ -74,50 +65,18 @@ class FakeLvmStorage(PersistedFake):
             return self.capacity_gb - self._used_gb()
 
     def create_volume(self, volume_id: str, size_gb: int, owner: str) -> Volume:
-        check_volume_id(volume_id)
-        check_size(size_gb)
+        check_sized(volume_id, size_gb)
         with self._txn(write=True):
-            if volume_id in self._volumes:
-                raise already_exists(volume_id)
+            self._check_free(volume_id)
             self._reserve(size_gb)
             lv = _LogicalVolume(volume_id, size_gb, owner, secrets.token_hex(8))
             self._volumes[volume_id] = lv
             return self._volume(lv)
 
-    def write_image(self, volume_id: str, chunks: Iterable[bytes]) -> int:
-        check_volume_id(volume_id)
-        with self._txn():
-            lv = self._get(volume_id)
-            uid, size_gb = lv.uid, lv.size_gb
-        # The stream (a download, perhaps) is consumed without the lock, so other volumes
-        # stay usable meanwhile; the blocks are applied at the end, all at once.
-        writer = BlockWriter(volume_id, size_gb)
-        for chunk in chunks:
-            writer.feed(chunk)
-        staged = writer.finish()
-        with self._txn(write=True):
-            lv = self._get(volume_id)
-            if lv.uid != uid:
-                raise VolumeNotFound(volume_id)
-            blocks = dict(self._blocks(lv))
-            for index, data in staged.blocks.items():
-                _put(blocks, index, data)
-            if staged.tail is not None:
-                index, data = staged.tail
-                _put(blocks, index, merge_tail(data, blocks.get(index)))
-            lv.blocks = blocks
-            lv.dirty = True
-        return staged.written
-
     def clone_volume(self, src_id: str, dst_id: str, size_gb: int, owner: str) -> Volume:
-        check_volume_id(src_id)
-        check_volume_id(dst_id)
-        check_size(size_gb)
+        check_clone(src_id, dst_id, size_gb)
         with self._txn(write=True):
-            src = self._get(src_id)
-            if dst_id in self._volumes:
-                raise already_exists(dst_id)
-            check_grow(src_id, src.size_gb, size_gb, clone=True)
+            src = self._clone_source(src_id, dst_id, size_gb)
             self._reserve(size_gb)
             # Blocks are immutable bytes, so sharing them is a copy as far as anyone can
             # tell; a persisted group writes every byte into the clone's own file.
@@ -126,26 +85,11 @@ class FakeLvmStorage(PersistedFake):
             self._volumes[dst_id] = lv
             return self._volume(lv)
 
-    def extend_volume(self, volume_id: str, size_gb: int) -> Volume:
-        check_volume_id(volume_id)
-        check_size(size_gb)
-        with self._txn(write=True):
-            lv = self._get(volume_id)
-            check_grow(volume_id, lv.size_gb, size_gb)
-            self._reserve(size_gb - lv.size_gb)
-            lv.size_gb = size_gb
-            return self._volume(lv)
-
     def delete_volume(self, volume_id: str) -> None:
         check_volume_id(volume_id)
         with self._txn(write=True):
             self._get(volume_id)
             del self._volumes[volume_id]
-
-    def get_volume(self, volume_id: str) -> Volume:
-        check_volume_id(volume_id)
-        with self._txn():
-            return self._volume(self._get(volume_id))
 
     def list_volumes(self, owner: str | None = None) -> list[Volume]:
         with self._txn():
@@ -165,62 +109,50 @@ class FakeLvmStorage(PersistedFake):
             raise VolumeNotFound(volume_id)
         return lv
 
-    def _blocks(self, lv: _LogicalVolume) -> dict[int, bytes]:
-        if lv.blocks is None:
-            assert self._state is not None  # only a persisted group defers loading
-            lv.blocks = self._state.read_blocks(lv.file)
-        return lv.blocks
+    def _exists(self, volume_id: str) -> bool:
+        return volume_id in self._volumes
+
+    def _writer(self, volume_id: str, lv: _LogicalVolume) -> BlockWriter:
+        return BlockWriter(volume_id, lv.size_gb)
+
+    def _apply(self, volume_id: str, lv: _LogicalVolume, staged: StagedWrite) -> None:
+        blocks = dict(self._blocks(lv))
+        staged.apply(lambda index, data: _put(blocks, index, data), blocks.get)
+        lv.blocks = blocks
+        lv.dirty = True
 
     def _used_gb(self) -> int:
         return sum(lv.size_gb for lv in self._volumes.values())
 
     def _reserve(self, size_gb: int) -> None:
-        free = self.capacity_gb - self._used_gb()
-        if size_gb > free:
-            raise NoSpace(f"volume group {self.vg_name} has {free} GiB free of "
-                          f"{self.capacity_gb} GiB; {size_gb} GiB asked")
+        check_room(f"volume group {self.vg_name}", self.capacity_gb, self._used_gb() * GIB,
+                   size_gb)
 
     def _volume(self, lv: _LogicalVolume) -> Volume:
         return Volume(lv.id, lv.size_gb, lv.owner, self.host, f"/dev/{self.vg_name}/{lv.id}",
                       "path")
 
-    def _refresh(self, state: StateDir) -> None:
-        doc = state.load()
-        if doc is None:
-            self._volumes, self._serial = {}, None
-            return
-        if doc.get("serial") == self._serial:
-            return
-        if doc.get("kind") != _KIND:
-            raise StorageError(f"{state.path} holds the state of a {doc.get('kind')!r} "
-                               f"backend, not {_KIND!r}")
-        try:
-            volumes = {
-                vid: _LogicalVolume(vid, int(rec["size_gb"]), str(rec["owner"]),
-                                    str(rec["uid"]), None if rec["file"] else {},
-                                    str(rec["file"]))
-                for vid, rec in doc["volumes"].items()
-            }
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise StorageError(f"state file {state.path / 'index.json'} is corrupt: "
-                               f"{exc!r}") from exc
-        self._volumes, self._serial = volumes, str(doc["serial"])
-        state.forget_all_but({lv.file for lv in volumes.values()})
+    def _clear(self) -> None:
+        self._volumes = {}
 
-    def _save(self, state: StateDir) -> None:
-        for lv in self._volumes.values():
-            if lv.dirty:
-                lv.file = state.write_blocks(lv.id, self._blocks(lv))
-                lv.dirty = False
-        serial = secrets.token_hex(16)
-        volumes: dict[str, Any] = {
+    def _restore(self, doc: Mapping[str, Any]) -> None:
+        self._volumes = {
+            vid: _LogicalVolume(vid, int(rec["size_gb"]), str(rec["owner"]), str(rec["uid"]),
+                                None if rec["file"] else {}, str(rec["file"]))
+            for vid, rec in doc["volumes"].items()
+        }
+
+    def _dump(self) -> dict[str, Any]:
+        return {"volumes": {
             lv.id: {"size_gb": lv.size_gb, "owner": lv.owner, "uid": lv.uid, "file": lv.file}
             for lv in self._volumes.values()
-        }
-        state.save({"kind": _KIND, "serial": serial, "capacity_gb": self.capacity_gb,
-                    "volumes": volumes},
-                   keep={lv.file for lv in self._volumes.values() if lv.file})
-        self._serial = serial
+        }}
+
+    def _stored(self) -> Iterable[tuple[str, Stored]]:
+        return ((lv.id, lv) for lv in self._volumes.values())
+
+    def _files(self) -> set[str]:
+        return {lv.file for lv in self._volumes.values() if lv.file}
 
 
 def _put(blocks: dict[int, bytes], index: int, data: bytes | None) -> None:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import secrets
-import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,21 +13,19 @@ from ivcache.adapters.storage._common import (
     BLOCK,
     ZERO_BLOCK,
     BlockWriter,
-    PersistedFake,
-    StateDir,
-    already_exists,
-    check_grow,
-    check_size,
+    StagedWrite,
+    check_at_least,
+    check_clone,
+    check_sized,
     check_volume_id,
-    merge_tail,
+    no_room,
     read_range,
 )
-from ivcache.core.errors import NoSpace, StorageError, VolumeNotFound
+from ivcache.adapters.storage._state import PersistedFake, Stored
+from ivcache.core.errors import NoSpace, VolumeNotFound
 from ivcache.core.model import GIB, Volume
 
 __all__ = ["FakeRbdStorage"]
-
-_KIND = "fake-rbd"
 
 
 @attrs.define
@@ -65,8 +62,12 @@ class _Image:
     # (as RbdStorage does with its ``ivcache.snap`` metadata).
     clone_snap: str | None = None
 
+    @property
+    def uid(self) -> str:
+        return self.key
 
-class FakeRbdStorage(PersistedFake):
+
+class FakeRbdStorage(PersistedFake[_Image]):
     """A simulated RBD pool of ``capacity_gb``: thin images and copy-on-write clones.
 
     It behaves as ``RbdStorage`` does on a real pool. An image takes only the 1 MiB objects
@@ -81,21 +82,14 @@ class FakeRbdStorage(PersistedFake):
     """
 
     pool = "ivcache-fake-pool"
+    _kind = "fake-rbd"
+    _images: dict[str, _Image]
+    _names: dict[str, str]
 
     def __init__(self, capacity_gb: int = 1000, *, host: str = "",
                  state_path: Path | None = None, max_clone_depth: int = 5) -> None:
-        if capacity_gb < 1:
-            raise ValueError(f"capacity_gb must be at least 1, not {capacity_gb}")
-        if max_clone_depth < 0:
-            raise ValueError(f"max_clone_depth must be at least 0, not {max_clone_depth}")
-        self.capacity_gb = capacity_gb
-        self.host = host
-        self.max_clone_depth = max_clone_depth
-        self._lock = threading.RLock()
-        self._images: dict[str, _Image] = {}
-        self._names: dict[str, str] = {}
-        self._state = StateDir(state_path) if state_path is not None else None
-        self._serial: str | None = None
+        self.max_clone_depth = check_at_least("max_clone_depth", max_clone_depth, 0)
+        super().__init__(capacity_gb, host, state_path)
 
     @property
     def used_bytes(self) -> int:
@@ -105,63 +99,18 @@ class FakeRbdStorage(PersistedFake):
             return self._used_blocks() * BLOCK
 
     def create_volume(self, volume_id: str, size_gb: int, owner: str) -> Volume:
-        check_volume_id(volume_id)
-        check_size(size_gb)
+        check_sized(volume_id, size_gb)
         with self._txn(write=True):
-            if volume_id in self._names:
-                raise already_exists(volume_id)
+            self._check_free(volume_id)
             return self._volume(self._add(volume_id, size_gb, owner))
 
-    def write_image(self, volume_id: str, chunks: Iterable[bytes]) -> int:
-        check_volume_id(volume_id)
-        with self._txn():
-            image = self._get(volume_id)
-            key, size_gb, used = image.key, image.size_gb, self._used_blocks()
-            existing = frozenset(self._head(image))
-        free = self.capacity_gb * GIB // BLOCK - used
-        # The stream is consumed without the lock. Each new object takes room, and zeros can
-        # free at most the objects already there: a lower bound of the room the write needs,
-        # so an image far too big fails early; the exact check is made when applying.
-        writer = BlockWriter(volume_id, size_gb, existing=existing)
-        for chunk in chunks:
-            writer.feed(chunk)
-            if writer.new_data_blocks - len(existing) > free:
-                raise self._no_space(volume_id)
-        staged = writer.finish()
-        with self._txn(write=True):
-            image = self._get(volume_id)
-            if image.key != key:
-                raise VolumeNotFound(volume_id)
-            blocks = dict(self._head(image))
-            for index, data in staged.blocks.items():
-                self._put(image, blocks, index, data)
-            if staged.tail is not None:
-                index, data = staged.tail
-                old = blocks.get(index)
-                if old is None:
-                    old = self._parent_block(image, index)
-                self._put(image, blocks, index, merge_tail(data, old))
-            snaps, clone_snap = dict(image.snaps), image.clone_snap
-            self._forget_clone_snap(image)
-            objects = self._count(image, blocks)
-            if self._used_blocks() - image.objects + objects > self.capacity_gb * GIB // BLOCK:
-                image.snaps, image.clone_snap = snaps, clone_snap
-                raise self._no_space(volume_id)
-            image.blocks, image.objects, image.dirty = blocks, objects, True
-        return staged.written
-
     def clone_volume(self, src_id: str, dst_id: str, size_gb: int, owner: str) -> Volume:
-        check_volume_id(src_id)
-        check_volume_id(dst_id)
-        check_size(size_gb)
+        check_clone(src_id, dst_id, size_gb)
         with self._txn(write=True):
-            src = self._get(src_id)
-            if dst_id in self._names:
-                raise already_exists(dst_id)
-            check_grow(src_id, src.size_gb, size_gb, clone=True)
+            src = self._clone_source(src_id, dst_id, size_gb)
             if self._depth(src) + 1 > self.max_clone_depth:
                 blocks = self._flattened(src)
-                if self._used_blocks() + len(blocks) > self.capacity_gb * GIB // BLOCK:
+                if len(blocks) > self._free_blocks():
                     raise self._no_space(dst_id)
                 clone = self._add(dst_id, size_gb, owner)
                 clone.blocks, clone.objects, clone.dirty = blocks, len(blocks), True
@@ -172,20 +121,11 @@ class FakeRbdStorage(PersistedFake):
                     snap_name = f"snap-{secrets.token_hex(6)}"
                     # The snapshot shares the image's current block file (both are
                     # immutable), and takes no space until the image changes.
-                    src.snaps[snap_name] = _Snapshot(set(), dict(self._head(src)), src.file)
+                    src.snaps[snap_name] = _Snapshot(set(), dict(self._blocks(src)), src.file)
                     src.clone_snap = snap_name
                 src.snaps[snap_name].children.add(clone.key)
                 clone.parent = f"{src.key}@{snap_name}"
             return self._volume(clone)
-
-    def extend_volume(self, volume_id: str, size_gb: int) -> Volume:
-        check_volume_id(volume_id)
-        check_size(size_gb)
-        with self._txn(write=True):
-            image = self._get(volume_id)
-            check_grow(volume_id, image.size_gb, size_gb)
-            image.size_gb = size_gb
-            return self._volume(image)
 
     def delete_volume(self, volume_id: str) -> None:
         check_volume_id(volume_id)
@@ -197,11 +137,6 @@ class FakeRbdStorage(PersistedFake):
                 image.name = None
             else:
                 self._purge(image)
-
-    def get_volume(self, volume_id: str) -> Volume:
-        check_volume_id(volume_id)
-        with self._txn():
-            return self._volume(self._get(volume_id))
 
     def list_volumes(self, owner: str | None = None) -> list[Volume]:
         with self._txn():
@@ -245,6 +180,30 @@ class FakeRbdStorage(PersistedFake):
             raise VolumeNotFound(volume_id)
         return self._images[key]
 
+    def _exists(self, volume_id: str) -> bool:
+        return volume_id in self._names
+
+    def _writer(self, volume_id: str, image: _Image) -> BlockWriter:
+        existing = frozenset(self._blocks(image))
+        # Each new object takes room, and zeros can free at most the objects already there:
+        # a lower bound of the room the write needs, so an image far too big fails early
+        # (the stream is consumed without the lock); the exact check is made when applying.
+        room = self._free_blocks() + len(existing)
+        return BlockWriter(volume_id, image.size_gb, existing=existing, room=room,
+                           full=lambda: self._no_space(volume_id))
+
+    def _apply(self, volume_id: str, image: _Image, staged: StagedWrite) -> None:
+        blocks = dict(self._blocks(image))
+        staged.apply(lambda index, data: self._put(image, blocks, index, data),
+                     lambda index: self._block(image, index))
+        snaps, clone_snap = dict(image.snaps), image.clone_snap
+        self._forget_clone_snap(image)
+        objects = self._count(image, blocks)
+        if objects - image.objects > self._free_blocks():
+            image.snaps, image.clone_snap = snaps, clone_snap
+            raise self._no_space(volume_id)
+        image.blocks, image.objects, image.dirty = blocks, objects, True
+
     def _add(self, name: str, size_gb: int, owner: str) -> _Image:
         image = _Image(secrets.token_hex(8), name, size_gb, owner)
         self._images[image.key] = image
@@ -267,22 +226,22 @@ class FakeRbdStorage(PersistedFake):
         parent = image.parent
         while parent is not None:
             owner, snap = self._snapshot(parent)
-            data = self._snap_blocks(snap).get(index)
+            data = self._blocks(snap).get(index)
             if data is not None:
                 return data
             parent = owner.parent
         return None
 
     def _block(self, image: _Image, index: int) -> bytes | None:
-        data = self._head(image).get(index)
+        data = self._blocks(image).get(index)
         return data if data is not None else self._parent_block(image, index)
 
     def _flattened(self, image: _Image) -> dict[int, bytes]:
-        indexes = set(self._head(image))
+        indexes = set(self._blocks(image))
         parent = image.parent
         while parent is not None:
             owner, snap = self._snapshot(parent)
-            indexes.update(self._snap_blocks(snap))
+            indexes.update(self._blocks(snap))
             parent = owner.parent
         blocks = {}
         for index in indexes:
@@ -323,6 +282,9 @@ class FakeRbdStorage(PersistedFake):
         if name is not None and not image.snaps[name].children:
             del image.snaps[name]
 
+    def _free_blocks(self) -> int:
+        return self.capacity_gb * GIB // BLOCK - self._used_blocks()
+
     def _used_blocks(self) -> int:
         return sum(image.objects for image in self._images.values())
 
@@ -332,77 +294,45 @@ class FakeRbdStorage(PersistedFake):
         A snapshot takes space only where its image has since changed; several snapshots
         holding the same old object count it once.
         """
-        blocks = head if head is not None else self._head(image)
+        blocks = head if head is not None else self._blocks(image)
         if not image.snaps:
             return len(blocks)
         distinct: dict[int, list[bytes]] = {index: [data] for index, data in blocks.items()}
         for snap in image.snaps.values():
-            for index, data in self._snap_blocks(snap).items():
+            for index, data in self._blocks(snap).items():
                 seen = distinct.setdefault(index, [])
                 if not any(data is other or data == other for other in seen):
                     seen.append(data)
         return sum(len(seen) for seen in distinct.values())
 
-    def _head(self, image: _Image) -> dict[int, bytes]:
-        if image.blocks is None:
-            image.blocks = self._read(image.file)
-        return image.blocks
-
-    def _snap_blocks(self, snap: _Snapshot) -> dict[int, bytes]:
-        if snap.blocks is None:
-            snap.blocks = self._read(snap.file)
-        return snap.blocks
-
-    def _read(self, file: str) -> dict[int, bytes]:
-        assert self._state is not None  # only a persisted pool defers loading
-        return self._state.read_blocks(file)
-
     def _no_space(self, volume_id: str) -> NoSpace:
-        free = max(0, self.capacity_gb * GIB - self._used_blocks() * BLOCK)
-        return NoSpace(f"pool {self.pool} has {free // (1024 * 1024)} MiB free of "
-                       f"{self.capacity_gb} GiB: no room for the data of volume {volume_id}")
+        return no_room(f"pool {self.pool}", self._free_blocks() * BLOCK, self.capacity_gb,
+                       f"the data of volume {volume_id}")
 
     def _volume(self, image: _Image) -> Volume:
         assert image.name is not None  # only visible images are ever returned
         return Volume(image.name, image.size_gb, image.owner, self.host,
                       f"{self.pool}/{image.name}", "rbd_image")
 
-    def _refresh(self, state: StateDir) -> None:
-        doc = state.load()
-        if doc is None:
-            self._images, self._names, self._serial = {}, {}, None
-            return
-        if doc.get("serial") == self._serial:
-            return
-        if doc.get("kind") != _KIND:
-            raise StorageError(f"{state.path} holds the state of a {doc.get('kind')!r} "
-                               f"backend, not {_KIND!r}")
-        try:
-            images = {}
-            for key, rec in doc["images"].items():
-                snaps = {name: _Snapshot(set(map(str, s["children"])),
-                                         None if s["file"] else {},
-                                         str(s["file"]))
-                         for name, s in rec["snaps"].items()}
-                images[key] = _Image(str(key), rec["name"], int(rec["size_gb"]),
-                                     str(rec["owner"]), rec["parent"],
-                                     None if rec["file"] else {}, snaps, int(rec["objects"]),
-                                     str(rec["file"]), clone_snap=rec.get("clone_snap"))
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise StorageError(f"state file {state.path / 'index.json'} is corrupt: "
-                               f"{exc!r}") from exc
+    def _clear(self) -> None:
+        self._images, self._names = {}, {}
+
+    def _restore(self, doc: Mapping[str, Any]) -> None:
+        images = {}
+        for key, rec in doc["images"].items():
+            snaps = {name: _Snapshot(set(map(str, s["children"])), None if s["file"] else {},
+                                     str(s["file"]))
+                     for name, s in rec["snaps"].items()}
+            images[key] = _Image(str(key), rec["name"], int(rec["size_gb"]), str(rec["owner"]),
+                                 rec["parent"], None if rec["file"] else {}, snaps,
+                                 int(rec["objects"]), str(rec["file"]),
+                                 clone_snap=rec.get("clone_snap"))
         self._images = images
         self._names = {image.name: key for key, image in images.items()
                        if image.name is not None}
-        self._serial = str(doc["serial"])
-        state.forget_all_but(self._files())
 
-    def _save(self, state: StateDir) -> None:
-        for image in self._images.values():
-            if image.dirty:
-                image.file = state.write_blocks(image.key, self._head(image))
-                image.dirty = False
-        records: dict[str, Any] = {
+    def _dump(self) -> dict[str, Any]:
+        records = {
             image.key: {
                 "name": image.name, "size_gb": image.size_gb, "owner": image.owner,
                 "parent": image.parent, "file": image.file, "objects": image.objects,
@@ -412,11 +342,10 @@ class FakeRbdStorage(PersistedFake):
             }
             for image in self._images.values()
         }
-        serial = secrets.token_hex(16)
-        state.save({"kind": _KIND, "serial": serial, "capacity_gb": self.capacity_gb,
-                    "max_clone_depth": self.max_clone_depth, "images": records},
-                   keep=self._files())
-        self._serial = serial
+        return {"max_clone_depth": self.max_clone_depth, "images": records}
+
+    def _stored(self) -> Iterable[tuple[str, Stored]]:
+        return ((image.key, image) for image in self._images.values())
 
     def _files(self) -> set[str]:
         """The block files the pool's images and snapshots are stored in."""

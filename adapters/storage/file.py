@@ -4,7 +4,8 @@ Layout of ``root``::
 
     <id>.raw        the volume's data, a sparse file of exactly size_gb GiB
     <id>.json       its sidecar (size, owner): the volume exists once this file does
-    .tmp-<pid>-*    a volume or sidecar being made: never visible, removed if its maker died
+    .tmp-<owner>-*  a volume or sidecar being made: never visible, removed if its maker died
+                    (``<owner>`` is the maker's pid and start time, see ``_files``)
     .lock           flock'ed around every change, so processes sharing root stay consistent
 """
 
@@ -15,8 +16,6 @@ import errno
 import fcntl
 import json
 import os
-import secrets
-import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Literal
@@ -26,15 +25,24 @@ import attrs
 from ivcache.adapters.storage._common import (
     BLOCK,
     already_exists,
-    atomic_write,
+    check_at_least,
+    check_clone,
     check_grow,
-    check_size,
+    check_room,
+    check_sized,
     check_volume_id,
+)
+from ivcache.adapters.storage._files import (
+    TEMP_PREFIX,
+    FileLock,
+    atomic_write,
     fsync_dir,
     no_space_errors,
+    open_temp,
+    sweep,
 )
-from ivcache.adapters.storage._sparse import SparseWriter, write_chunks
-from ivcache.core.errors import InvalidIdentifier, NoSpace, StorageError, VolumeNotFound
+from ivcache.adapters.storage._sparse import SparseWriter, write_file
+from ivcache.core.errors import InvalidIdentifier, StorageError, VolumeNotFound
 from ivcache.core.model import GIB, Volume
 
 __all__ = ["CloneMethod", "FileStorage"]
@@ -65,27 +73,24 @@ class FileStorage:
     """
 
     def __init__(self, root: Path, *, host: str = "", capacity_gb: int = 0) -> None:
-        if capacity_gb < 0:
-            raise ValueError(f"capacity_gb must be 0 (unlimited) or more, not {capacity_gb}")
+        check_at_least("capacity_gb", capacity_gb, 0, "0 = unlimited")
         self.root = Path(root).absolute()
         self.host = host
         self.capacity_gb = capacity_gb
         self.last_clone_method: CloneMethod | None = None
-        self._lock = threading.Lock()
         with no_space_errors(f"creating {self.root}"):
             self.root.mkdir(parents=True, exist_ok=True)
-        with self._locked():
+        self._lock = FileLock(self.root / ".lock")
+        with self._lock.held():
             self._reap()
 
     def create_volume(self, volume_id: str, size_gb: int, owner: str) -> Volume:
-        check_volume_id(volume_id)
-        check_size(size_gb)
+        check_sized(volume_id, size_gb)
         meta = _Meta(size_gb, owner)
-        with self._locked():
-            if self._read_meta(volume_id) is not None:
-                raise already_exists(volume_id)
+        with self._lock.held():
+            self._check_free(volume_id)
             self._reserve(size_gb)
-            tmp, fd = self._temp()
+            tmp, fd = open_temp(self.root, ".raw")
             try:
                 with no_space_errors(f"creating volume {volume_id}"):
                     os.ftruncate(fd, size_gb * GIB)
@@ -102,31 +107,18 @@ class FileStorage:
         """Stream ``chunks`` into the volume from offset 0, leaving zero runs as holes."""
         check_volume_id(volume_id)
         meta = self._require(volume_id)
-        try:
-            fd = os.open(self._data(volume_id), os.O_WRONLY | os.O_CLOEXEC)
-        except FileNotFoundError as exc:
-            raise VolumeNotFound(volume_id) from exc
-        try:
-            written = write_chunks(fd, chunks, volume_id=volume_id, size_gb=meta.size_gb,
-                                   fresh=False)
-            with no_space_errors(f"writing volume {volume_id}"):
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        return written
+        return write_file(self._data(volume_id), chunks, volume_id=volume_id,
+                          size_gb=meta.size_gb)
 
     def clone_volume(self, src_id: str, dst_id: str, size_gb: int, owner: str) -> Volume:
-        check_volume_id(src_id)
-        check_volume_id(dst_id)
-        check_size(size_gb)
+        check_clone(src_id, dst_id, size_gb)
         meta = _Meta(size_gb, owner)
-        with self._locked():
+        with self._lock.held():
             src = self._require(src_id)
-            if self._read_meta(dst_id) is not None:
-                raise already_exists(dst_id)
+            self._check_free(dst_id)
             check_grow(src_id, src.size_gb, size_gb, clone=True)
             self._reserve(size_gb)
-            tmp, fd = self._temp()
+            tmp, fd = open_temp(self.root, ".raw")
             try:
                 # The temp file takes its final apparent size before the lock is let go: it
                 # is the reservation that other creators count while the copy runs.
@@ -141,9 +133,8 @@ class FileStorage:
                 os.fsync(fd)
             os.close(fd)
             fd = -1
-            with self._locked():
-                if self._read_meta(dst_id) is not None:
-                    raise already_exists(dst_id)
+            with self._lock.held():
+                self._check_free(dst_id)
                 self._commit(dst_id, tmp, meta)
         except BaseException:
             _discard(tmp, fd)
@@ -152,9 +143,8 @@ class FileStorage:
         return self._volume(dst_id, meta)
 
     def extend_volume(self, volume_id: str, size_gb: int) -> Volume:
-        check_volume_id(volume_id)
-        check_size(size_gb)
-        with self._locked():
+        check_sized(volume_id, size_gb)
+        with self._lock.held():
             old = self._require(volume_id)
             check_grow(volume_id, old.size_gb, size_gb)
             self._reserve(size_gb - old.size_gb)
@@ -174,7 +164,7 @@ class FileStorage:
 
     def delete_volume(self, volume_id: str) -> None:
         check_volume_id(volume_id)
-        with self._locked():
+        with self._lock.held():
             self._require(volume_id)
             with no_space_errors(f"deleting volume {volume_id}"):
                 # Sidecar first: from then on the volume is gone, even if a crash leaves
@@ -237,6 +227,10 @@ class FileStorage:
             raise VolumeNotFound(volume_id)
         return meta
 
+    def _check_free(self, volume_id: str) -> None:
+        if self._read_meta(volume_id) is not None:
+            raise already_exists(volume_id)
+
     def _write_meta(self, volume_id: str, meta: _Meta) -> None:
         doc = {"id": volume_id, "size_gb": meta.size_gb, "owner": meta.owner}
         atomic_write(self._meta(volume_id), json.dumps(doc, sort_keys=True).encode())
@@ -253,28 +247,20 @@ class FileStorage:
                 data.unlink()
             raise
 
-    def _temp(self) -> tuple[Path, int]:
-        path = self.root / f".tmp-{os.getpid()}-{secrets.token_hex(6)}.raw"
-        with no_space_errors(f"creating a file in {self.root}"):
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        return path, fd
-
     def _reserve(self, size_gb: int) -> None:
         """Raise NoSpace unless ``size_gb`` more fits under ``capacity_gb``; lock held."""
         if not self.capacity_gb:
             return
-        names = set(os.listdir(self.root))
+        # Counting the temp files of dead makers would keep their room taken until a restart.
+        names = set(sweep(self.root))
         used = 0
         for name in names:
             # Volumes, and the temp files of volumes being made (their reservations).
-            if name.endswith(".raw") and (name.startswith(".tmp-")
+            if name.endswith(".raw") and (name.startswith(TEMP_PREFIX)
                                           or f"{name.removesuffix('.raw')}.json" in names):
                 with contextlib.suppress(FileNotFoundError):
                     used += os.stat(self.root / name, follow_symlinks=False).st_size
-        free = self.capacity_gb * GIB - used
-        if size_gb * GIB > free:
-            raise NoSpace(f"storage {self.root} has {max(free, 0) // GIB} GiB free of "
-                          f"{self.capacity_gb} GiB; {size_gb} GiB asked")
+        check_room(f"storage {self.root}", self.capacity_gb, used, size_gb)
 
     def _copy_from(self, src_id: str, dst_fd: int, size: int) -> CloneMethod:
         try:
@@ -288,16 +274,6 @@ class FileStorage:
         os.ftruncate(dst_fd, size)
         return method
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        # A new open file description per use: flock excludes other threads as well.
-        with self._lock, open(self.root / ".lock", "a+b") as lock_file:
-            fcntl.flock(lock_file, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock_file, fcntl.LOCK_UN)
-
     def _reap(self) -> None:
         """Remove the temp files of processes that died making a volume.
 
@@ -305,11 +281,7 @@ class FileStorage:
         invisible, not counted, and replaced by the next volume of that id. It is left
         alone because a file that merely looks like ours may be an operator's.
         """
-        for name in os.listdir(self.root):
-            pid = name.split("-")[1] if name.startswith(".tmp-") else ""
-            if pid.isdigit() and not _alive(int(pid)):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.root / name)
+        sweep(self.root)
 
 
 def _clone_file(src_fd: int, dst_fd: int) -> CloneMethod:
@@ -381,19 +353,8 @@ def _copy_sparse(src_fd: int, dst_fd: int, start: int, length: int) -> None:
         pos += len(data)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _discard(tmp: Path, fd: int) -> None:
     if fd >= 0:
         with contextlib.suppress(OSError):
             os.close(fd)
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
+    tmp.unlink(missing_ok=True)

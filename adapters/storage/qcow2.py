@@ -5,10 +5,12 @@
     index.json      every volume (its data file, size, owner) and every data file (format,
                     size, backing file); replaced atomically, under the lock
     .lock           flock'ed around every change, so processes sharing root agree
+    .tmp-<owner>-*  the index being replaced: removed if its maker died
     files/<id>.<token>.raw     a volume made by create_volume: a raw sparse file
     files/<id>.<token>.qcow2   a clone: a qcow2 overlay naming its backing file by absolute
                                path and format (``-b ABS -F FMT``)
-    files/.tmp-<pid>-*         an image being staged: removed if its maker died
+    files/.tmp-<owner>-*       an image being staged: removed if its maker (pid and start
+                               time, see ``_files``) died
     files/.tpl-<file>-<gb>.qcow2   an empty overlay on <file> that clones copy (made once
                                by qemu-img create); removed with <file>
 
@@ -22,13 +24,11 @@ a hidden file of the same id still backs others.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import secrets
 import shutil
 import subprocess
-import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -37,15 +37,27 @@ import attrs
 
 from ivcache.adapters.storage._common import (
     already_exists,
-    atomic_write,
+    check_at_least,
+    check_clone,
     check_grow,
-    check_size,
+    check_range,
+    check_room,
+    check_sized,
     check_volume_id,
+)
+from ivcache.adapters.storage._files import (
+    TEMP_PREFIX,
+    FileLock,
+    atomic_write,
+    filesystem_full,
     fsync_dir,
     no_space_errors,
+    open_temp,
+    sweep,
+    temp_name,
 )
-from ivcache.adapters.storage._sparse import pwrite_all, write_chunks
-from ivcache.core.errors import NoSpace, StorageError, VolumeNotFound
+from ivcache.adapters.storage._sparse import pwrite_all, write_chunks, write_file
+from ivcache.core.errors import StorageError, VolumeNotFound
 from ivcache.core.model import GIB, Volume
 
 __all__ = ["Qcow2Storage"]
@@ -140,10 +152,8 @@ class Qcow2Storage:
 
     def __init__(self, root: Path, *, host: str = "", capacity_gb: int = 0,
                  qemu_img: str = "qemu-img", max_chain_depth: int = 8) -> None:
-        if capacity_gb < 0:
-            raise ValueError(f"capacity_gb must be 0 (unlimited) or more, not {capacity_gb}")
-        if max_chain_depth < 1:
-            raise ValueError(f"max_chain_depth must be 1 or more, not {max_chain_depth}")
+        check_at_least("capacity_gb", capacity_gb, 0, "0 = unlimited")
+        check_at_least("max_chain_depth", max_chain_depth, 1)
         found = shutil.which(qemu_img)
         if found is None:
             raise StorageError(f"{qemu_img} not found: the qcow2 storage needs it; "
@@ -154,17 +164,15 @@ class Qcow2Storage:
         self.host = host
         self.capacity_gb = capacity_gb
         self.max_chain_depth = max_chain_depth
-        self._lock = threading.Lock()
         with no_space_errors(f"creating {self.files_dir}"):
             self.files_dir.mkdir(parents=True, exist_ok=True)
-        with self._locked():
-            self._reap(self._load())
+        self._lock = FileLock(self.root / ".lock")
+        with self._changing():
+            pass
 
     def create_volume(self, volume_id: str, size_gb: int, owner: str) -> Volume:
-        check_volume_id(volume_id)
-        check_size(size_gb)
-        with self._locked():
-            state = self._load()
+        check_sized(volume_id, size_gb)
+        with self._changing() as state:
             if volume_id in state.volumes:
                 raise already_exists(volume_id)
             self._reserve(state, size_gb)
@@ -183,7 +191,7 @@ class Qcow2Storage:
                 state.volumes[volume_id] = _Vol(name, size_gb, owner)
                 self._save(state)
             except BaseException:
-                _unlink(path)
+                path.unlink(missing_ok=True)
                 raise
         return self._volume(volume_id, state.volumes[volume_id])
 
@@ -195,23 +203,19 @@ class Qcow2Storage:
         clusters, so they hide what the backing file holds).
         """
         check_volume_id(volume_id)
-        with self._locked():
-            state = self._load()
+        with self._changing() as state:
             volume = self._require(state, volume_id)
             if state.has_children(volume.file):
                 volume = self._move_to_overlay(state, volume_id, volume, volume.size_gb)
             fmt = state.files[volume.file].format
         path = self.files_dir / volume.file
         if fmt == "raw":
-            return self._write_raw(volume_id, volume, path, chunks)
+            return write_file(path, chunks, volume_id=volume_id, size_gb=volume.size_gb)
         return self._write_qcow2(volume_id, volume, path, chunks)
 
     def clone_volume(self, src_id: str, dst_id: str, size_gb: int, owner: str) -> Volume:
-        check_volume_id(src_id)
-        check_volume_id(dst_id)
-        check_size(size_gb)
-        with self._locked():
-            state = self._load()
+        check_clone(src_id, dst_id, size_gb)
+        with self._changing() as state:
             src = self._require(state, src_id)
             if dst_id in state.volumes:
                 raise already_exists(dst_id)
@@ -222,15 +226,13 @@ class Qcow2Storage:
                 state.volumes[dst_id] = _Vol(name, size_gb, owner)
                 self._save(state)
             except BaseException:
-                _unlink(self.files_dir / name)
+                (self.files_dir / name).unlink(missing_ok=True)
                 raise
         return self._volume(dst_id, state.volumes[dst_id])
 
     def extend_volume(self, volume_id: str, size_gb: int) -> Volume:
-        check_volume_id(volume_id)
-        check_size(size_gb)
-        with self._locked():
-            state = self._load()
+        check_sized(volume_id, size_gb)
+        with self._changing() as state:
             volume = self._require(state, volume_id)
             check_grow(volume_id, volume.size_gb, size_gb)
             if size_gb == volume.size_gb:
@@ -247,8 +249,7 @@ class Qcow2Storage:
 
     def delete_volume(self, volume_id: str) -> None:
         check_volume_id(volume_id)
-        with self._locked():
-            state = self._load()
+        with self._changing() as state:
             self._require(state, volume_id)
             del state.volumes[volume_id]
             gone = state.collect()
@@ -256,7 +257,7 @@ class Qcow2Storage:
             # file behind (the next start removes files that the index does not name).
             self._save(state)
             for name in gone:
-                _unlink(self.files_dir / name)
+                (self.files_dir / name).unlink(missing_ok=True)
                 self._drop_templates(name)
             with no_space_errors(f"deleting volume {volume_id}"):
                 fsync_dir(self.files_dir)
@@ -277,8 +278,7 @@ class Qcow2Storage:
         Through ``qemu-img dd``: for tests and checks, not for moving much data.
         """
         check_volume_id(volume_id)
-        if offset < 0 or length < 0:
-            raise ValueError(f"offset and length must be >= 0, not {offset} and {length}")
+        check_range(offset, length)
         state = self._load()
         volume = self._require(state, volume_id)
         return self._read_file(volume.file, state.files[volume.file].format,
@@ -286,29 +286,12 @@ class Qcow2Storage:
 
     # -- data ------------------------------------------------------------------------------
 
-    def _write_raw(self, volume_id: str, volume: _Vol, path: Path,
-                   chunks: Iterable[bytes]) -> int:
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-        except FileNotFoundError as exc:
-            raise VolumeNotFound(volume_id) from exc
-        try:
-            written = write_chunks(fd, chunks, volume_id=volume_id, size_gb=volume.size_gb,
-                                   fresh=False)
-            with no_space_errors(f"writing volume {volume_id}"):
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        return written
-
     def _write_qcow2(self, volume_id: str, volume: _Vol, path: Path,
                      chunks: Iterable[bytes]) -> int:
         limit = volume.size_gb * GIB
-        staged = self._temp_path("raw")
+        staged, fd = open_temp(self.files_dir, ".raw")
         written = 0
         try:
-            with no_space_errors(f"writing volume {volume_id}"):
-                fd = os.open(staged, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
                 written = write_chunks(fd, chunks, volume_id=volume_id,
                                        size_gb=volume.size_gb, fresh=True)
@@ -327,7 +310,7 @@ class Qcow2Storage:
                 self._qemu(["convert", "-q", "-n", "-f", "raw", "-O", "qcow2", str(staged),
                             str(path)], f"writing volume {volume_id}")
         finally:
-            _unlink(staged)
+            staged.unlink(missing_ok=True)
         return written
 
     def _read_file(self, name: str, fmt: Format, size: int, offset: int,
@@ -337,7 +320,7 @@ class Qcow2Storage:
             return b""
         first = offset // _READ_BLOCK
         count = -(-end // _READ_BLOCK) - first
-        out = self._temp_path("raw")
+        out = self._temp_path(".raw")
         try:
             # qemu-img dd (7.2) counts ``count`` from the start of the input, skipped blocks
             # included; a dd that counts after the skip just reads more. Either way the
@@ -348,7 +331,7 @@ class Qcow2Storage:
             with open(out, "rb") as f:
                 return os.pread(f.fileno(), end - offset, offset - first * _READ_BLOCK)
         finally:
-            _unlink(out)
+            out.unlink(missing_ok=True)
 
     # -- files and the index ---------------------------------------------------------------
 
@@ -376,7 +359,7 @@ class Qcow2Storage:
                 state.files[name] = _File("qcow2", size_gb, None)
         except BaseException:
             state.files.pop(name, None)
-            _unlink(path)
+            path.unlink(missing_ok=True)
             raise
         return name
 
@@ -390,13 +373,13 @@ class Qcow2Storage:
         """
         template = self._template(base, size_gb)
         if not template.exists():
-            staged = self._temp_path("qcow2")
+            staged = self._temp_path(".qcow2")
             try:
                 self._qemu(["create", "-q", "-f", "qcow2", "-b", str(self.files_dir / base),
                             "-F", fmt, str(staged), str(size_gb * GIB)], what)
                 os.replace(staged, template)
             finally:
-                _unlink(staged)
+                staged.unlink(missing_ok=True)
         with no_space_errors(what), open(template, "rb") as src, \
                 open(path, "xb") as dst:
             shutil.copyfileobj(src, dst)
@@ -408,7 +391,7 @@ class Qcow2Storage:
 
     def _drop_templates(self, base: str) -> None:
         for template in self.files_dir.glob(f".tpl-{base}-*.qcow2"):
-            _unlink(template)
+            template.unlink(missing_ok=True)
 
     def _move_to_overlay(self, state: _State, volume_id: str, volume: _Vol,
                          size_gb: int) -> _Vol:
@@ -419,7 +402,7 @@ class Qcow2Storage:
         try:
             self._save(state)
         except BaseException:
-            _unlink(self.files_dir / name)
+            (self.files_dir / name).unlink(missing_ok=True)
             raise
         return moved
 
@@ -439,10 +422,7 @@ class Qcow2Storage:
             return
         used = sum(volume.size_gb for volume in state.volumes.values())
         used += sum(state.files[name].size_gb for name in state.hidden())
-        free = self.capacity_gb - used
-        if size_gb > free:
-            raise NoSpace(f"storage {self.root} has {max(free, 0)} GiB free of "
-                          f"{self.capacity_gb} GiB; {size_gb} GiB asked")
+        check_room(f"storage {self.root}", self.capacity_gb, used * GIB, size_gb)
 
     def _load(self) -> _State:
         path = self.root / "index.json"
@@ -475,7 +455,8 @@ class Qcow2Storage:
         return f"{stem}.{secrets.token_hex(6)}.{fmt}"
 
     def _temp_path(self, suffix: str) -> Path:
-        return self.files_dir / f".tmp-{os.getpid()}-{secrets.token_hex(6)}.{suffix}"
+        """A temp file's path for qemu-img to create."""
+        return self.files_dir / temp_name(suffix)
 
     def _qemu(self, args: list[str], what: str) -> None:
         try:
@@ -490,52 +471,35 @@ class Qcow2Storage:
                  if line.strip()]
         message = lines[-1] if lines else f"exit status {proc.returncode}"
         if "No space left" in message or "Disk quota exceeded" in message:
-            raise NoSpace(f"{what}: the filesystem is full ({message})")
+            raise filesystem_full(what, message)
         raise StorageError(f"{what}: qemu-img {args[0]} failed: {message}")
 
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        # A new open file description per use: flock excludes other threads as well.
-        with self._lock, open(self.root / ".lock", "a+b") as lock_file:
-            fcntl.flock(lock_file, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock_file, fcntl.LOCK_UN)
+    def _changing(self) -> Iterator[_State]:
+        """Hold the lock and yield the index, once what crashed processes left is gone."""
+        with self._lock.held():
+            state = self._load()
+            self._reap(state)
+            yield state
 
     def _reap(self, state: _State) -> None:
         """Remove what crashed processes left: temp files, and files the index forgot.
 
         Every data file is made and indexed under the lock, so with the lock held a file in
-        ``files/`` that the index does not name is a leftover, never one being made.
+        ``files/`` that the index does not name is a leftover, never one being made. Done
+        by every change, so a crash (mid-save of the index, say) leaves nothing once the
+        next change is made: a listing of ``files/`` costs less than the index's own load.
         """
-        for name in os.listdir(self.files_dir):
-            if name.startswith(".tmp-"):
-                pid = name.split("-")[1]
-                if pid.isdigit() and not _alive(int(pid)):
-                    _unlink(self.files_dir / name)
-            elif name.startswith(".tpl-"):
+        sweep(self.root)  # the index's temp files
+        for name in sweep(self.files_dir):
+            if name.startswith(".tpl-"):
                 base = name.removeprefix(".tpl-").removesuffix(".qcow2").rpartition("-")[0]
                 if base not in state.files:
-                    _unlink(self.files_dir / name)
-            elif name.endswith((".raw", ".qcow2")) and name not in state.files:
-                _unlink(self.files_dir / name)
+                    (self.files_dir / name).unlink(missing_ok=True)
+            elif name.endswith((".raw", ".qcow2")) and not name.startswith(TEMP_PREFIX) \
+                    and name not in state.files:
+                (self.files_dir / name).unlink(missing_ok=True)
 
 
 def _is_size(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def _unlink(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

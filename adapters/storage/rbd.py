@@ -35,8 +35,12 @@ import attrs
 from ivcache.adapters.storage._common import (
     BLOCK,
     already_exists,
+    check_at_least,
+    check_clone,
     check_grow,
-    check_size,
+    check_range,
+    check_room,
+    check_sized,
     check_volume_id,
     does_not_fit,
     is_zero,
@@ -94,10 +98,8 @@ class RbdStorage:
     def __init__(self, pool: str = "rbd", *, conf: str = "/etc/ceph/ceph.conf", user: str = "",
                  host: str = "", max_clone_depth: int = 5, connect_timeout: float = 10,
                  capacity_gb: int = 0, namespace: str = "") -> None:
-        if max_clone_depth < 0:
-            raise ValueError(f"max_clone_depth must be at least 0, not {max_clone_depth}")
-        if capacity_gb < 0:
-            raise ValueError(f"capacity_gb must be 0 (unlimited) or more, not {capacity_gb}")
+        check_at_least("max_clone_depth", max_clone_depth, 0)
+        check_at_least("capacity_gb", capacity_gb, 0, "0 = unlimited")
         self._rados, self._rbd = _bindings()
         self.pool = pool
         self.namespace = namespace
@@ -146,8 +148,7 @@ class RbdStorage:
         self.close()
 
     def create_volume(self, volume_id: str, size_gb: int, owner: str) -> Volume:
-        check_volume_id(volume_id)
-        check_size(size_gb)
+        check_sized(volume_id, size_gb)
         rbd = self._rbd
         with self._reserving(size_gb), self._errors(volume_id, exists=volume_id):
             rbd.RBD().create(self._ioctx, volume_id, size_gb * GIB, old_format=False,
@@ -190,9 +191,7 @@ class RbdStorage:
             return writer.written
 
     def clone_volume(self, src_id: str, dst_id: str, size_gb: int, owner: str) -> Volume:
-        check_volume_id(src_id)
-        check_volume_id(dst_id)
-        check_size(size_gb)
+        check_clone(src_id, dst_id, size_gb)
         known = self._sources.get(src_id)
         if known is not None:
             volume = self._clone_known(src_id, dst_id, size_gb, owner, known)
@@ -270,9 +269,8 @@ class RbdStorage:
         return self._volume(dst_id, size_gb, owner)
 
     def extend_volume(self, volume_id: str, size_gb: int) -> Volume:
-        check_volume_id(volume_id)
+        check_sized(volume_id, size_gb)
         self._sources.pop(volume_id, None)
-        check_size(size_gb)
         with self._errors(volume_id), self._open(volume_id) as image:
             owner = self._owner(image, volume_id)
             current = image.size() // GIB
@@ -310,6 +308,7 @@ class RbdStorage:
     def read(self, volume_id: str, offset: int, length: int) -> bytes:
         """Bytes ``[offset, offset + length)`` of a volume, cut at its end (for tests)."""
         check_volume_id(volume_id)
+        check_range(offset, length)
         with self._errors(volume_id), self._open(volume_id, read_only=True) as image:
             self._owner(image, volume_id)
             length = max(0, min(length, image.size() - offset))
@@ -468,10 +467,7 @@ class RbdStorage:
 
     def _reserve(self, size_gb: int) -> None:
         used = sum(volume.size_gb for volume in self.list_volumes())
-        free = self.capacity_gb * GIB - used * GIB
-        if size_gb * GIB > free:
-            raise NoSpace(f"pool {self.pool} has {max(free, 0) // GIB} GiB free of the "
-                          f"{self.capacity_gb} GiB allowed; {size_gb} GiB asked")
+        check_room(f"pool {self.pool}", self.capacity_gb, used * GIB, size_gb)
 
     def _volume(self, volume_id: str, size_gb: int, owner: str) -> Volume:
         spec = "/".join(part for part in (self.pool, self.namespace, volume_id) if part)

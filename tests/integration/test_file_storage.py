@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -186,6 +187,46 @@ def test_what_a_crashed_process_left_is_invisible_and_cleared(tmp_path: Path) ->
     assert not leftover.exists()
     storage.create_volume("half", 1, "bob")
     assert read(storage.get_volume("half").location, 4) == bytes(4)
+
+
+def start_time(pid: int) -> int:
+    """Field 22 of /proc/<pid>/stat: when the process started, in clock ticks after boot."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2:].split()[19])
+
+
+def test_a_temp_file_goes_once_its_maker_is_gone_even_if_another_process_has_its_pid(
+        tmp_path: Path) -> None:
+    root = tmp_path / "vols"
+    root.mkdir()
+    pid, started = os.getpid(), start_time(os.getpid())
+    ours = root / f".tmp-{pid}.{started}-abcdef.raw"
+    earlier = root / f".tmp-{pid}.{started - 1}-abcdef.raw"  # made by a process now gone
+    ours.write_bytes(b"being made")
+    earlier.write_bytes(b"left behind")
+
+    FileStorage(root)
+
+    assert ours.exists()
+    assert not earlier.exists()
+
+
+def test_a_temp_file_of_a_process_that_exited_but_was_not_waited_for_goes(
+        tmp_path: Path) -> None:
+    root = tmp_path / "vols"
+    root.mkdir()
+    zombie = subprocess.Popen(["true"])
+    try:
+        while Path(f"/proc/{zombie.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            time.sleep(0.01)
+        leftover = root / f".tmp-{zombie.pid}.{start_time(zombie.pid)}-abcdef.raw"
+        leftover.write_bytes(b"never finished")
+
+        FileStorage(root)
+
+        assert not leftover.exists()
+    finally:
+        zombie.wait()
 
 
 def test_ownership_and_data_persist_across_instances(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import json
 import os
 import random
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -276,6 +277,27 @@ def test_files_left_by_a_crashed_process_are_removed_on_the_next_start(
 
     assert not stray_tmp.exists() and not orphan.exists() and not template.exists()
     assert [v.id for v in storage.list_volumes()] == ["keep"]
+
+
+def test_a_crash_mid_save_of_the_index_leaves_nothing_after_the_next_change(
+        storage: Qcow2Storage) -> None:
+    storage.create_volume("keep", 1, "alice")
+    crash = ("import os, sys\n"
+             "from ivcache.adapters.storage import Qcow2Storage\n"
+             "storage = Qcow2Storage(sys.argv[1])\n"
+             "os.replace = lambda *args: os._exit(9)  # dies before the index is renamed\n"
+             "storage.create_volume('lost', 1, 'bob')\n")
+    died = subprocess.Popen([sys.executable, "-c", crash, str(storage.root)])
+    assert died.wait() == 9
+    left = [n for n in os.listdir(storage.root) if n.startswith(".tmp-")]
+    assert len(left) == 1 and left[0].startswith(f".tmp-{died.pid}.")  # pid.start time
+
+    storage.create_volume("next", 1, "carol")
+
+    assert not [n for n in os.listdir(storage.root) if n.startswith(".tmp-")]
+    assert [v.id for v in storage.list_volumes()] == ["keep", "next"]
+    indexed = json.loads((storage.root / "index.json").read_text())["files"]
+    assert data_files(storage) == sorted(indexed)
 
 
 def test_a_missing_qemu_img_says_to_install_qemu_utils(tmp_path: Path) -> None:

@@ -172,6 +172,27 @@ def test_processes_sharing_a_state_path_lose_none_of_each_others_volumes(
     assert lvm.free_gb == 970
 
 
+def test_a_crash_mid_save_leaves_no_temp_file_once_the_next_change_is_saved(
+        tmp_path: Path) -> None:
+    script = textwrap.dedent(f"""
+        import os
+        from pathlib import Path
+        from ivcache.adapters.storage import FakeLvmStorage
+        lvm = FakeLvmStorage(state_path=Path({str(tmp_path)!r}))
+        lvm.create_volume("kept", 1, "p")
+        os.replace = lambda *args: os._exit(9)  # dies before the index is renamed
+        lvm.create_volume("lost", 1, "p")
+    """)
+    assert subprocess.run([sys.executable, "-c", script], check=False).returncode == 9
+    assert [p.name for p in tmp_path.glob(".tmp-*")]
+
+    lvm = FakeLvmStorage(state_path=tmp_path)
+    lvm.create_volume("next", 1, "p")
+
+    assert not [p.name for p in tmp_path.glob(".tmp-*")]
+    assert [v.id for v in lvm.list_volumes()] == ["kept", "next"]
+
+
 def test_the_state_of_another_kind_of_backend_is_refused(tmp_path: Path) -> None:
     FakeRbdStorage(state_path=tmp_path).create_volume("v1", 1, "p")
 
