@@ -21,6 +21,15 @@ __all__ = ["OtelNotifier"]
 _Scalar = str | int | float | bool
 
 
+_COUNTERS = (
+    ("ivcache.cache.hits", "{hit}", "Requests served by cloning a cached volume"),
+    ("ivcache.cache.misses", "{miss}", "Requests that found no usable cache entry"),
+    ("ivcache.cache.evictions", "{entry}", "Cache entries evicted, by reason"),
+    ("ivcache.downloads", "{download}", "Images downloaded from the image source"),
+    ("ivcache.bytes_downloaded", "By", "Bytes downloaded from the image source"),
+)
+
+
 class OtelNotifier:
     """Implements both the ``Notifier`` and the ``Tracer`` port.
 
@@ -35,21 +44,13 @@ class OtelNotifier:
                  meter_provider: metrics.MeterProvider | None = None) -> None:
         self._tracer = trace.get_tracer(__name__, tracer_provider=tracer_provider)
         meter = metrics.get_meter(__name__, meter_provider=meter_provider)
-        self._hits = meter.create_counter(
-            "ivcache.cache.hits", unit="{hit}",
-            description="Requests served by cloning a cached volume")
-        self._misses = meter.create_counter(
-            "ivcache.cache.misses", unit="{miss}",
-            description="Requests that found no usable cache entry")
-        self._evictions = meter.create_counter(
-            "ivcache.cache.evictions", unit="{entry}",
-            description="Cache entries evicted, by reason")
-        self._downloads = meter.create_counter(
-            "ivcache.downloads", unit="{download}",
-            description="Images downloaded from the image source")
-        self._bytes = meter.create_counter(
-            "ivcache.bytes_downloaded", unit="By",
-            description="Bytes downloaded from the image source")
+        counters = {name: meter.create_counter(name, unit=unit, description=text)
+                    for name, unit, text in _COUNTERS}
+        self._hits = counters["ivcache.cache.hits"]
+        self._misses = counters["ivcache.cache.misses"]
+        self._evictions = counters["ivcache.cache.evictions"]
+        self._downloads = counters["ivcache.downloads"]
+        self._bytes = counters["ivcache.bytes_downloaded"]
 
     @contextlib.contextmanager
     def span(self, name: str, attributes: dict[str, _Scalar]) -> Iterator[Span]:
