@@ -86,16 +86,15 @@ class InMemoryRepository:
         # size_gb is fixed at add: the totals never move on a save.
         self._entries[entry.id] = attrs.evolve(entry, size_gb=old.size_gb)
 
-    def clear_lease(self, entry_id: str, lease: dt.datetime) -> None:
+    def end_lease(self, entry_id: str, host: str, lease: dt.datetime, *,
+                  hit: bool = False) -> None:
         entry = self._entries.get(entry_id)
+        if hit:
+            self.count_stats(host, hits=1)
+            if entry is not None:
+                entry.hits += 1
         if entry is not None and entry.lease_until == lease:
             entry.lease_until = None
-
-    def count_hit(self, entry_id: str, host: str) -> None:
-        entry = self._entries.get(entry_id)
-        if entry is not None:
-            entry.hits += 1
-        self.count_stats(host, hits=1)
 
     def remove(self, entry: CacheEntry) -> bool:
         gone = self._entries.pop(entry.id, None)

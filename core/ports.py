@@ -102,14 +102,15 @@ class CacheRepository(Protocol):
         the entry is gone. ``size_gb`` is fixed when the entry is added and never saved."""
         ...
 
-    def clear_lease(self, entry_id: str, lease: dt.datetime) -> None:
-        """Clear the entry's lease if it is still ``lease`` (one atomic update)."""
-        ...
+    def end_lease(self, entry_id: str, host: str, lease: dt.datetime, *,
+                  hit: bool = False) -> None:
+        """Clear the entry's lease if it is still ``lease``; with ``hit``, also count one
+        more hit for the entry (if it still exists) and for ``host``'s totals.
 
-    def count_hit(self, entry_id: str, host: str) -> None:
-        """One more hit for ``host``'s totals and for the entry (if it still exists), as
-        atomic increments: no read, no host lock. The totals row is written first, as in
-        every transaction, so that row locks are always taken in one order."""
+        Atomic updates, no read and no host lock: the end of every clone pays only these.
+        The totals row is written first, the order in which every transaction takes its
+        rows, so that PostgreSQL never sees two transactions wait on each other.
+        """
         ...
 
     def remove(self, entry: CacheEntry) -> bool:

@@ -212,12 +212,9 @@ class CacheService(OperatorCommands):
             volume = None
         finally:
             with self.uow as uow:
-                # Atomic updates that need no host lock; the totals row comes first, the
-                # order every transaction takes its rows in (no deadlock on PostgreSQL).
-                if hit and volume is not None:
-                    uow.entries.count_hit(entry.id, entry.host)
-                # Conditional: only the holder of the latest lease clears it.
-                uow.entries.clear_lease(entry.id, lease)
+                # Only the holder of the latest lease clears it; no host lock needed.
+                uow.entries.end_lease(entry.id, entry.host, lease,
+                                      hit=hit and volume is not None)
                 uow.commit()
         if volume is None:
             # Only VolumeNotFound gets here (any other error propagates from the try):

@@ -21,6 +21,7 @@ from sqlalchemy import (
     Select,
     Table,
     and_,
+    case,
     delete,
     insert,
     or_,
@@ -124,17 +125,22 @@ class SqlCacheRepository:
             del values[key]
         self._conn.execute(update(cache_entries).where(_E.id == entry.id).values(values))
 
-    def clear_lease(self, entry_id: str, lease: dt.datetime) -> None:
+    def end_lease(self, entry_id: str, host: str, lease: dt.datetime, *,
+                  hit: bool = False) -> None:
+        """Two statements for a hit, one otherwise: the totals row exists (the lease was
+        taken under ``lock_host``), so it is updated without the insert-if-missing."""
+        if not hit:
+            self._conn.execute(
+                update(cache_entries)
+                .where(_E.id == entry_id, _E.lease_until == lease)
+                .values(lease_until=None))
+            return
+        self._conn.execute(update(host_totals).where(_T.host == host)
+                           .values(hits=_T.hits + 1))
         self._conn.execute(
-            update(cache_entries)
-            .where(_E.id == entry_id, _E.lease_until == lease)
-            .values(lease_until=None))
-
-    def count_hit(self, entry_id: str, host: str) -> None:
-        # The totals row first: rows are locked in that order everywhere (lock_host first).
-        self._bump(host, hits=1)
-        self._conn.execute(
-            update(cache_entries).where(_E.id == entry_id).values(hits=_E.hits + 1))
+            update(cache_entries).where(_E.id == entry_id).values(
+                hits=_E.hits + 1,
+                lease_until=case((_E.lease_until == lease, None), else_=_E.lease_until)))
 
     def remove(self, entry: CacheEntry) -> bool:
         """Delete by id; return False if it was already gone.

@@ -395,7 +395,7 @@ def test_timestamps_round_trip_as_aware_utc_to_the_microsecond(uow: UnitOfWork) 
         assert value.utcoffset() == dt.timedelta(0)
 
 
-def test_clear_lease_clears_only_the_lease_it_is_given(uow: UnitOfWork) -> None:
+def test_end_lease_clears_only_the_lease_it_is_given(uow: UnitOfWork) -> None:
     now = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
     mine, theirs = now + dt.timedelta(seconds=30), now + dt.timedelta(seconds=60)
     entry = CacheEntry(id="e1", host="h", image_id="i", volume_id="v", size_gb=1,
@@ -405,13 +405,31 @@ def test_clear_lease_clears_only_the_lease_it_is_given(uow: UnitOfWork) -> None:
         uow.entries.add(entry)
         uow.commit()
     with uow:
-        uow.entries.clear_lease("e1", mine)  # someone else's lease stands
+        uow.entries.end_lease("e1", "h", mine)  # someone else's lease stands
         uow.commit()
     with uow:
         found = uow.entries.get("e1")
         assert found is not None and found.lease_until == theirs
-        uow.entries.clear_lease("e1", theirs)
+        uow.entries.end_lease("e1", "h", theirs)
         uow.commit()
     with uow:
         found = uow.entries.get("e1")
         assert found is not None and found.lease_until is None
+
+
+def test_end_lease_of_a_hit_counts_it_on_the_entry_and_its_host(uow: UnitOfWork) -> None:
+    now = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    mine, theirs = now + dt.timedelta(seconds=30), now + dt.timedelta(seconds=60)
+    committed(uow, make_entry(lease_until=theirs))
+    with uow:
+        uow.entries.lock_host("node-1")
+        uow.commit()
+    with uow:
+        uow.entries.end_lease("entry-node-1-img-1", "node-1", mine, hit=True)
+        uow.entries.end_lease("entry-node-1-img-1", "node-1", theirs, hit=True)
+        uow.entries.end_lease("gone", "node-1", mine, hit=True)  # the hit still counts
+        uow.commit()
+    with uow:
+        found = uow.entries.get("entry-node-1-img-1")
+        assert found is not None and (found.hits, found.lease_until) == (2, None)
+        assert uow.entries.totals("node-1").hits == 3
