@@ -241,11 +241,14 @@ class LocalImageSource:
             fd = os.open(src, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as e:
             raise InvalidRequest(f"cannot read image file {src}: {e.strerror or e}") from None
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            what = "Is a directory" if stat.S_ISDIR(mode) else "not a regular file"
+            raise InvalidRequest(f"cannot read image file {src}: {what} (give the path of a "
+                                 "disk image file)")
         fin = os.fdopen(fd, "rb")
         with fin:
-            if not stat.S_ISREG(os.fstat(fin.fileno()).st_mode):
-                raise InvalidRequest(f"cannot read image file {src}: not a regular file "
-                                     "(give the path of a disk image file)")
             try:
                 self._data_dir.mkdir(parents=True, exist_ok=True)
             except OSError as e:
