@@ -15,6 +15,7 @@
     │   └── NoSpace              the backend has no room for the volume
     ├── QuotaExceeded            the internal tenant's quota would be exceeded
     ├── AlreadyClaimed           another worker holds the claim on (host, image)
+    ├── Forbidden                the caller may not do this (an operator's command)
     └── ConfigError              a bad configuration option (names the option)
 
 Every message is one line saying what was wrong and, where it helps, what to do.
@@ -27,6 +28,7 @@ __all__ = [
     "ChecksumMismatch",
     "ConfigError",
     "EntryNotFound",
+    "Forbidden",
     "ImageError",
     "ImageNotActive",
     "ImageNotFound",
@@ -121,6 +123,10 @@ class AlreadyClaimed(IvcacheError):
         super().__init__(f"image {image_id} on host {host} is already being cached")
         self.host = host
         self.image_id = image_id
+
+
+class Forbidden(IvcacheError):
+    pass
 
 
 class ConfigError(IvcacheError):

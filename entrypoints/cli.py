@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import click
 
-from ivcache.core.errors import IvcacheError
+from ivcache.core.errors import Forbidden, IvcacheError
 from ivcache.core.model import CacheEntry, HostTotals, Image, RequestContext, Volume
 from ivcache.entrypoints.bootstrap import Wiring, open_database, wire
 from ivcache.entrypoints.config import load_config
@@ -31,6 +31,7 @@ class _State:
     def __init__(self) -> None:
         self.config_path: str | None = None
         self.json = False
+        self.admin = False
 
 
 def _state() -> _State:
@@ -49,6 +50,18 @@ def _set_config(ctx: click.Context, param: click.Parameter, value: str | None) -
 def _set_json(ctx: click.Context, param: click.Parameter, value: bool) -> None:
     if value:
         _state().json = True
+
+
+def _set_admin(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        _state().admin = True
+
+
+def operator(func: F) -> F:
+    """``--admin``, accepted on the ``cache`` group and on each of its commands."""
+    return click.option("--admin", is_flag=True, expose_value=False, callback=_set_admin,
+                        is_eager=True,
+                        help="Act as an operator: cache commands are operator commands.")(func)
 
 
 def common(func: F) -> F:
@@ -100,6 +113,14 @@ def _progress(label: str, total: int) -> Callable[[int], None]:
 def _wiring(host: str | None = None) -> Wiring:
     config = load_config(_state().config_path).with_host(host)
     return wire(config, progress=_progress)
+
+
+def _operator_wiring(host: str | None = None) -> Wiring:
+    """The wiring for a command that changes or reveals the cache: operators only."""
+    if not _state().admin:
+        raise Forbidden("cache commands change or reveal the cache of every project: they "
+                        "are for operators; run them with --admin")
+    return _wiring(host)
 
 
 def _emit(document: object, human: Callable[[], None]) -> None:
@@ -282,6 +303,7 @@ def volume_delete(volume_id: str, project: str, user: str | None, admin: bool) -
 
 @cli.group()
 @common
+@operator
 def cache() -> None:
     """The image-volume cache (operator commands)."""
 
@@ -293,25 +315,28 @@ def _host_option(func: F) -> F:
 
 @cache.command("list")
 @common
+@operator
 @_host_option
 def cache_list(host: str | None) -> None:
     """Cache entries, of one host or of all."""
-    docs = [_entry_doc(e) for e in _wiring().service.list_entries(host)]
+    docs = [_entry_doc(e) for e in _operator_wiring().service.list_entries(host)]
     _emit(docs, lambda: _table(docs, ["id", "image_id", "host", "size_gb", "state", "hits",
                                       "last_used"]))
 
 
 @cache.command("show")
 @common
+@operator
 @click.argument("entry_id", metavar="ENTRY_ID")
 def cache_show(entry_id: str) -> None:
     """One cache entry."""
-    doc = _entry_doc(_wiring().service.get_entry(entry_id))
+    doc = _entry_doc(_operator_wiring().service.get_entry(entry_id))
     _emit(doc, lambda: _fields(doc))
 
 
 @cache.command("evict")
 @common
+@operator
 @_host_option
 @click.option("--image", "image_id", metavar="ID", default=None)
 @click.option("--entry", "entry_id", metavar="ID", default=None)
@@ -321,7 +346,7 @@ def cache_evict(host: str | None, image_id: str | None, entry_id: str | None,
     """Evict entries: by image, by entry, or all (of the host)."""
     if sum((image_id is not None, entry_id is not None, everything)) != 1:
         raise click.UsageError("give exactly one of --image, --entry or --all")
-    gone = _wiring(host).service.evict(image_id=image_id, entry_id=entry_id,
+    gone = _operator_wiring(host).service.evict(image_id=image_id, entry_id=entry_id,
                                        everything=everything)
     docs = [_entry_doc(e) for e in gone]
     _emit({"evicted": docs}, lambda: click.echo(f"evicted {len(docs)} entr"
@@ -330,19 +355,21 @@ def cache_evict(host: str | None, image_id: str | None, entry_id: str | None,
 
 @cache.command("prune")
 @common
+@operator
 @_host_option
 def cache_prune(host: str | None) -> None:
     """Evict least recently used entries until the host is within its limits."""
-    docs = [_entry_doc(e) for e in _wiring(host).service.prune()]
+    docs = [_entry_doc(e) for e in _operator_wiring(host).service.prune()]
     _emit({"evicted": docs}, lambda: click.echo(f"pruned {len(docs)}"))
 
 
 @cache.command("stats")
 @common
+@operator
 @_host_option
 def cache_stats(host: str | None) -> None:
     """Hits, misses, evictions and downloads of a host."""
-    doc = _stats_doc(_wiring(host).service.stats())
+    doc = _stats_doc(_operator_wiring(host).service.stats())
     _emit(doc, lambda: _fields(doc))
 
 
@@ -350,15 +377,15 @@ def _image_command(name: str) -> Callable[[Callable[[str, str | None], None]],
                                            click.Command]:
     """A cache command on one image's entry on a host: ``IMAGE_ID`` and ``--host``."""
     def decorate(func: Callable[[str, str | None], None]) -> click.Command:
-        return cache.command(name)(common(_host_option(
-            click.argument("image_id", metavar="IMAGE_ID")(func))))
+        return cache.command(name)(common(operator(_host_option(
+            click.argument("image_id", metavar="IMAGE_ID")(func)))))
     return decorate
 
 
 @_image_command("warm")
 def cache_warm(image_id: str, host: str | None) -> None:
     """Cache an image on a host ahead of demand."""
-    doc = _entry_doc(_wiring(host).service.warm(image_id))
+    doc = _entry_doc(_operator_wiring(host).service.warm(image_id))
     _emit(doc, lambda: _fields(doc))
 
 
@@ -375,18 +402,19 @@ def cache_unpin(image_id: str, host: str | None) -> None:
 
 
 def _set_pinned(image_id: str, host: str | None, pinned: bool) -> None:
-    doc = _entry_doc(_wiring(host).service.pin(image_id, pinned))
+    doc = _entry_doc(_operator_wiring(host).service.pin(image_id, pinned))
     done = "pinned" if pinned else "unpinned"
     _emit(doc, lambda: click.echo(f"{done} {image_id} on {doc['host']}"))
 
 
 @cache.command("reconcile")
 @common
+@operator
 @_host_option
 @click.option("--fix", is_flag=True, help="Repair what differs (default: report only).")
 def cache_reconcile(host: str | None, fix: bool) -> None:
     """Compare entries with the storage: missing volumes, dead claims, orphan volumes."""
-    findings = _wiring(host).service.reconcile(fix=fix)
+    findings = _operator_wiring(host).service.reconcile(fix=fix)
     docs: list[dict[str, object]] = [
         {"kind": f.kind, "volume_id": f.volume_id, "entry_id": f.entry_id,
          "image_id": f.image_id, "fixed": f.fixed} for f in findings]

@@ -15,7 +15,7 @@ from tests.e2e.conftest import Cli
 def created(cli: Cli) -> list[str]:
     """Every volume and entry the CLI can see (as an operator)."""
     volumes = cli.ok("volume", "list", "--all", "--admin", "--json").json()
-    entries = cli.ok("cache", "list", "--json").json()
+    entries = cli.ok("cache", "--admin", "list", "--json").json()
     return [v["id"] for v in volumes] + [e["id"] for e in entries]
 
 
@@ -42,20 +42,21 @@ def test_a_bad_config_file_is_one_line_naming_what_is_wrong(cli: Cli, tmp_path: 
                                                             text: bytes, expected: str) -> None:
     config = tmp_path / "ivcache.ini"
     config.write_bytes(text)
-    run = cli.fails("--config", str(config), "cache", "stats")
+    run = cli.fails("--config", str(config), "cache", "--admin", "stats")
     assert expected in run.err
     assert "secret" not in run.err
 
 
 def test_a_config_that_is_not_a_regular_file_is_refused_at_once(cli: Cli) -> None:
-    run = cli.fails("--config", "/dev/zero", "cache", "stats", timeout=20)
+    run = cli.fails("--config", "/dev/zero", "cache", "--admin", "stats", timeout=20)
     assert "not a regular file" in run.err
 
 
 def test_a_huge_config_file_is_refused(cli: Cli, tmp_path: Path) -> None:
     config = tmp_path / "huge.ini"
     config.write_bytes(b"[ivcache]\n" + b"; padding\n" * 200_000)
-    assert "is larger than" in cli.fails("--config", str(config), "cache", "stats").err
+    run = cli.fails("--config", str(config), "cache", "--admin", "stats")
+    assert "is larger than" in run.err
 
 
 @pytest.mark.parametrize("content", [b"garbage, not SQLite " * 100, b""])
@@ -66,7 +67,7 @@ def test_a_database_file_that_is_not_sqlite_is_refused_and_left_as_it_was(
     config = tmp_path / "ivcache.ini"
     config.write_text(f"[ivcache]\ndatabase_url = sqlite:///{db}\n")
     before = db.read_bytes()
-    run = cli.fails("--config", str(config), "cache", "stats")
+    run = cli.fails("--config", str(config), "cache", "--admin", "stats")
     assert "damaged or not an ivcache database" in run.err
     assert db.read_bytes() == before
 
@@ -101,3 +102,17 @@ def test_user_commands_acting_as_the_internal_tenant_are_refused(cli: Cli,
               "internal", "--admin")
     assert created(cli) == []
     assert len(cli.ok("image", "list", "--json").json()) == 1
+
+
+@pytest.mark.parametrize("command", [
+    ["list"], ["show", "e-1"], ["evict", "--all"], ["prune"], ["stats"], ["warm", "img"],
+    ["pin", "img"], ["unpin", "img"], ["reconcile", "--fix"]])
+def test_commands_that_change_or_reveal_the_cache_need_an_operator(
+        cli: Cli, image_file: Path, command: list[str]) -> None:
+    image = cli.ok("image", "add", str(image_file), "--json").json()
+    cli.ok("volume", "create", "--image", image["id"], "--size", "1")
+    args = [image["id"] if a == "img" else a for a in command]
+    run = cli.fails("cache", *args)
+    assert "run them with --admin" in run.err
+    assert len(cli.ok("cache", "--admin", "list", "--json").json()) == 1  # nothing changed
+    assert cli.ok("cache", "stats", "--admin", "--json").json()["misses"] == 1

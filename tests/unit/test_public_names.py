@@ -25,7 +25,8 @@ CORE = {
     "CacheRepository", "Clock", "ImageSource", "Notifier", "Span", "StorageBackend", "Tracer",
     "UnitOfWork",
     # errors
-    "AlreadyClaimed", "ChecksumMismatch", "ConfigError", "EntryNotFound", "ImageError",
+    "AlreadyClaimed", "ChecksumMismatch", "ConfigError", "EntryNotFound", "Forbidden",
+    "ImageError",
     "ImageNotActive", "ImageNotFound", "ImageUnavailable", "InvalidIdentifier",
     "InvalidRequest", "InvalidSize", "IvcacheError", "NoSpace", "QuotaExceeded",
     "StorageError", "VolumeNotFound",
