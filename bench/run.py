@@ -385,6 +385,19 @@ def hit_vs_miss_rbd(work: Path) -> Figures:
             "clone_ms_p50_rbd": statistics.median(clones) * 1000}
 
 
+@bench("trace_hit_ratio_lru", "trace_gb_downloaded_lru")
+def trace_lru(work: Path) -> Figures:
+    """A seeded Zipf trace (2,000 requests over 200 images of 1–20 GiB, alpha 0.9; quick:
+    500 over 50) through the service on fakes, the cache at 15 % of the working set
+    (bench/trace.py; replay your own log with `python bench/trace.py --log FILE`)."""
+    _repo_on_path()
+    from bench.trace import replay, zipf_trace
+    requests, images = (2000, 200) if not QUICK else (500, 50)
+    result = replay(zipf_trace(requests, images, alpha=0.9, seed=1), cache_fraction=0.15)
+    return {"trace_hit_ratio_lru": result.hit_ratio,
+            "trace_gb_downloaded_lru": float(result.gb_downloaded)}
+
+
 def _many_workers(db: str) -> Bench:
     names: tuple[str, ...] = (f"downloads_for_16_concurrent_misses_threads_{db}",
                               f"downloads_for_16_concurrent_misses_processes_{db}",
