@@ -13,9 +13,11 @@ the submodules say where each name lives:
 
 from ivcache.core.errors import (
     AlreadyClaimed,
+    AuthError,
     ChecksumMismatch,
     ConfigError,
     EntryNotFound,
+    IdentityUnavailable,
     ImageError,
     ImageNotActive,
     ImageNotFound,
@@ -27,6 +29,7 @@ from ivcache.core.errors import (
     NoSpace,
     QuotaExceeded,
     StorageError,
+    TokenRefused,
     VolumeNotFound,
 )
 from ivcache.core.events import (
@@ -68,6 +71,7 @@ from ivcache.core.service import CacheService, Finding, NullTracer, SystemClock
 __all__ = [
     "GIB",
     "AlreadyClaimed",
+    "AuthError",
     "CacheEntry",
     "CacheEntryCreated",
     "CacheEvict",
@@ -86,6 +90,7 @@ __all__ = [
     "EvictReason",
     "Finding",
     "HostTotals",
+    "IdentityUnavailable",
     "Image",
     "ImageDownloaded",
     "ImageError",
@@ -108,6 +113,7 @@ __all__ = [
     "StorageBackend",
     "StorageError",
     "SystemClock",
+    "TokenRefused",
     "Tracer",
     "UnitOfWork",
     "Volume",

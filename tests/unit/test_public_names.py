@@ -28,7 +28,7 @@ CORE = {
     "AlreadyClaimed", "ChecksumMismatch", "ConfigError", "EntryNotFound", "ImageError",
     "ImageNotActive", "ImageNotFound", "ImageUnavailable", "InvalidIdentifier",
     "InvalidRequest", "InvalidSize", "IvcacheError", "NoSpace", "QuotaExceeded",
-    "StorageError", "VolumeNotFound",
+    "StorageError", "VolumeNotFound", "AuthError", "TokenRefused", "IdentityUnavailable",
 }
 
 FACADE = {
