@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import json
+import logging
 import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -498,6 +499,9 @@ def _one_line(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; domain errors become one line on stderr and exit code 1."""
+    # keystoneauth warns on stderr of what the CLI reports itself in one line (a failed
+    # version discovery when Keystone is unreachable).
+    logging.getLogger("keystoneauth").setLevel(logging.ERROR)
     try:
         code = cli.main(args=argv, prog_name="ivcache", standalone_mode=False)
     except click.exceptions.Abort:

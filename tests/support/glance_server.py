@@ -57,7 +57,7 @@ def ensure_venv(venv: Path, requirements: Sequence[str]) -> Path:
 
     Kept outside the project's venv (OpenStack's services pin half of OpenStack) and cached
     between runs; a lock file keeps two test runs from installing at once. pip's output is
-    shown only if it fails.
+    shown only if it fails (then CalledProcessError).
     """
     marker = venv / ".ivcache-installed"
     wanted = "\n".join(requirements)
@@ -72,8 +72,8 @@ def ensure_venv(venv: Path, requirements: Sequence[str]) -> Path:
                               "--disable-pip-version-check", *requirements],
                              capture_output=True, text=True, check=False)
         if pip.returncode:
-            raise RuntimeError(f"pip install {' '.join(requirements)} into {venv} failed: "
-                               f"{pip.stdout[-2000:]}{pip.stderr[-2000:]}")
+            sys.stderr.write(pip.stdout + pip.stderr)
+            pip.check_returncode()
         marker.write_text(wanted)
     return venv
 
