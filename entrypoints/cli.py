@@ -309,6 +309,7 @@ def image_add(file: Path, name: str | None, private: bool, who: RequestContext) 
     """Register an image FILE with the local image source."""
     wiring = _wiring()
     source = wiring.local_images
+    wiring.config.tenant.check_caller(who)
     size = file.stat().st_size if file.is_file() else 0
     update = _progress(f"copying {file.name}", size)
     added = source.add_image(who, file, name=name,

@@ -15,8 +15,10 @@ from __future__ import annotations
 import argparse
 import configparser
 import enum
+import math
 import os
 import socket
+import stat
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -65,8 +67,9 @@ class Option:
 
     ``type`` is ``str``, ``int``, ``float``, ``bool``, ``Path`` (relative to the file) or
     ``URL`` (a database URL; a relative SQLite path is relative to the file). Numbers must
-    be 0 or more. An empty value means the default. ``aliases`` are other names read when
-    the option itself is not set.
+    be from ``minimum`` to ``maximum`` (finite: seconds past 1e9 would overflow a date). An
+    empty value means the default. ``aliases`` are other names read when the option itself
+    is not set.
     """
 
     where: Where
@@ -76,6 +79,8 @@ class Option:
     help: str
     choices: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
+    minimum: float = 0
+    maximum: float = 1e9
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -114,7 +119,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(_I, "storage_path", Path, Path("volumes"),
            "Where file and qcow2 keep volumes, and fake-lvm and fake-rbd their state."),
     Option(_I, "storage_capacity_gb", int, 1000,
-           "The size of the simulated volume group or pool of fake-lvm and fake-rbd."),
+           "The size of the simulated volume group or pool of fake-lvm and fake-rbd.",
+           minimum=1),
     Option(_I, "image_source", str, "local",
            "Where images come from: a local directory (images_path) or Glance ([glance]).",
            choices=IMAGE_SOURCES),
@@ -240,14 +246,36 @@ def load_config(path: str | Path | None = None,
     if chosen:
         source = Path(chosen).expanduser().absolute()
         try:
-            with open(source, encoding="utf-8") as fh:
-                parser.read_file(fh)
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {source}: {exc.strerror}") from exc
+            parser.read_string(_read_config_text(source), source=str(source))
         except configparser.Error as exc:
             first = str(exc).splitlines()[0]
             raise ConfigError(f"config file {source} is not valid INI: {first}") from exc
     return _Reader(parser, source, home).config()
+
+
+#: A config file is a page of INI; anything larger is not one (``--config /dev/zero``).
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _read_config_text(source: Path) -> str:
+    """The file's text: a regular file of at most MAX_CONFIG_BYTES, in UTF-8."""
+    try:
+        with open(source, "rb") as fh:
+            info = os.fstat(fh.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise ConfigError(f"config file {source} is not a regular file: give the "
+                                  "path of an INI file")
+            data = fh.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {source}: {exc.strerror}") from exc
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {source} is larger than {MAX_CONFIG_BYTES} bytes: "
+                          "it is not an ivcache INI file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {source} is not UTF-8 text (byte {exc.start}): save "
+                          "it as UTF-8") from None
 
 
 def _sqlite_file(url: URL) -> Path | None:
@@ -331,8 +359,19 @@ class _Reader:
             value = getter(section, name)
         except ValueError:
             raise ConfigError(f"{bad} is not {_TYPE_WORDS[option.type]}") from None
-        if option.type is not bool and value < 0:
+        if option.type is bool:
+            return value
+        if not math.isfinite(value):
+            raise ConfigError(f"{self.where}: option {name} = {raw} is not a finite number")
+        if value < 0:
             raise ConfigError(f"{self.where}: option {name} = {value} must be 0 or more")
+        if value > option.maximum:
+            # Seconds past the maximum would overflow a date.
+            raise ConfigError(f"{self.where}: option {name} = {raw} must be at most "
+                              f"{option.maximum:.0f}")
+        if value < option.minimum:
+            raise ConfigError(f"{self.where}: option {name} = {raw} must be at least "
+                              f"{option.minimum:.0f}")
         return value
 
     def resolve(self, option: Option, value: Any) -> Any:
@@ -355,6 +394,8 @@ class _Reader:
         except ArgumentError:
             # The text is not repeated: it may hold a password.
             raise ConfigError(what) from None
+        if url.get_backend_name() not in ("sqlite", "postgresql"):
+            raise ConfigError(f"{what}: {url.get_backend_name()} is not supported")
         path = _sqlite_file(url)
         if path is not None and not path.is_absolute():
             url = url.set(database=str(self.base / path))
@@ -408,7 +449,8 @@ def render_markdown() -> str:
         "An INI file, given by `--config FILE` or `$IVCACHE_CONFIG`; with none, every option "
         "has its default and everything lives under `$IVCACHE_HOME` (default "
         "`~/.local/share/ivcache`). Relative paths are relative to the file's folder (or "
-        "to `$IVCACHE_HOME`). An empty value means the default; numbers must be 0 or more; "
+        "to `$IVCACHE_HOME`). An empty value means the default; numbers must be 0 or more, "
+        "finite and at most 1000000000, unless an option says otherwise; "
         "`[DEFAULT]` supplies a value for every section. A bad value is an error that names "
         "the option.",
     ]
