@@ -91,15 +91,15 @@ enabled_backends = fs:file
 bind_host = 127.0.0.1
 log_file = {work}/glance-api.log
 [database]
-connection = sqlite:///{work}/glance.db
+connection = sqlite:///{data}/glance.db
 [glance_store]
 default_backend = fs
 [fs]
-filesystem_store_datadir = {work}/images/
+filesystem_store_datadir = {data}/images/
 [os_glance_staging_store]
-filesystem_store_datadir = {work}/staging/
+filesystem_store_datadir = {data}/staging/
 [os_glance_tasks_store]
-filesystem_store_datadir = {work}/tasks/
+filesystem_store_datadir = {data}/tasks/
 [paste_deploy]
 flavor = {flavor}
 """
@@ -155,12 +155,15 @@ class GlanceServer:
 
     With ``authtoken`` (the options of ``[keystone_authtoken]``: auth_url, username,
     password, ...) Glance checks Keystone tokens through keystonemiddleware; without it, it
-    trusts the X-* identity headers.
+    trusts the X-* identity headers. With ``shares``, it serves that other server's database
+    and store: the same images through another pipeline.
     """
 
     def __init__(self, work: Path, *, venv: Path | None = None, port: int | None = None,
-                 threads: int = 4, authtoken: Mapping[str, str] | None = None) -> None:
+                 threads: int = 4, authtoken: Mapping[str, str] | None = None,
+                 shares: GlanceServer | None = None) -> None:
         self.work = Path(work).absolute()
+        self.data: Path = shares.data if shares else self.work
         self.venv = venv or _default_venv()
         self.port = port or free_port()
         self.threads = threads
@@ -185,20 +188,22 @@ class GlanceServer:
     @property
     def store(self) -> Path:
         """Where the file store keeps image data: one file per image id."""
-        return self.work / "images"
+        return self.data / "images"
 
     def configure(self) -> None:
         conf = self.work / "etc"
         conf.mkdir(parents=True, exist_ok=True)
         for sub in ("images", "staging", "tasks"):
-            (self.work / sub).mkdir(exist_ok=True)
-        text = _API_CONF.format(work=self.work,
+            (self.data / sub).mkdir(parents=True, exist_ok=True)
+        text = _API_CONF.format(work=self.work, data=self.data,
                                 flavor="keystone" if self.authtoken else "trusted")
         if self.authtoken:
             text += "[keystone_authtoken]\n" + "".join(
                 f"{k} = {v}\n" for k, v in self.authtoken.items())
         (conf / "glance-api.conf").write_text(text)
         (conf / "glance-api-paste.ini").write_text(_PASTE)
+        if self.data != self.work:
+            return  # the other server made the schema
         subprocess.run([str(self.venv / "bin" / "glance-manage"), "--config-file",
                         str(conf / "glance-api.conf"), "db", "sync"],
                        check=True, capture_output=True, env=self._env())
