@@ -20,6 +20,7 @@ from ivcache.core.errors import AuthError, ImageNotFound, TokenRefused
 from ivcache.core.events import CacheEvict, EvictReason
 from ivcache.core.model import InternalTenant, Outcome, RequestContext
 from ivcache.core.service import CacheService
+from ivcache.entrypoints.library import ImageVolumeCache
 from tests.support.keystone_server import OpenStack, User
 
 pytestmark = pytest.mark.keystone
@@ -267,3 +268,35 @@ def test_a_token_from_a_clouds_yaml_entry(clouds: OpenStack, world: World) -> No
     ctx = world.identity.context(token_for_cloud(alice.project))
 
     assert ctx.project_id == alice.project_id
+
+
+def test_the_library_takes_the_callers_token_or_a_context_carrying_it(
+        clouds: OpenStack, tmp_path: Path, p1: User) -> None:
+    ini = tmp_path / "ivcache.ini"
+    ini.write_text(f"""\
+[DEFAULT]
+cinder_internal_tenant_project_id = {clouds.internal.project_id}
+cinder_internal_tenant_user_id = {clouds.internal.user_id}
+[ivcache]
+image_source = glance
+keystone_cloud = ivcache-service
+[glance]
+auth = keystone
+os_cloud = ivcache-internal
+""")
+    cache = ImageVolumeCache.from_config(ini)
+    token = clouds.token(p1)
+    image_id = clouds.glance.create_image(token, os.urandom(MIB))
+
+    miss = cache.create_volume(image_id, 1, token=token)
+    # A storage driver hands over its own request's context, token included.
+    ctx = RequestContext(p1.project_id, p1.user_id, ("member", "reader"), auth_token=token)
+    hit = cache.create_volume(image_id, 1, context=ctx)
+
+    assert (miss.outcome, hit.outcome) == (Outcome.MISS, Outcome.HIT)
+    assert miss.volume.owner == hit.volume.owner == p1.project_id
+    assert {v.id for v in cache.list_volumes(token=token)} == {miss.volume.id, hit.volume.id}
+    with pytest.raises(TypeError, match="one way"):
+        cache.create_volume(image_id, 1, project="p1", token=token)
+    with pytest.raises(AuthError, match="carries none"):
+        cache.create_volume(image_id, 1, project=p1.project_id)

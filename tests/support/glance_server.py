@@ -23,8 +23,10 @@ from typing import Any
 
 __all__ = [
     "GLANCE_REQUIREMENTS",
+    "Caller",
     "GlanceServer",
     "Identity",
+    "cached_venv",
     "ensure_glance_venv",
     "ensure_venv",
     "free_port",
@@ -39,12 +41,18 @@ Identity = tuple[str, str, tuple[str, ...]]
 Caller = Identity | str
 
 
-def _default_venv() -> Path:
-    override = os.environ.get("IVCACHE_TEST_GLANCE_VENV")
-    if override:
-        return Path(override)
+def cached_venv(name: str, override: str) -> Path:
+    """Where a test service's venv lives: ``$override`` if set, else under the user's cache
+    folder (``~/.cache/NAME/venv``), kept between runs."""
+    chosen = os.environ.get(override)
+    if chosen:
+        return Path(chosen)
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "ivcache-test-glance" / "venv"
+    return cache / name / "venv"
+
+
+def _default_venv() -> Path:
+    return cached_venv("ivcache-test-glance", "IVCACHE_TEST_GLANCE_VENV")
 
 
 def ensure_glance_venv(venv: Path | None = None) -> Path:

@@ -27,7 +27,13 @@ import attrs
 from keystoneauth1 import session as ks_session
 from keystoneauth1.identity import v3
 
-from tests.support.glance_server import GLANCE_REQUIREMENTS, GlanceServer, ensure_venv, free_port
+from tests.support.glance_server import (
+    GLANCE_REQUIREMENTS,
+    GlanceServer,
+    cached_venv,
+    ensure_venv,
+    free_port,
+)
 
 __all__ = [
     "KEYSTONE_REQUIREMENTS",
@@ -44,11 +50,7 @@ ADMIN_PASSWORD = "pw-admin"
 
 
 def _default_venv() -> Path:
-    override = os.environ.get("IVCACHE_TEST_KEYSTONE_VENV")
-    if override:
-        return Path(override)
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "ivcache-test-keystone" / "venv"
+    return cached_venv("ivcache-test-keystone", "IVCACHE_TEST_KEYSTONE_VENV")
 
 
 def ensure_keystone_venv(venv: Path | None = None) -> Path:
