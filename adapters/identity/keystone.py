@@ -138,7 +138,8 @@ def token_for_cloud(cloud: str) -> str:
         token = conn.session.get_token()
     except ks_exceptions.Unauthorized as exc:
         raise AuthError(f"{where} refused the credentials of cloud {cloud!r} "
-                        f"({describe(exc)}): check that clouds.yaml entry") from None
+                        f"({str(exc).split(' (Request-ID')[0]}): check that clouds.yaml "
+                        "entry") from None
     except _UNREACHABLE as exc:
         raise IdentityUnavailable(f"{where} is unreachable: {describe(exc)}") from None
     except ks_exceptions.ClientException as exc:
