@@ -13,10 +13,12 @@ the submodules say where each name lives:
 
 from ivcache.core.errors import (
     AlreadyClaimed,
+    AuthError,
     ChecksumMismatch,
     ConfigError,
     EntryNotFound,
     Forbidden,
+    IdentityUnavailable,
     ImageError,
     ImageNotActive,
     ImageNotFound,
@@ -28,6 +30,7 @@ from ivcache.core.errors import (
     NoSpace,
     QuotaExceeded,
     StorageError,
+    TokenRefused,
     VolumeNotFound,
 )
 from ivcache.core.events import (
@@ -69,6 +72,7 @@ from ivcache.core.service import CacheService, Finding, NullTracer, SystemClock
 __all__ = [
     "GIB",
     "AlreadyClaimed",
+    "AuthError",
     "CacheEntry",
     "CacheEntryCreated",
     "CacheEvict",
@@ -88,6 +92,7 @@ __all__ = [
     "Finding",
     "Forbidden",
     "HostTotals",
+    "IdentityUnavailable",
     "Image",
     "ImageDownloaded",
     "ImageError",
@@ -110,6 +115,7 @@ __all__ = [
     "StorageBackend",
     "StorageError",
     "SystemClock",
+    "TokenRefused",
     "Tracer",
     "UnitOfWork",
     "Volume",

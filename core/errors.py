@@ -15,7 +15,10 @@
     │   └── NoSpace              the backend has no room for the volume
     ├── QuotaExceeded            the internal tenant's quota would be exceeded
     ├── AlreadyClaimed           another worker holds the claim on (host, image)
-    ├── Forbidden                the caller may not do this (an operator's command)
+    ├── AuthError                who is calling could not be established, or may not do it
+    │   ├── TokenRefused         Keystone refused the caller's token (expired, revoked, ...)
+    │   ├── IdentityUnavailable  Keystone could not be reached, or refused ivcache itself
+    │   └── Forbidden            the caller may not do this (an operator's command)
     └── ConfigError              a bad configuration option (names the option)
 
 Every message is one line saying what was wrong and, where it helps, what to do.
@@ -25,10 +28,12 @@ from __future__ import annotations
 
 __all__ = [
     "AlreadyClaimed",
+    "AuthError",
     "ChecksumMismatch",
     "ConfigError",
     "EntryNotFound",
     "Forbidden",
+    "IdentityUnavailable",
     "ImageError",
     "ImageNotActive",
     "ImageNotFound",
@@ -40,6 +45,7 @@ __all__ = [
     "NoSpace",
     "QuotaExceeded",
     "StorageError",
+    "TokenRefused",
     "VolumeNotFound",
 ]
 
@@ -125,7 +131,21 @@ class AlreadyClaimed(IvcacheError):
         self.image_id = image_id
 
 
-class Forbidden(IvcacheError):
+class AuthError(IvcacheError):
+    pass
+
+
+class TokenRefused(AuthError):
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"the token was refused by Keystone: {reason}; get a new one")
+        self.reason = reason
+
+
+class IdentityUnavailable(AuthError):
+    pass
+
+
+class Forbidden(AuthError):
     pass
 
 

@@ -116,12 +116,19 @@ class Volume:
 
 @attrs.frozen
 class RequestContext:
-    """Who is calling."""
+    """Who is calling.
+
+    ``auth_token`` is the caller's own Keystone token, where there is one: an image source
+    that speaks to a Keystone-protected service asks it with this token, so that the
+    service, not ivcache, decides what the caller may see. It is left out of ``repr`` so
+    that it never reaches a log line.
+    """
 
     project_id: str
     user_id: str
     roles: tuple[str, ...] = ("member", "reader")
     is_admin: bool = False
+    auth_token: str | None = attrs.field(default=None, repr=False, kw_only=True)
 
     @classmethod
     def for_project(cls, project_id: str, *, user_id: str | None = None,

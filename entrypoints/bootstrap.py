@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import attrs
 from sqlalchemy import Engine
@@ -19,9 +20,13 @@ from ivcache.core.ports import ImageSource, Notifier, StorageBackend, Tracer
 from ivcache.core.service import CacheService, SystemClock
 from ivcache.entrypoints.config import IMAGE_SOURCES, STORAGE_KINDS, Config
 
+if TYPE_CHECKING:
+    from ivcache.adapters.identity.keystone import KeystoneIdentity
+
 __all__ = [
     "Wiring",
     "build_glance",
+    "build_identity",
     "build_images",
     "build_notifier",
     "build_storage",
@@ -40,6 +45,15 @@ class Wiring:
     service: CacheService
     images: ImageSource
     storage: StorageBackend
+    identity: KeystoneIdentity | None = None
+
+    def context_for_token(self, token: str) -> RequestContext:
+        """The caller a Keystone token belongs to, as Keystone says (keystone mode only)."""
+        if self.identity is None:
+            raise ConfigError("a Keystone token is for image_source = glance with [glance] "
+                              f"auth = keystone (here: image_source = "
+                              f"{self.config.image_source}, auth = {self.config.glance.auth})")
+        return self.identity.context(token)
 
     @property
     def local_images(self) -> LocalImageSource:
@@ -101,7 +115,17 @@ def build_glance(config: Config) -> ImageSource:
     g = config.glance
     return GlanceImageSource(url=g.url, os_cloud=g.os_cloud, auth=g.auth, insecure=g.insecure,
                              cafile=g.cafile, connect_timeout=g.connect_timeout,
-                             read_timeout=g.read_timeout, retries=g.retries)
+                             read_timeout=g.read_timeout, retries=g.retries,
+                             internal=config.tenant.context())
+
+
+def build_identity(config: Config) -> KeystoneIdentity | None:
+    """Who callers are, from their Keystone tokens: only in keystone mode."""
+    if not config.keystone_mode:
+        return None
+    from ivcache.adapters.identity.keystone import KeystoneIdentity
+    return KeystoneIdentity(os_cloud=config.keystone_cloud or config.glance.os_cloud,
+                            cache_seconds=config.token_cache_seconds)
 
 
 def build_notifier(config: Config) -> tuple[Notifier, Tracer | None]:
@@ -167,4 +191,4 @@ def wire(config: Config, *, progress: Progress | None = None) -> Wiring:
         clock=SystemClock(),
         tracer=tracer,
     )
-    return Wiring(config, service, images, storage)
+    return Wiring(config, service, images, storage, build_identity(config))

@@ -6,19 +6,25 @@ Exit codes: 0 ok, 1 domain error (one line on stderr), 2 usage error.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
+import logging
 import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
+from click.core import ParameterSource
 
-from ivcache.core.errors import Forbidden, IvcacheError
+from ivcache.core.errors import ConfigError, Forbidden, IvcacheError
 from ivcache.core.model import CacheEntry, HostTotals, Image, RequestContext, Volume
-from ivcache.entrypoints.bootstrap import Wiring, open_database, wire
-from ivcache.entrypoints.config import load_config
+from ivcache.entrypoints.bootstrap import Wiring, build_identity, open_database, wire
+from ivcache.entrypoints.config import Config, load_config
+
+if TYPE_CHECKING:
+    from ivcache.adapters.identity.keystone import KeystoneIdentity
 
 __all__ = ["cli", "main"]
 
@@ -57,7 +63,7 @@ def _set_admin(ctx: click.Context, param: click.Parameter, value: bool) -> None:
         _state().admin = True
 
 
-def operator(func: F) -> F:
+def admin_flag(func: F) -> F:
     """``--admin``, accepted on the ``cache`` group and on each of its commands."""
     return click.option("--admin", is_flag=True, expose_value=False, callback=_set_admin,
                         is_eager=True,
@@ -75,20 +81,112 @@ def common(func: F) -> F:
     return func
 
 
-def caller(func: F) -> F:
-    """Who is calling: ``--project``, ``--user``, ``--admin``."""
-    func = click.option("--admin", is_flag=True,
-                        help="Act as an operator who may touch any volume.")(func)
-    func = click.option("--user", metavar="U", default=None,
-                        help="User id [default: derived from the project].")(func)
-    func = click.option("--project", metavar="P", envvar="IVCACHE_PROJECT", default="demo",
-                        show_default=True, help="Project to act for [env IVCACHE_PROJECT].")(
-        func)
+def _keystone_options(func: F) -> F:
+    func = click.option("--os-token", metavar="TOKEN", envvar="OS_TOKEN", default=None,
+                        help="The caller's Keystone token, with [glance] auth = keystone "
+                             "[env OS_TOKEN].")(func)
+    func = click.option("--os-cloud", metavar="NAME", envvar="OS_CLOUD", default=None,
+                        help="Log in to Keystone as this cloud of clouds.yaml, with [glance] "
+                             "auth = keystone [env OS_CLOUD].")(func)
     return func
 
 
-def _context(project: str, user: str | None, admin: bool) -> RequestContext:
-    return RequestContext.for_project(project, user_id=user, admin=admin)
+def caller(func: F) -> F:
+    """Who is calling, handed to the command as ``who``: ``--project``, ``--user``,
+    ``--admin``; with [glance] auth = keystone, the caller's own Keystone token instead
+    (``--os-token``, or ``--os-cloud`` to log in), validated before anything is done."""
+    @functools.wraps(func)
+    def run(*args: Any, project: str, user: str | None, admin: bool, os_cloud: str | None,
+            os_token: str | None, **kwargs: Any) -> Any:
+        return func(*args, who=_caller(project, user, admin, os_cloud, os_token), **kwargs)
+
+    decorated = _keystone_options(run)
+    decorated = click.option("--admin", is_flag=True,
+                             help="Act as an operator who may touch any volume.")(decorated)
+    decorated = click.option("--user", metavar="U", default=None,
+                             help="User id [default: derived from the project].")(decorated)
+    decorated = click.option("--project", metavar="P", envvar="IVCACHE_PROJECT",
+                             default="demo", show_default=True,
+                             help="Project to act for [env IVCACHE_PROJECT].")(decorated)
+    return decorated  # type: ignore[return-value]  # click passes the options by name
+
+
+def operator(func: F) -> F:
+    """An operator command: ``--admin`` says the caller is an operator; with [glance] auth =
+    keystone a token (``--os-token`` or ``--os-cloud``) may say it instead, and then it must
+    carry the admin role. Without either, ``_operator_wiring`` refuses the command."""
+    @functools.wraps(func)
+    def run(*args: Any, os_cloud: str | None, os_token: str | None, **kwargs: Any) -> Any:
+        config = load_config(_state().config_path)
+        token = _token(config, os_cloud, os_token)
+        if token is not None:
+            who = _identity(config).context(token)
+            if not who.is_admin:
+                raise Forbidden(
+                    f"cache commands are an operator's: the token of user {who.user_id} in "
+                    f"project {who.project_id} has the roles "
+                    f"{', '.join(who.roles) or '(none)'}, not admin")
+            _state().admin = True
+        return func(*args, **kwargs)
+
+    return admin_flag(_keystone_options(run))  # type: ignore[return-value]  # by name
+
+
+def _from_command_line(*names: str) -> list[str]:
+    ctx = click.get_current_context()
+    return [n for n in names if ctx.get_parameter_source(n) is ParameterSource.COMMANDLINE]
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _identity(config: Config) -> KeystoneIdentity:
+    identity = build_identity(config)
+    assert identity is not None  # keystone mode, checked by the callers
+    return identity
+
+
+def _token(config: Config, os_cloud: str | None, os_token: str | None) -> str | None:
+    """The caller's Keystone token in keystone mode (``--os-token``, else one got by logging
+    in as ``--os-cloud``), or None. Elsewhere the options are refused when typed, and
+    ignored when they come from the environment (OS_CLOUD is often set for other tools)."""
+    if not config.keystone_mode:
+        given = _from_command_line("os_cloud", "os_token")
+        if given:
+            raise click.UsageError(
+                f"{_flag(given[0])} is for image_source = glance with [glance] auth = "
+                "keystone; here --project, --user and --admin say who is calling")
+        return None
+    if os_token:
+        return os_token
+    if not os_cloud:
+        return None
+    _identity(config)  # openstacksdk is there, or a clear error
+    from ivcache.adapters.identity.keystone import token_for_cloud
+    try:
+        return token_for_cloud(os_cloud)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--os-cloud'") from None
+
+
+def _caller(project: str, user: str | None, admin: bool, os_cloud: str | None,
+            os_token: str | None) -> RequestContext:
+    config = load_config(_state().config_path)
+    if not config.keystone_mode:
+        _token(config, os_cloud, os_token)
+        return RequestContext.for_project(project, user_id=user, admin=admin)
+    typed = _from_command_line("project", "user", "admin")
+    if typed:
+        raise click.UsageError(
+            f"{_flag(typed[0])} is not taken with [glance] auth = keystone: the caller's "
+            "Keystone token says who is calling (--os-cloud NAME or --os-token TOKEN)")
+    token = _token(config, os_cloud, os_token)
+    if token is None:
+        raise click.UsageError(
+            "with [glance] auth = keystone, say who is calling: --os-cloud NAME or "
+            "--os-token TOKEN (env OS_CLOUD, OS_TOKEN)")
+    return _identity(config).context(token)
 
 
 def _progress(label: str, total: int) -> Callable[[int], None]:
@@ -119,7 +217,7 @@ def _operator_wiring(host: str | None = None) -> Wiring:
     """The wiring for a command that changes or reveals the cache: operators only."""
     if not _state().admin:
         raise Forbidden("cache commands change or reveal the cache of every project: they "
-                        "are for operators; run them with --admin")
+                        "are for operators; run them with --admin (or an admin's token)")
     return _wiring(host)
 
 
@@ -230,16 +328,14 @@ def image() -> None:
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--name", metavar="N", default=None, help="Image name [default: file name].")
 @click.option("--private", is_flag=True, help="Only the project may see it.")
-def image_add(file: Path, name: str | None, private: bool, project: str, user: str | None,
-              admin: bool) -> None:
+def image_add(file: Path, name: str | None, private: bool, who: RequestContext) -> None:
     """Register an image FILE with the local image source."""
     wiring = _wiring()
     source = wiring.local_images
-    ctx = _context(project, user, admin)
-    wiring.config.tenant.check_caller(ctx)
+    wiring.config.tenant.check_caller(who)
     size = file.stat().st_size if file.is_file() else 0
     update = _progress(f"copying {file.name}", size)
-    added = source.add_image(ctx, file, name=name,
+    added = source.add_image(who, file, name=name,
                              visibility="private" if private else "public", progress=update)
     _emit(_image_doc(added), lambda: _fields(_image_doc(added)))
 
@@ -247,9 +343,9 @@ def image_add(file: Path, name: str | None, private: bool, project: str, user: s
 @image.command("list")
 @common
 @caller
-def image_list(project: str, user: str | None, admin: bool) -> None:
+def image_list(who: RequestContext) -> None:
     """Images the caller may see."""
-    found = _wiring().images.list_images(_context(project, user, admin))
+    found = _wiring().images.list_images(who)
     docs = [_image_doc(i) for i in found]
     _emit(docs, lambda: _table(docs, ["id", "name", "size", "owner", "visibility"]))
 
@@ -267,11 +363,10 @@ def volume() -> None:
 @click.option("--size", "size_gb", metavar="GB", type=int, required=True,
               help="Size in GiB.")
 @click.option("--host", metavar="H", default=None, help="Storage host [default: config].")
-def volume_create(image_id: str, size_gb: int, host: str | None, project: str,
-                  user: str | None, admin: bool) -> None:
+def volume_create(image_id: str, size_gb: int, host: str | None, who: RequestContext) -> None:
     """Create a volume from an image, through the cache."""
     wiring = _wiring(host)
-    result = wiring.service.create_volume(_context(project, user, admin), image_id, size_gb)
+    result = wiring.service.create_volume(who, image_id, size_gb)
     doc = _volume_doc(result.volume, wiring.config.host)
     doc.update(outcome=result.outcome.value, entry_id=result.entry_id,
                seconds=round(result.seconds, 6))
@@ -282,11 +377,10 @@ def volume_create(image_id: str, size_gb: int, host: str | None, project: str,
 @common
 @caller
 @click.option("--all", "all_projects", is_flag=True, help="Every project's (needs --admin).")
-def volume_list(all_projects: bool, project: str, user: str | None, admin: bool) -> None:
+def volume_list(all_projects: bool, who: RequestContext) -> None:
     """The caller's volumes."""
     wiring = _wiring()
-    found = wiring.service.list_volumes(_context(project, user, admin),
-                                        all_projects=all_projects)
+    found = wiring.service.list_volumes(who, all_projects=all_projects)
     docs = [_volume_doc(v, wiring.config.host) for v in found]
     _emit(docs, lambda: _table(docs, ["id", "size_gb", "project", "host"]))
 
@@ -295,15 +389,15 @@ def volume_list(all_projects: bool, project: str, user: str | None, admin: bool)
 @common
 @caller
 @click.argument("volume_id", metavar="ID")
-def volume_delete(volume_id: str, project: str, user: str | None, admin: bool) -> None:
+def volume_delete(volume_id: str, who: RequestContext) -> None:
     """Delete a volume (an admin deleting a cache volume also drops its entry)."""
-    _wiring().service.delete_volume(_context(project, user, admin), volume_id)
+    _wiring().service.delete_volume(who, volume_id)
     _emit({"id": volume_id, "deleted": True}, lambda: click.echo(f"deleted {volume_id}"))
 
 
 @cli.group()
 @common
-@operator
+@admin_flag
 def cache() -> None:
     """The image-volume cache (operator commands)."""
 
@@ -430,6 +524,9 @@ def _one_line(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; domain errors become one line on stderr and exit code 1."""
+    # keystoneauth warns on stderr of what the CLI reports itself in one line (a failed
+    # version discovery when Keystone is unreachable).
+    logging.getLogger("keystoneauth").setLevel(logging.ERROR)
     try:
         code = cli.main(args=argv, prog_name="ivcache", standalone_mode=False)
     except click.exceptions.Abort:

@@ -138,6 +138,16 @@ OPTIONS: tuple[Option, ...] = (
            "before it is served uncached."),
     Option(_I, "claim_lease_seconds", float, 3600.0,
            "How old a claim may grow before another worker takes it over as dead."),
+    Option(_I, "keystone_cloud", str, "",
+           "With `[glance] auth = keystone`: the cloud of clouds.yaml whose credentials "
+           "validate callers' tokens with Keystone (`GET /v3/auth/tokens`, as "
+           "keystonemiddleware does); its user needs Keystone's `service` role (or admin). "
+           "Empty: `[glance] os_cloud`'s."),
+    Option(_I, "token_cache_seconds", float, 300.0,
+           "How long a validated token is believed without asking Keystone again, never "
+           "longer than the token's own life (0: ask every time). A token revoked meanwhile "
+           "may be honoured until then, as with keystonemiddleware's cache. The cache lives "
+           "in the process: each CLI command validates once."),
     Option(_I, "rbd_pool", str, "rbd",
            "The Ceph pool of `storage = rbd`, made and `rbd pool init`-ed beforehand."),
     Option(_I, "rbd_conf", str, "/etc/ceph/ceph.conf", "The Ceph configuration file."),
@@ -146,11 +156,17 @@ OPTIONS: tuple[Option, ...] = (
            "A clone deeper than this is flattened, as in Cinder (rbd and fake-rbd)."),
     Option(_G, "url", str, "",
            "Glance's root URL (not .../v2); needed by `auth = trusted-headers`."),
-    Option(_G, "os_cloud", str, "", "A cloud of clouds.yaml; needed by `auth = keystone`."),
+    Option(_G, "os_cloud", str, "",
+           "A cloud of clouds.yaml with the internal tenant's own credentials, needed by "
+           "`auth = keystone`: used only for the cache's own questions (is an image gone for "
+           "everyone, `cache warm`), never for a caller's request; it must be able to read "
+           "every image (Glance's admin role)."),
     Option(_G, "auth", str, "keystone",
-           "keystone: the service's own credentials from clouds.yaml; trusted-headers: the "
-           "caller's identity in keystonemiddleware's headers (a Glance behind a trusted "
-           "proxy).", choices=GLANCE_AUTH),
+           "keystone: every request made for a caller carries the caller's own Keystone "
+           "token (`--os-token`, `--os-cloud`), and Glance decides what the caller may see; "
+           "trusted-headers: the caller's identity (`--project`, `--user`, `--admin`) in "
+           "keystonemiddleware's headers (a Glance behind a trusted proxy).",
+           choices=GLANCE_AUTH),
     Option(_G, "insecure", bool, False, "Do not verify Glance's TLS certificate."),
     Option(_G, "cafile", str, "",
            "The CA bundle to verify Glance's certificate with; empty: the system's."),
@@ -187,6 +203,8 @@ class Config:
     image_source: str
     images_path: Path
     notifier: str = "log"
+    keystone_cloud: str = ""
+    token_cache_seconds: float = 300.0
     glance: GlanceConfig = GlanceConfig()
     rbd_pool: str = "rbd"
     rbd_conf: str = "/etc/ceph/ceph.conf"
@@ -196,6 +214,11 @@ class Config:
 
     def with_host(self, host: str | None) -> Config:
         return attrs.evolve(self, host=host) if host else self
+
+    @property
+    def keystone_mode(self) -> bool:
+        """Whether callers are who their Keystone tokens say (Glance with auth = keystone)."""
+        return self.image_source == "glance" and self.glance.auth == "keystone"
 
     @property
     def sqlite_path(self) -> Path | None:

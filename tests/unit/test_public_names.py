@@ -29,7 +29,7 @@ CORE = {
     "ImageError",
     "ImageNotActive", "ImageNotFound", "ImageUnavailable", "InvalidIdentifier",
     "InvalidRequest", "InvalidSize", "IvcacheError", "NoSpace", "QuotaExceeded",
-    "StorageError", "VolumeNotFound",
+    "StorageError", "VolumeNotFound", "AuthError", "TokenRefused", "IdentityUnavailable",
 }
 
 FACADE = {
