@@ -98,14 +98,13 @@ class RawPassThrough:
     wire ``ivcache.adapters.convert.ImagePipeline``, which detects, checks and converts.
     """
 
-    def open(self, image: Image, data: ImageData) -> DiskImage:
+    def open(self, image: Image, data: Callable[[], ImageData]) -> DiskImage:
         if image.disk_format != "raw" or image.container_format != "bare":
-            data.close()
             raise UnsupportedImage(
                 f"image {image.id} is {image.disk_format} ({image.container_format} "
                 "container): without an image converter only bare raw images are taken; "
                 "wire ivcache.adapters.convert.ImagePipeline")
-        return _RawData(data)
+        return _RawData(data())
 
     def leftovers(self, *, remove: bool) -> list[tuple[str, int]]:
         return []

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Protocol, runtime_checkable
@@ -143,9 +143,11 @@ class ImageConverter(Protocol):
     """The image pipeline's last step (DESIGN §9): detect, check and convert an image's data
     into a raw volume. What it refuses, it refuses with an ``ImageError`` subclass."""
 
-    def open(self, image: Image, data: ImageData) -> DiskImage:
-        """Start on ``data``, the verified bytes of ``image``: read as much as tells its
-        format, and refuse it now if it is refused (nothing is left behind then)."""
+    def open(self, image: Image, data: Callable[[], ImageData]) -> DiskImage:
+        """Start on ``image``: refuse it now if its metadata says so, else open its
+        verified bytes (``data()``), read as much as tells their format and refuse them now
+        if they are refused. Nothing is left behind by a refusal: the data opened is
+        closed."""
         ...
 
     def leftovers(self, *, remove: bool) -> list[tuple[str, int]]:

@@ -359,13 +359,10 @@ class CacheService(OperatorCommands):
     # stream, raw data straight into the volume, other formats converted by qemu-img.
 
     def _open(self, ctx: RequestContext, image: Image) -> contextlib.closing[DiskImage]:
-        """Open the image's data and read its head: its format is detected and checked."""
-        data = _Verified(image, self.images.open_data(ctx, image.id))
-        try:
-            return contextlib.closing(self.converter.open(image, data))
-        except BaseException:
-            data.close()
-            raise
+        """Check the image's metadata, open its data and read its head: its format is
+        detected and checked."""
+        return contextlib.closing(self.converter.open(
+            image, lambda: _Verified(image, self.images.open_data(ctx, image.id))))
 
     @staticmethod
     def _check_fits(image: Image, disk: DiskImage, *, asked_gb: int | None,

@@ -57,7 +57,7 @@ ACCEPTED: dict[str, str] = {"raw": "raw", "qcow2": "qcow2", "vmdk": "vmdk", "vhd
 #: formats whose bytes are the disk's bytes: written into the volume as they stream
 AS_IS = frozenset({"raw", "iso"})
 CONTAINERS = ("bare", "compressed")
-_NEVER = {"qed": "qed images are never safe to use (qemu deprecated the format)",
+_NEVER = {"qed": "qed images are never accepted (the format cannot be checked safely)",
           "luks": "encrypted (luks) images are not supported"}
 _GZIP_MAGIC = b"\x1f\x8b"
 _GUNZIP_PIECE = 4 << 20  # the most decompressed bytes one input chunk yields at once

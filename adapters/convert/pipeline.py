@@ -44,7 +44,7 @@ from ivcache.adapters.convert.formats import (
     inspect,
     judge,
 )
-from ivcache.adapters.convert.qemu import QemuImg
+from ivcache.adapters.convert.qemu import DriverMissing, QemuImg
 from ivcache.adapters.storage._files import dead_temps, open_temp, sweep
 from ivcache.core.errors import (
     ImageFormatMismatch,
@@ -99,12 +99,17 @@ class ImagePipeline:
         self.qemu = qemu or QemuImg()
         self.head_limit = head_limit
 
-    def open(self, image: Image, data: ImageData) -> _Disk:
+    def open(self, image: Image, data: Callable[[], ImageData]) -> _Disk:
         check_declared(image, self.policy)
         compressed = image.container_format == "compressed"
-        if image.disk_format not in AS_IS and (compressed or data.fileno() is None):
-            self._make_room(image)
-        return _Disk(self, image, data, compressed)
+        opened = data()
+        try:
+            if image.disk_format not in AS_IS and (compressed or opened.fileno() is None):
+                self._make_room(image)
+            return _Disk(self, image, opened, compressed)
+        except BaseException:
+            opened.close()
+            raise
 
     def leftovers(self, *, remove: bool) -> list[tuple[str, int]]:
         if not self.scratch_dir.is_dir():
@@ -241,17 +246,24 @@ class _Disk:
         qemu.check(self._what, verdict.qemu_format, source, pass_fds=fds)
         volume_full = _volume_full(self._what, volume_id)
         if isinstance(storage, RawFileTarget) and (path := storage.raw_file(volume_id)):
+            # Straight into the volume's file: no copy of the disk but the one qemu-img makes.
             qemu.convert(self._what, verdict.qemu_format, source, str(path), pass_fds=fds,
                          full=volume_full)
             _fsync(path, volume_full)
-        elif isinstance(storage, QemuTarget):
-            qemu.convert(self._what, verdict.qemu_format, source,
-                         storage.qemu_target(volume_id), pass_fds=fds, full=volume_full)
-        else:
-            raw = self._scratch_file(".raw", size=verdict.virtual_size or 0)
-            qemu.convert(self._what, verdict.qemu_format, source, str(raw), pass_fds=fds,
-                         full=self._scratch_full)
-            storage.write_image(volume_id, _read_chunks(str(raw)))
+            return
+        if isinstance(storage, QemuTarget):
+            # qemu-img's rbd driver writes the RBD image itself, skipping zeros: about twice
+            # as fast as a raw scratch file streamed in through librbd (measured, 1 GiB).
+            try:
+                qemu.convert(self._what, verdict.qemu_format, source,
+                             storage.qemu_target(volume_id), pass_fds=fds, full=volume_full)
+                return
+            except DriverMissing:
+                pass  # no qemu-block-extra here: the scratch file way works everywhere
+        raw = self._scratch_file(".raw", size=verdict.virtual_size or 0)
+        qemu.convert(self._what, verdict.qemu_format, source, str(raw), pass_fds=fds,
+                     full=self._scratch_full)
+        storage.write_image(volume_id, _read_chunks(str(raw)))
 
     def _whole_source(self) -> tuple[str, tuple[int, ...]]:
         """Read the whole data through the inspectors (its hash is checked at the end), and

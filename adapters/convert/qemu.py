@@ -9,6 +9,7 @@ prlimit with ``util-linux``.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -17,12 +18,16 @@ from collections.abc import Callable, Sequence
 from ivcache.core.errors import ConversionFailed, CorruptImage, IvcacheError
 from ivcache.core.model import GIB
 
-__all__ = ["QemuImg"]
+__all__ = ["DriverMissing", "QemuImg"]
 
 _INSTALL_HINT = "install qemu-utils (apt-get install -y qemu-utils)"
 # qemu-img check: 0 sound, 2 corrupt, 3 only leaked clusters (harmless for reading), 63
 # the format has no check (vpc); 1 the check itself failed.
 _CHECK_OK = frozenset({0, 3, 63})
+
+
+class DriverMissing(ConversionFailed):
+    """This qemu-img lacks the driver a target needs (rbd: Debian's qemu-block-extra)."""
 
 
 class QemuImg:
@@ -61,6 +66,9 @@ class QemuImg:
         message = _last_line(proc)
         if "No space left" in message or "Disk quota exceeded" in message:
             raise full()
+        if "Unknown protocol" in message:
+            raise DriverMissing(f"{what}: qemu-img cannot open {target.partition(':')[0]} "
+                                f"targets ({message}): install qemu-block-extra")
         if "Cannot allocate memory" in message:
             raise ConversionFailed(
                 f"{what}: qemu-img ran out of memory converting it ({message}): raise "
@@ -83,9 +91,13 @@ class QemuImg:
             limits.append(f"--cpu={self.cpu_seconds}")
         if self.address_space_gb:
             limits.append(f"--as={self.address_space_gb * GIB}")
+        # glibc reserves 64 MiB of address space for each thread's malloc arena: qemu-img's
+        # I/O threads (and librbd's) would spend the address-space limit on reservations
+        # and fail to start threads at random. Two arenas are plenty for qemu-img.
+        env = {**os.environ, "MALLOC_ARENA_MAX": "2"}
         try:
             return subprocess.run([prlimit, *limits, "--", program, *args],
-                                  capture_output=True, text=True, check=False,
+                                  capture_output=True, text=True, check=False, env=env,
                                   stdin=subprocess.DEVNULL, pass_fds=tuple(pass_fds))
         except OSError as exc:
             raise ConversionFailed(f"{what}: cannot run {program} ({exc.strerror}); "
