@@ -18,6 +18,7 @@ import pytest
 from tests.e2e.conftest import Cli
 from tests.support.glance_server import GlanceServer
 from tests.support.images import DISK_BYTES, MIB, make_images, qemu_img, write_known_disk
+from tests.support.mounts import tmpfs
 
 pytestmark = pytest.mark.qcow2
 
@@ -132,15 +133,8 @@ def test_a_qcow2_larger_than_the_size_asked_is_refused_and_nothing_is_made(
 @pytest.fixture
 def tiny_scratch(tmp_path: Path) -> Iterator[Path]:
     """A 16 MiB tmpfs for image_conversion_dir."""
-    if os.geteuid() != 0 and not os.environ.get("CI"):
-        pytest.skip("mounting a filesystem needs root")
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], check=True)
-    try:
+    with tmpfs(tmp_path / "tiny") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
 
 
 def test_a_scratch_directory_too_small_for_the_image_is_one_line_and_nothing_is_left(

@@ -317,6 +317,15 @@ def test_a_qcow2_whose_header_says_more_than_the_size_asked_is_refused_before_a_
         assert [e.size_gb for e in r.service.list_entries()] == [3]
 
 
+def _random_qcow2(tmp_path: Path) -> bytes:
+    """A qcow2 of 24 MiB of random data: it cannot be smaller than its data."""
+    raw = tmp_path / "random.raw"
+    raw.write_bytes(os.urandom(24 * MIB))
+    qcow2 = tmp_path / "random.qcow2"
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", str(raw), str(qcow2))
+    return qcow2.read_bytes()
+
+
 class CountingSource(InMemoryImageSource):
     """Counts the chunks of image data handed out."""
 
@@ -331,12 +340,9 @@ class CountingSource(InMemoryImageSource):
 def test_a_scratch_directory_too_small_for_the_image_is_refused_before_the_download(
         small_fs: Path, tmp_path: Path) -> None:
     # 24 MiB of random data: a qcow2 larger than the 16 MiB scratch filesystem.
-    raw = tmp_path / "random.raw"
-    raw.write_bytes(os.urandom(24 * MIB))
-    qcow2 = tmp_path / "random.qcow2"
-    qemu_img("convert", "-f", "raw", "-O", "qcow2", str(raw), str(qcow2))
     source = CountingSource()
-    image = source.add(Image(id="img", name="img", disk_format="qcow2"), qcow2.read_bytes())
+    image = source.add(Image(id="img", name="img", disk_format="qcow2"),
+                       _random_qcow2(tmp_path))
     kit = KITS["file"]
     r = rig(kit, kit.make(tmp_path / "storage", 0), source, tmp_path,
             scratch=small_fs / "scratch")
@@ -353,13 +359,9 @@ def test_a_scratch_directory_too_small_for_the_image_is_refused_before_the_downl
 def test_a_scratch_directory_that_fills_up_midway_is_one_error_and_nothing_is_left(
         small_fs: Path, tmp_path: Path) -> None:
     # Without a known size nothing can be checked up front: the spool runs out of room.
-    raw = tmp_path / "random.raw"
-    raw.write_bytes(os.urandom(24 * MIB))
-    qcow2 = tmp_path / "random.qcow2"
-    qemu_img("convert", "-f", "raw", "-O", "qcow2", str(raw), str(qcow2))
     source = InMemoryImageSource()
-    image = source.add(Image(id="img", name="img", disk_format="qcow2"), qcow2.read_bytes(),
-                       with_hash=False)
+    image = source.add(Image(id="img", name="img", disk_format="qcow2"),
+                       _random_qcow2(tmp_path), with_hash=False)
     kit = KITS["file"]
     r = rig(kit, kit.make(tmp_path / "storage", 0), source, tmp_path,
             scratch=small_fs / "scratch")
