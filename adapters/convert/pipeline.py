@@ -291,7 +291,10 @@ class _Disk:
             "image_conversion_dir to a larger filesystem")
 
     def _scratch_file(self, suffix: str, *, size: int = 0) -> Path:
-        path, fd = open_temp(self._pipeline.ensure_scratch_dir(), suffix)
+        directory = self._pipeline.ensure_scratch_dir()
+        if not self._scratch:
+            sweep(directory)  # what conversions that died left: this one reaps it
+        path, fd = open_temp(directory, suffix)
         self._scratch.append(path)
         try:
             if size:
