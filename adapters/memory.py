@@ -6,17 +6,19 @@ import copy
 import datetime as dt
 import hashlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import TracebackType
 
 import attrs
 
-from ivcache.core.errors import AlreadyClaimed, ImageNotFound
+from ivcache.core.errors import AlreadyClaimed, ImageNotFound, IvcacheError
 from ivcache.core.events import Event
 from ivcache.core.model import CacheEntry, EntryState, HostTotals, Image, RequestContext
+from ivcache.core.ports import ImageData, StorageBackend
 
 __all__ = [
     "FakeClock",
+    "FakeConverter",
     "InMemoryImageSource",
     "InMemoryRepository",
     "InMemoryUnitOfWork",
@@ -219,3 +221,50 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.current += dt.timedelta(seconds=seconds)
+
+
+class FakeConverter:
+    """An image converter that writes the bytes as they are and says of each image what the
+    test told it: the virtual size its "header" gives, or the error its head is refused
+    with. ``opened`` lists the images it read; ``leftover`` is what ``leftovers`` reports."""
+
+    def __init__(self) -> None:
+        self.virtual_sizes: dict[str, int] = {}
+        self.refusals: dict[str, IvcacheError] = {}
+        self.opened: list[str] = []
+        self.leftover: list[tuple[str, int]] = []
+
+    def open(self, image: Image, data: Callable[[], ImageData]) -> _FakeDisk:
+        opened = data()
+        self.opened.append(image.id)
+        head = next(opened, b"")
+        if image.id in self.refusals:
+            opened.close()
+            raise self.refusals[image.id]
+        return _FakeDisk(image.disk_format, self.virtual_sizes.get(image.id), head, opened)
+
+    def leftovers(self, *, remove: bool) -> list[tuple[str, int]]:
+        found = list(self.leftover)
+        if remove:
+            self.leftover.clear()
+        return found
+
+
+class _FakeDisk:
+    def __init__(self, disk_format: str, virtual_size: int | None, head: bytes,
+                 rest: ImageData) -> None:
+        self.disk_format = disk_format
+        self.virtual_size = virtual_size
+        self._head = head
+        self._rest = rest
+        self.closed = False
+
+    def write_to(self, storage: StorageBackend, volume_id: str) -> int:
+        def chunks() -> Iterator[bytes]:
+            yield self._head
+            yield from self._rest
+        return storage.write_image(volume_id, chunks())
+
+    def close(self) -> None:
+        self.closed = True
+        self._rest.close()

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from ivcache.adapters.convert import ImagePipeline
 from ivcache.adapters.images.local import LocalImageSource
 from ivcache.adapters.memory import InMemoryImageSource, RecordingNotifier
 from ivcache.adapters.sql.engine import make_engine, upgrade
@@ -128,44 +129,60 @@ def bookkeeping(work: Path) -> Figures:
 
 
 _RSS_CHILD = """
-import resource, sys, tempfile
+import resource, subprocess, sys
 from pathlib import Path
+from ivcache.adapters.convert import ImagePipeline
 from ivcache.adapters.images.local import LocalImageSource
 from ivcache.adapters.memory import InMemoryUnitOfWork, RecordingNotifier
 from ivcache.adapters.storage.file import FileStorage
 from ivcache.core.model import RequestContext
 from ivcache.core.service import CacheService
-work = Path(sys.argv[1]); mib = int(sys.argv[2])
+work = Path(sys.argv[1]); mib = int(sys.argv[2]); fmt = sys.argv[3]
 ctx = RequestContext.for_project("bench")
 raw = work / "rss.raw"
 with open(raw, "wb") as fh:
     block = bytes(range(256)) * 4096
     for _ in range(mib):
         fh.write(block)
+path = raw
+if fmt != "raw":
+    path = work / f"rss.{fmt}"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", fmt, str(raw), str(path)],
+                   check=True)
 images = LocalImageSource(work / "images")
-image = images.add_image(ctx, raw)
+image = images.add_image(ctx, path)
 raw.unlink()
+path.unlink(missing_ok=True)
 service = CacheService(host="rss", storage=FileStorage(work / "volumes"), images=images,
-                       uow=InMemoryUnitOfWork(), notifier=RecordingNotifier())
+                       uow=InMemoryUnitOfWork(), notifier=RecordingNotifier(),
+                       converter=ImagePipeline(work / "scratch"))
 size = max(1, -(-mib // 1024))
 service.create_volume(ctx, image.id, size)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
-@bench("rss_ratio_2g_vs_200m", "rss_peak_mib_big")
+@bench("rss_ratio_2g_vs_200m", "rss_peak_mib_big", "rss_ratio_2g_vs_200m_qcow2",
+       "rss_peak_mib_big_qcow2")
 def rss(work: Path) -> Figures:
-    """Peak RSS of caching a big image over a small one (2 GiB vs 200 MiB; quick: 600 MiB)."""
-    big, small = (2048, 200) if not QUICK else (600, 200)
-    peaks = {}
-    for mib in (big, small):
-        sub = work / f"rss-{mib}"
-        sub.mkdir()
-        out = subprocess.run([sys.executable, "-c", _RSS_CHILD, str(sub), str(mib)],
-                             capture_output=True, text=True, check=True)
-        peaks[mib] = int(out.stdout.strip().splitlines()[-1])
-    return {"rss_ratio_2g_vs_200m": peaks[big] / peaks[small],
-            "rss_peak_mib_big": peaks[big] / 1024}
+    """Peak RSS of caching a big image over a small one (2 GiB vs 200 MiB; quick: 600 MiB,
+    and 300 vs 100 MiB for qcow2), raw and qcow2 (ivcache's own process: qemu-img runs
+    under its own address-space limit)."""
+    figures: Figures = {}
+    for fmt in ("raw", "qcow2"):
+        big, small = (2048, 200) if not QUICK else (600, 200) if fmt == "raw" else (300, 100)
+        peaks = {}
+        for mib in (big, small):
+            sub = work / f"rss-{fmt}-{mib}"
+            sub.mkdir()
+            out = subprocess.run([sys.executable, "-c", _RSS_CHILD, str(sub), str(mib), fmt],
+                                 capture_output=True, text=True, check=True)
+            peaks[mib] = int(out.stdout.strip().splitlines()[-1])
+            shutil.rmtree(sub)
+        suffix = "" if fmt == "raw" else "_qcow2"
+        figures[f"rss_ratio_2g_vs_200m{suffix}"] = peaks[big] / peaks[small]
+        figures[f"rss_peak_mib_big{suffix}"] = peaks[big] / 1024
+    return figures
 
 
 def _glance_server_module() -> Any:
@@ -345,8 +362,52 @@ def _service_with_image(work: Path, storage: StorageBackend,
     engine = make_engine(f"sqlite:///{work / f'{name}.db'}")
     upgrade(engine)
     service = CacheService(host="bench", storage=storage, images=images,
-                           uow=SqlUnitOfWork(engine), notifier=RecordingNotifier())
+                           uow=SqlUnitOfWork(engine), notifier=RecordingNotifier(),
+                           converter=ImagePipeline(work / "scratch"))
     return service, image.id
+
+
+@bench("miss_qcow2_vs_raw_ratio", "convert_vs_qemu_img_ratio", "miss_seconds_qcow2_file",
+       "miss_seconds_raw_file", "qemu_img_convert_seconds")
+def image_formats(work: Path) -> Figures:
+    """Issue 9, file storage: a miss of a 1 GiB-virtual qcow2 image holding 512 MiB of data
+    (quick: 256 / 64 MiB) against a miss of the same disk as raw, and against a bare
+    ``qemu-img convert -O raw`` of the same qcow2 file (medians of 3 runs; quick: 1)."""
+    need_tool("qemu-img", "qemu-utils")
+    virtual, data = (1024, 512) if not QUICK else (256, 64)
+    runs = 3 if not QUICK else 1
+    raw = make_sparse_image(work / "img.raw", virtual_mib=virtual, data_mib=data)
+    qcow2 = work / "img.qcow2"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(qcow2)],
+                   check=True)
+    images = LocalImageSource(work / "images")
+    ids = {"raw": images.add_image(CTX, raw).id, "qcow2": images.add_image(CTX, qcow2).id}
+    engine = make_engine(f"sqlite:///{work / 'formats.db'}")
+    upgrade(engine)
+    service = CacheService(host="bench", storage=FileStorage(work / "volumes"), images=images,
+                           uow=SqlUnitOfWork(engine), notifier=RecordingNotifier(),
+                           converter=ImagePipeline(work / "scratch"))
+    misses: dict[str, list[float]] = {"raw": [], "qcow2": []}
+    for _ in range(runs):
+        for fmt, image_id in ids.items():
+            result = service.create_volume(CTX, image_id, 1)
+            assert result.outcome is Outcome.MISS
+            misses[fmt].append(result.seconds)
+            service.delete_volume(CTX, result.volume.id)
+            service.evict(everything=True)
+    out = work / "bare.raw"
+
+    def bare() -> None:
+        subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(qcow2),
+                        str(out)], check=True)
+        out.unlink()
+
+    bare_s = _median_time(bare, runs)
+    raw_s, qcow2_s = statistics.median(misses["raw"]), statistics.median(misses["qcow2"])
+    return {"miss_qcow2_vs_raw_ratio": qcow2_s / raw_s,
+            "convert_vs_qemu_img_ratio": qcow2_s / bare_s,
+            "miss_seconds_qcow2_file": qcow2_s, "miss_seconds_raw_file": raw_s,
+            "qemu_img_convert_seconds": bare_s}
 
 
 def _hit_vs_miss_on(work: Path, storage: StorageBackend, name: str) -> Figures:

@@ -16,13 +16,16 @@ from typing import TypeVar
 
 import attrs
 
-from ivcache.core.errors import VolumeNotFound
+from ivcache.core.errors import UnsupportedImage, VolumeNotFound
 from ivcache.core.events import CacheEvict, EvictReason
-from ivcache.core.model import CacheEntry, HostTotals, InternalTenant
+from ivcache.core.model import CacheEntry, HostTotals, Image, InternalTenant
 from ivcache.core.policy import CachePolicy
 from ivcache.core.ports import (
     CacheRepository,
     Clock,
+    DiskImage,
+    ImageConverter,
+    ImageData,
     ImageSource,
     Notifier,
     Span,
@@ -31,7 +34,7 @@ from ivcache.core.ports import (
     UnitOfWork,
 )
 
-__all__ = ["Filled", "NullTracer", "ServiceBase", "SystemClock"]
+__all__ = ["Filled", "NullTracer", "RawPassThrough", "ServiceBase", "SystemClock"]
 
 T = TypeVar("T")
 
@@ -87,10 +90,45 @@ class NullTracer:
         yield _NullSpan()
 
 
+class RawPassThrough:
+    """The image converter when none is wired: raw images pass as they are, others are
+    refused.
+
+    The core reads no disk formats, so this one trusts the declared format; entrypoints
+    wire ``ivcache.adapters.convert.ImagePipeline``, which detects, checks and converts.
+    """
+
+    def open(self, image: Image, data: Callable[[], ImageData]) -> DiskImage:
+        if image.disk_format != "raw" or image.container_format != "bare":
+            raise UnsupportedImage(
+                f"image {image.id} is {image.disk_format} ({image.container_format} "
+                "container): without an image converter only bare raw images are taken; "
+                "wire ivcache.adapters.convert.ImagePipeline")
+        return _RawData(data())
+
+    def leftovers(self, *, remove: bool) -> list[tuple[str, int]]:
+        return []
+
+
+class _RawData:
+    disk_format = "raw"
+    virtual_size = None
+
+    def __init__(self, data: ImageData) -> None:
+        self._data = data
+
+    def write_to(self, storage: StorageBackend, volume_id: str) -> int:
+        return storage.write_image(volume_id, self._data)
+
+    def close(self) -> None:
+        self._data.close()
+
+
 class ServiceBase:
     """The ports and policy of one storage host's cache, and the shared moves.
 
     ``host`` names the storage host this service speaks for; entries are host-specific.
+    ``converter`` turns images into raw volumes (default: ``RawPassThrough``).
     """
 
     def __init__(
@@ -105,6 +143,7 @@ class ServiceBase:
         tenant: InternalTenant | None = None,
         clock: Clock | None = None,
         tracer: Tracer | None = None,
+        converter: ImageConverter | None = None,
     ) -> None:
         self.host = host
         self.storage = storage
@@ -115,6 +154,7 @@ class ServiceBase:
         self.tenant = tenant or InternalTenant()
         self.clock: Clock = clock or SystemClock()
         self.tracer: Tracer = tracer or NullTracer()
+        self.converter: ImageConverter = converter or RawPassThrough()
 
     # -- transactions --------------------------------------------------------------------
 

@@ -5,7 +5,16 @@
     │   ├── ImageNotFound        the image does not exist, or the caller may not see it
     │   ├── ImageNotActive       the image exists but is not ``active`` (queued, deleted, ...)
     │   ├── ChecksumMismatch     the image's bytes do not match its recorded hash
-    │   └── ImageUnavailable     the image source could not be reached or failed
+    │   ├── ImageUnavailable     the image source could not be reached or failed
+    │   ├── UnsupportedImage     a disk or container format ivcache does not accept (qed,
+    │   │                        luks, ova...), or one the configuration turns away
+    │   ├── ImageFormatMismatch  the data's format is not the declared disk_format, or the
+    │   │                        data looks like more than one format
+    │   ├── UnsafeImage          the data fails a safety check (a qcow2 backing file or data
+    │   │                        file, a vmdk extent naming a path, ...)
+    │   ├── CorruptImage         the data is not a whole image of its format (truncated...)
+    │   ├── ConversionFailed     qemu-img could not convert the image (or hit its limits)
+    │   └── NoScratchSpace       image_conversion_dir has no room for the image
     ├── InvalidRequest
     │   ├── InvalidSize          the size asked is too small or not a positive integer
     │   └── InvalidIdentifier    an id that could escape a directory or a pool
@@ -31,10 +40,13 @@ __all__ = [
     "AuthError",
     "ChecksumMismatch",
     "ConfigError",
+    "ConversionFailed",
+    "CorruptImage",
     "EntryNotFound",
     "Forbidden",
     "IdentityUnavailable",
     "ImageError",
+    "ImageFormatMismatch",
     "ImageNotActive",
     "ImageNotFound",
     "ImageUnavailable",
@@ -42,10 +54,13 @@ __all__ = [
     "InvalidRequest",
     "InvalidSize",
     "IvcacheError",
+    "NoScratchSpace",
     "NoSpace",
     "QuotaExceeded",
     "StorageError",
     "TokenRefused",
+    "UnsafeImage",
+    "UnsupportedImage",
     "VolumeNotFound",
 ]
 
@@ -81,6 +96,30 @@ class ChecksumMismatch(ImageError):
 
 
 class ImageUnavailable(ImageError):
+    pass
+
+
+class UnsupportedImage(ImageError):
+    pass
+
+
+class ImageFormatMismatch(ImageError):
+    pass
+
+
+class UnsafeImage(ImageError):
+    pass
+
+
+class CorruptImage(ImageError):
+    pass
+
+
+class ConversionFailed(ImageError):
+    pass
+
+
+class NoScratchSpace(ImageError):
     pass
 
 

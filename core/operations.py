@@ -33,20 +33,24 @@ __all__ = ["Finding", "OperatorCommands"]
 
 @attrs.frozen
 class Finding:
-    """What ``reconcile`` found: ``kind`` is ``missing-volume``, ``expired-claim`` or
-    ``orphan-volume``."""
+    """What ``reconcile`` found: ``kind`` is ``missing-volume``, ``expired-claim``,
+    ``orphan-volume`` or ``scratch-file`` (a conversion's scratch file whose process died:
+    its ``path`` and ``size`` in bytes; no volume, so ``volume_id`` is empty)."""
 
     kind: str
     volume_id: str
     entry_id: str | None = None
     image_id: str | None = None
     fixed: bool = False
+    path: str | None = None
+    size: int | None = None
 
 
 class OperatorCommands(ServiceBase):
     """What an operator asks of one host's cache (``CacheService`` is the class to use)."""
 
-    def _cache(self, ctx: RequestContext, image: Image, *, lease: bool) -> Filled | None:
+    def _cache(self, ctx: RequestContext, image: Image, *, lease: bool,
+               size_gb: int | None = None) -> Filled | None:
         """The request path's claim-make-room-download step (``CacheService._cache``)."""
         raise NotImplementedError
 
@@ -140,8 +144,9 @@ class OperatorCommands(ServiceBase):
     def reconcile(self, *, fix: bool = False) -> list[Finding]:
         """Compare this host's entries with its storage; with ``fix``, repair what differs.
 
-        Finds entries whose volume is gone, claims whose owner died, and cache volumes no
-        entry owns (left by a crash between an eviction and its volume's deletion).
+        Finds entries whose volume is gone, claims whose owner died, cache volumes no
+        entry owns (left by a crash between an eviction and its volume's deletion), and
+        scratch files of conversions whose process died.
         """
         # Volumes first: an entry is committed before its volume is made, so any volume
         # listed here that has an entry will show it in the entries read after.
@@ -167,6 +172,8 @@ class OperatorCommands(ServiceBase):
             if fix:
                 self._delete_quietly(volume_id)
             findings.append(Finding("orphan-volume", volume_id, fixed=fix))
+        for path, size in self.converter.leftovers(remove=fix):
+            findings.append(Finding("scratch-file", "", path=path, size=size, fixed=fix))
         return findings
 
     # ------------------------------------------------------------------ volumes

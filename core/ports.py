@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from types import TracebackType
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from ivcache.core.events import Event
 from ivcache.core.model import CacheEntry, HostTotals, Image, RequestContext, Volume
@@ -14,6 +14,10 @@ from ivcache.core.model import CacheEntry, HostTotals, Image, RequestContext, Vo
 __all__ = [
     "CacheRepository",
     "Clock",
+    "DiskImage",
+    "FileChunks",
+    "ImageConverter",
+    "ImageData",
     "ImageSource",
     "Notifier",
     "Span",
@@ -61,9 +65,95 @@ class ImageSource(Protocol):
 
     def get_image(self, ctx: RequestContext, image_id: str) -> Image: ...
 
-    def open_data(self, ctx: RequestContext, image_id: str) -> Iterator[bytes]: ...
+    def open_data(self, ctx: RequestContext, image_id: str) -> Iterator[bytes]:
+        """The image's bytes, in chunks. A source that reads them from a local file may
+        return ``FileChunks``, so that a converter can let qemu-img read that file itself
+        instead of a copy."""
+        ...
 
     def list_images(self, ctx: RequestContext) -> list[Image]: ...
+
+
+@runtime_checkable
+class FileChunks(Protocol):
+    """Chunks read in order from one open local file, whose descriptor ``fileno`` gives
+    (or, like a file object not backed by one, raises ``io.UnsupportedOperation``)."""
+
+    def __iter__(self) -> Iterator[bytes]: ...
+
+    def __next__(self) -> bytes: ...
+
+    def fileno(self) -> int: ...
+
+
+class ImageData(Protocol):
+    """An image's bytes on their way from the source, checked against the image's hash and
+    size: the next chunk after the last raises ``ChecksumMismatch`` or ``ImageUnavailable``
+    instead of ``StopIteration`` when they are not the image's."""
+
+    def __iter__(self) -> Iterator[bytes]: ...
+
+    def __next__(self) -> bytes: ...
+
+    def fileno(self) -> int | None:
+        """The open local file the bytes are read from, or None (a download).
+
+        Only once every chunk has been read (and so checked) may a converter read this file
+        itself: it holds the same bytes, as files are replaced by rename, never rewritten.
+        """
+        ...
+
+    def close(self) -> None:
+        """Stop reading; the source's stream is released."""
+        ...
+
+
+class DiskImage(Protocol):
+    """An image whose head has been read, its format detected and accepted; not yet written.
+
+    ``close`` releases everything it holds (the stream, scratch files), also when
+    ``write_to`` was never called or failed; it may be called more than once.
+    """
+
+    @property
+    def disk_format(self) -> str:
+        """The format the data has (``raw``, ``qcow2``, ``vmdk``...)."""
+        ...
+
+    @property
+    def virtual_size(self) -> int | None:
+        """The disk's size in bytes as its header says, or None where only the end of the
+        data tells (raw data: its length)."""
+        ...
+
+    def write_to(self, storage: StorageBackend, volume_id: str) -> int:
+        """Write the disk, as raw bytes from offset 0, into a new, empty volume; return the
+        bytes read from the image source.
+
+        Raises an ``ImageError`` for what only the whole data shows (a footer, a corrupt
+        image) and for a failed conversion; ``InvalidSize`` if the disk is larger than the
+        volume; ``NoSpace`` if the storage is full. The volume is the caller's to delete.
+        """
+        ...
+
+    def close(self) -> None: ...
+
+
+class ImageConverter(Protocol):
+    """The image pipeline's last step (DESIGN §9): detect, check and convert an image's data
+    into a raw volume. What it refuses, it refuses with an ``ImageError`` subclass."""
+
+    def open(self, image: Image, data: Callable[[], ImageData]) -> DiskImage:
+        """Start on ``image``: refuse it now if its metadata says so, else open its
+        verified bytes (``data()``), read as much as tells their format and refuse them now
+        if they are refused. Nothing is left behind by a refusal: the data opened is
+        closed."""
+        ...
+
+    def leftovers(self, *, remove: bool) -> list[tuple[str, int]]:
+        """Scratch files that a process which died mid-conversion left: (path, bytes) of
+        each; with ``remove``, they are removed."""
+        ...
 
 
 class CacheRepository(Protocol):

@@ -9,8 +9,10 @@ so the same rules hold on fakes, SQLite or PostgreSQL, files, qcow2 or RBD.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
+import math
 import time
 from collections.abc import Iterator
 
@@ -35,6 +37,7 @@ from ivcache.core.events import (
     ImageDownloaded,
 )
 from ivcache.core.model import (
+    GIB,
     MAX_VOLUME_GB,
     CacheEntry,
     CreateResult,
@@ -48,6 +51,7 @@ from ivcache.core.model import (
 )
 from ivcache.core.operations import Finding, OperatorCommands
 from ivcache.core.policy import eviction_candidates
+from ivcache.core.ports import DiskImage, FileChunks
 
 __all__ = ["CacheService", "Finding", "NullTracer", "SystemClock"]
 
@@ -56,6 +60,15 @@ __all__ = ["CacheService", "Finding", "NullTracer", "SystemClock"]
 class _Claim:
     entry: CacheEntry
     victims: list[CacheEntry]
+
+
+class _Larger(Exception):
+    """The image's header says its disk is larger than the claim reserved (the source did
+    not know its virtual size, or said less): claim again for ``virtual_size``."""
+
+    def __init__(self, virtual_size: int) -> None:
+        super().__init__(virtual_size)
+        self.virtual_size = virtual_size
 
 
 class CacheService(OperatorCommands):
@@ -166,7 +179,7 @@ class CacheService(OperatorCommands):
                 backoff = min(backoff * 2, 1.0)
                 continue
             try:
-                filled = self._cache(ctx, image, lease=True)
+                filled = self._cache(ctx, image, lease=True, size_gb=size_gb)
             except AlreadyClaimed:
                 continue
             if filled is None:
@@ -231,14 +244,25 @@ class CacheService(OperatorCommands):
 
     # ------------------------------------------------------------------ miss
 
-    def _cache(self, ctx: RequestContext, image: Image, *, lease: bool) -> Filled | None:
+    def _cache(self, ctx: RequestContext, image: Image, *, lease: bool,
+               size_gb: int | None = None) -> Filled | None:
         """Claim, make room and download: the new READY entry (leased, with ``lease``), or
-        None if the image cannot be cached now. ``AlreadyClaimed`` if another worker won."""
-        claim = self._claim(image)
-        if claim is None:
-            return None
-        self._drop_volumes(claim.victims, EvictReason.LRU)
-        return self._fill(ctx, image, claim.entry, lease=lease)
+        None if the image cannot be cached now. ``AlreadyClaimed`` if another worker won.
+        ``size_gb`` is the size the caller asked for, if any (checked against the disk's
+        virtual size as soon as the image's header tells it)."""
+        for _ in range(2):
+            claim = self._claim(image)
+            if claim is None:
+                return None
+            self._drop_volumes(claim.victims, EvictReason.LRU)
+            try:
+                return self._fill(ctx, image, claim.entry, lease=lease, size_gb=size_gb)
+            except _Larger as larger:
+                # Only where the source's metadata lacks (or understates) the virtual size:
+                # the claim is gone; claim again for the size the header gave.
+                image = attrs.evolve(image, virtual_size=larger.virtual_size)
+        raise ImageUnavailable(f"image {image.id}: its header gave another virtual size on "
+                               "each read: it is changing; try again")
 
     def _claim(self, image: Image) -> _Claim | None:
         """Reserve (host, image) and make room, atomically; None if it cannot be cached."""
@@ -267,18 +291,22 @@ class CacheService(OperatorCommands):
         return _Claim(entry, victims)
 
     def _fill(self, ctx: RequestContext, image: Image, entry: CacheEntry, *,
-              lease: bool) -> Filled | None:
+              lease: bool, size_gb: int | None) -> Filled | None:
         """Download into the claimed entry's volume and mark it READY (leased, with
         ``lease``, for the clone that follows).
 
-        None when the backend has no room: the claim is released and the caller is served
+        The image's head is read (and its format checked) before the volume is made. None
+        when the backend has no room: the claim is released and the caller is served
         without caching. Any other failure releases the claim and propagates.
         """
         created = False
         try:
-            self.storage.create_volume(entry.volume_id, entry.size_gb, self.tenant.project_id)
-            created = True
-            nbytes, seconds = self._write(ctx, image, entry.volume_id)
+            with self._open(ctx, image) as disk:
+                self._check_fits(image, disk, asked_gb=size_gb, reserved_gb=entry.size_gb)
+                self.storage.create_volume(entry.volume_id, entry.size_gb,
+                                           self.tenant.project_id)
+                created = True
+                nbytes, seconds = self._write(disk, entry.volume_id)
         except NoSpace:
             self._abandon(entry, created)
             return None
@@ -315,12 +343,14 @@ class CacheService(OperatorCommands):
     def _uncached(self, ctx: RequestContext, image: Image, vol_id: str,
                   size_gb: int) -> Volume:
         """Download straight into the caller's new volume (cache disabled, or no room)."""
-        volume = self.storage.create_volume(vol_id, size_gb, ctx.project_id)
-        try:
-            nbytes, seconds = self._write(ctx, image, vol_id)
-        except BaseException:
-            self._delete_quietly(vol_id)
-            raise
+        with self._open(ctx, image) as disk:
+            self._check_fits(image, disk, asked_gb=size_gb, reserved_gb=size_gb)
+            volume = self.storage.create_volume(vol_id, size_gb, ctx.project_id)
+            try:
+                nbytes, seconds = self._write(disk, vol_id)
+            except BaseException:
+                self._delete_quietly(vol_id)
+                raise
         with self.uow as uow:
             uow.entries.count_stats(self.host, downloads=1, bytes_downloaded=nbytes)
             uow.commit()
@@ -328,28 +358,36 @@ class CacheService(OperatorCommands):
         return volume
 
     # ------------------------------------------------------------------ the image's bytes
+    #
+    # One pipeline on every path (DESIGN §9): the source's stream, its hash checked on the
+    # way (_Verified), then the converter: format detection and safety checks on the same
+    # stream, raw data straight into the volume, other formats converted by qemu-img.
 
-    def _write(self, ctx: RequestContext, image: Image, volume_id: str) -> tuple[int, float]:
+    def _open(self, ctx: RequestContext, image: Image) -> contextlib.closing[DiskImage]:
+        """Check the image's metadata, open its data and read its head: its format is
+        detected and checked."""
+        return contextlib.closing(self.converter.open(
+            image, lambda: _Verified(image, self.images.open_data(ctx, image.id))))
+
+    @staticmethod
+    def _check_fits(image: Image, disk: DiskImage, *, asked_gb: int | None,
+                    reserved_gb: int) -> None:
+        """The disk's virtual size, where its header gives it, against the size the caller
+        asked for (``InvalidSize``) and the size the volume will have (``_Larger``)."""
+        if disk.virtual_size is None:
+            return
+        needed = max(1, math.ceil(disk.virtual_size / GIB), image.min_disk)
+        if asked_gb is not None and needed > asked_gb:
+            raise InvalidSize(
+                f"size {asked_gb} GiB is too small for image {image.id}: its "
+                f"{disk.disk_format} disk is {needed} GiB ({disk.virtual_size} bytes)")
+        if needed > reserved_gb:
+            raise _Larger(disk.virtual_size)
+
+    def _write(self, disk: DiskImage, volume_id: str) -> tuple[int, float]:
         started = time.perf_counter()
-        nbytes = self.storage.write_image(volume_id, self._verified(ctx, image))
+        nbytes = disk.write_to(self.storage, volume_id)
         return nbytes, time.perf_counter() - started
-
-    def _verified(self, ctx: RequestContext, image: Image) -> Iterator[bytes]:
-        """The image's bytes, hashed on the way through; raises at the end on a mismatch."""
-        expected = image.expected_hash
-        digest = hashlib.new(expected[0]) if expected else None
-        total = 0
-        for chunk in self.images.open_data(ctx, image.id):
-            if digest is not None:
-                digest.update(chunk)
-            total += len(chunk)
-            yield chunk
-        if image.size and total != image.size:
-            raise ImageUnavailable(
-                f"image {image.id}: got {total} bytes, expected {image.size}: "
-                "the download was cut short; try again")
-        if digest is not None and expected is not None and digest.hexdigest() != expected[1]:
-            raise ChecksumMismatch(image.id, expected[0], expected[1], digest.hexdigest())
 
     # ------------------------------------------------------------------ announce
 
@@ -361,3 +399,55 @@ class CacheService(OperatorCommands):
                 uow.entries.count_stats(self.host, misses=1)
                 uow.commit()
             self.notifier.publish(CacheMiss(image.id, self.host, outcome.value))
+
+
+class _Verified:
+    """The image's bytes as the source gives them, hashed and counted on the way through
+    (the ``ImageData`` the converter reads): after the last chunk, a hash or length that is
+    not the image's raises instead of ``StopIteration``."""
+
+    def __init__(self, image: Image, chunks: Iterator[bytes]) -> None:
+        self._image = image
+        self._chunks = chunks
+        self._expected = image.expected_hash
+        self._digest = hashlib.new(self._expected[0]) if self._expected else None
+        self._total = 0
+        self._fd: int | None = None
+        if isinstance(chunks, FileChunks):
+            try:
+                self._fd = chunks.fileno()
+            except OSError:  # io.UnsupportedOperation: not read from a file after all
+                self._fd = None
+
+    def __iter__(self) -> _Verified:
+        return self
+
+    def __next__(self) -> bytes:
+        try:
+            chunk = next(self._chunks)
+        except StopIteration:
+            self._check()
+            raise
+        if self._digest is not None:
+            self._digest.update(chunk)
+        self._total += len(chunk)
+        return chunk
+
+    def fileno(self) -> int | None:
+        return self._fd
+
+    def close(self) -> None:
+        close = getattr(self._chunks, "close", None)
+        if callable(close):
+            close()
+
+    def _check(self) -> None:
+        image = self._image
+        if image.size and self._total != image.size:
+            raise ImageUnavailable(
+                f"image {image.id}: got {self._total} bytes, expected {image.size}: "
+                "the download was cut short; try again")
+        if self._digest is not None and self._expected is not None:
+            actual = self._digest.hexdigest()
+            if actual != self._expected[1]:
+                raise ChecksumMismatch(image.id, self._expected[0], self._expected[1], actual)

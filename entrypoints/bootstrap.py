@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -9,6 +10,8 @@ from typing import TYPE_CHECKING
 import attrs
 from sqlalchemy import Engine
 
+from ivcache.adapters.convert import FormatPolicy, ImagePipeline, QemuImg
+from ivcache.adapters.convert.formats import ACCEPTED, CONTAINERS
 from ivcache.adapters.images.local import LocalImageSource
 from ivcache.adapters.notify import NullNotifier
 from ivcache.adapters.notify.log import LogNotifier
@@ -16,7 +19,7 @@ from ivcache.adapters.sql.engine import make_engine, upgrade
 from ivcache.adapters.sql.repository import SqlUnitOfWork
 from ivcache.core.errors import ConfigError
 from ivcache.core.model import Image, RequestContext
-from ivcache.core.ports import ImageSource, Notifier, StorageBackend, Tracer
+from ivcache.core.ports import FileChunks, ImageSource, Notifier, StorageBackend, Tracer
 from ivcache.core.service import CacheService, SystemClock
 from ivcache.entrypoints.config import IMAGE_SOURCES, STORAGE_KINDS, Config
 
@@ -24,7 +27,10 @@ if TYPE_CHECKING:
     from ivcache.adapters.identity.keystone import KeystoneIdentity
 
 __all__ = [
+    "CONTAINER_FORMATS",
+    "DISK_FORMATS",
     "Wiring",
+    "build_converter",
     "build_glance",
     "build_identity",
     "build_images",
@@ -35,6 +41,10 @@ __all__ = [
 ]
 
 Progress = Callable[[str, int], Callable[[int], None]]
+
+#: the disk and container formats the image pipeline takes
+DISK_FORMATS = tuple(ACCEPTED)
+CONTAINER_FORMATS = CONTAINERS
 
 
 @attrs.define
@@ -128,6 +138,16 @@ def build_identity(config: Config) -> KeystoneIdentity | None:
                             cache_seconds=config.token_cache_seconds)
 
 
+def build_converter(config: Config) -> ImagePipeline:
+    c = config.conversion
+    policy = FormatPolicy(conversion_disabled=c.image_conversion_disable,
+                          allow_compressed=c.allow_compression_on_image_upload,
+                          vmdk_allowed_types=c.vmdk_allowed_types)
+    qemu = QemuImg(cpu_seconds=c.image_conversion_cpu_limit,
+                   address_space_gb=c.image_conversion_address_space_limit)
+    return ImagePipeline(c.image_conversion_dir, policy=policy, qemu=qemu)
+
+
 def build_notifier(config: Config) -> tuple[Notifier, Tracer | None]:
     if config.notifier == "otel":
         from ivcache.adapters.notify.otel import OtelNotifier
@@ -154,14 +174,35 @@ class ProgressImages:
     def open_data(self, ctx: RequestContext, image_id: str) -> Iterator[bytes]:
         image = self.inner.get_image(ctx, image_id)
         chunks = self.inner.open_data(ctx, image_id)
-        return self._report(chunks, self.progress(f"downloading {image.name or image_id}",
-                                                  image.size))
+        return _Reported(chunks, self.progress(f"downloading {image.name or image_id}",
+                                               image.size))
 
-    @staticmethod
-    def _report(chunks: Iterator[bytes], update: Callable[[int], None]) -> Iterator[bytes]:
-        for chunk in chunks:
-            update(len(chunk))
-            yield chunk
+
+class _Reported:
+    """Chunks that report their progress; a local file's descriptor is passed on, so the
+    converter can still read the file in place."""
+
+    def __init__(self, chunks: Iterator[bytes], update: Callable[[int], None]) -> None:
+        self._chunks = chunks
+        self._update = update
+
+    def __iter__(self) -> _Reported:
+        return self
+
+    def __next__(self) -> bytes:
+        chunk = next(self._chunks)
+        self._update(len(chunk))
+        return chunk
+
+    def fileno(self) -> int:
+        if not isinstance(self._chunks, FileChunks):
+            raise io.UnsupportedOperation("these chunks are not read from a local file")
+        return self._chunks.fileno()
+
+    def close(self) -> None:
+        close = getattr(self._chunks, "close", None)
+        if callable(close):
+            close()
 
 
 def open_database(config: Config) -> Engine:
@@ -190,5 +231,6 @@ def wire(config: Config, *, progress: Progress | None = None) -> Wiring:
         tenant=config.tenant,
         clock=SystemClock(),
         tracer=tracer,
+        converter=build_converter(config),
     )
     return Wiring(config, service, images, storage, build_identity(config))

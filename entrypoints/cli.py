@@ -20,7 +20,14 @@ from click.core import ParameterSource
 
 from ivcache.core.errors import ConfigError, Forbidden, IvcacheError
 from ivcache.core.model import CacheEntry, HostTotals, Image, RequestContext, Volume
-from ivcache.entrypoints.bootstrap import Wiring, build_identity, open_database, wire
+from ivcache.entrypoints.bootstrap import (
+    CONTAINER_FORMATS,
+    DISK_FORMATS,
+    Wiring,
+    build_identity,
+    open_database,
+    wire,
+)
 from ivcache.entrypoints.config import Config, load_config
 
 if TYPE_CHECKING:
@@ -239,7 +246,7 @@ def _image_doc(image: Image) -> dict[str, object]:
         "os_hash_algo": image.os_hash_algo, "os_hash_value": image.os_hash_value,
         "checksum": image.checksum, "owner": image.owner, "visibility": image.visibility,
         "status": image.status, "disk_format": image.disk_format,
-        "updated_at": _iso(image.updated_at),
+        "container_format": image.container_format, "updated_at": _iso(image.updated_at),
     }
 
 
@@ -328,15 +335,21 @@ def image() -> None:
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--name", metavar="N", default=None, help="Image name [default: file name].")
 @click.option("--private", is_flag=True, help="Only the project may see it.")
-def image_add(file: Path, name: str | None, private: bool, who: RequestContext) -> None:
-    """Register an image FILE with the local image source."""
+@click.option("--disk-format", metavar="F", type=click.Choice(DISK_FORMATS), default=None,
+              help="What the file is; refused if its data is not [default: detected].")
+@click.option("--container-format", type=click.Choice(CONTAINER_FORMATS), default="bare",
+              show_default=True, help="compressed: the file is gzip data.")
+def image_add(file: Path, name: str | None, private: bool, disk_format: str | None,
+              container_format: str, who: RequestContext) -> None:
+    """Register an image FILE with the local image source; its format is detected."""
     wiring = _wiring()
     source = wiring.local_images
     wiring.config.tenant.check_caller(who)
     size = file.stat().st_size if file.is_file() else 0
     update = _progress(f"copying {file.name}", size)
     added = source.add_image(who, file, name=name,
-                             visibility="private" if private else "public", progress=update)
+                             visibility="private" if private else "public", progress=update,
+                             disk_format=disk_format, container_format=container_format)
     _emit(_image_doc(added), lambda: _fields(_image_doc(added)))
 
 
@@ -347,7 +360,8 @@ def image_list(who: RequestContext) -> None:
     """Images the caller may see."""
     found = _wiring().images.list_images(who)
     docs = [_image_doc(i) for i in found]
-    _emit(docs, lambda: _table(docs, ["id", "name", "size", "owner", "visibility"]))
+    _emit(docs, lambda: _table(docs, ["id", "name", "disk_format", "size", "virtual_size",
+                                      "owner", "visibility"]))
 
 
 @cli.group()
@@ -511,8 +525,9 @@ def cache_reconcile(host: str | None, fix: bool) -> None:
     findings = _operator_wiring(host).service.reconcile(fix=fix)
     docs: list[dict[str, object]] = [
         {"kind": f.kind, "volume_id": f.volume_id, "entry_id": f.entry_id,
-         "image_id": f.image_id, "fixed": f.fixed} for f in findings]
-    _emit(docs, lambda: _table(docs, ["kind", "volume_id", "entry_id", "fixed"]))
+         "image_id": f.image_id, "fixed": f.fixed, "path": f.path, "size": f.size}
+        for f in findings]
+    _emit(docs, lambda: _table(docs, ["kind", "volume_id", "entry_id", "fixed", "path"]))
 
 
 # ------------------------------------------------------------------ entry point

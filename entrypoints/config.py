@@ -37,6 +37,7 @@ __all__ = [
     "OPTIONS",
     "STORAGE_KINDS",
     "Config",
+    "ConversionConfig",
     "GlanceConfig",
     "Option",
     "Where",
@@ -107,6 +108,23 @@ OPTIONS: tuple[Option, ...] = (
     Option(_B, "image_volume_cache_max_count", int, 0,
            "The most cache entries on a host (0: unlimited).",
            aliases=("image_volume_cache_max_size_count",)),
+    Option(_B, "image_conversion_dir", Path, Path("conversion"),
+           "Where images that must be converted are spooled and converted: scratch files, "
+           "named by their process, removed once used (a dead process's by the next "
+           "conversion and by `cache reconcile --fix`)."),
+    Option(_B, "image_conversion_cpu_limit", int, 60,
+           "Seconds of CPU time one qemu-img run may use (prlimit); 0: no limit."),
+    Option(_B, "image_conversion_address_space_limit", int, 1,
+           "GiB of address space one qemu-img run may use (prlimit); 0: no limit."),
+    Option(_B, "image_conversion_disable", bool, False,
+           "Refuse images that would need converting (all but raw and iso) instead of "
+           "converting them."),
+    Option(_B, "allow_compression_on_image_upload", bool, False,
+           "Accept images of container_format `compressed` (gzip data), decompressed as "
+           "they stream."),
+    Option(_B, "vmdk_allowed_types", str, "streamOptimized,monolithicSparse",
+           "The vmdk create-types accepted, comma-separated; a vmdk of another type is "
+           "refused (the format inspector accepts no others)."),
     Option(_I, "backend", str, "",
            "Read the cache options (the first table) from this section instead of [DEFAULT]: "
            "a Cinder backend section pasted as it is."),
@@ -178,6 +196,25 @@ OPTIONS: tuple[Option, ...] = (
 )
 
 
+def _names(value: str | tuple[str, ...]) -> tuple[str, ...]:
+    if isinstance(value, tuple):
+        return value
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+@attrs.frozen
+class ConversionConfig:
+    """The image pipeline's options (Cinder's names)."""
+
+    image_conversion_dir: Path = Path("conversion")
+    image_conversion_cpu_limit: int = 60
+    image_conversion_address_space_limit: int = 1
+    image_conversion_disable: bool = False
+    allow_compression_on_image_upload: bool = False
+    vmdk_allowed_types: tuple[str, ...] = attrs.field(
+        default=("streamOptimized", "monolithicSparse"), converter=_names)
+
+
 @attrs.frozen
 class GlanceConfig:
     url: str = ""
@@ -206,6 +243,7 @@ class Config:
     keystone_cloud: str = ""
     token_cache_seconds: float = 300.0
     glance: GlanceConfig = GlanceConfig()
+    conversion: ConversionConfig = ConversionConfig()
     rbd_pool: str = "rbd"
     rbd_conf: str = "/etc/ceph/ceph.conf"
     rbd_user: str = ""
@@ -315,11 +353,13 @@ class _Reader:
             quota_gb=ivc["internal_tenant_quota_gb"],
             quota_volumes=ivc["internal_tenant_quota_volumes"],
         )
+        conversion = ConversionConfig(**{f.name: cache[f.name]
+                                         for f in attrs.fields(ConversionConfig)})
         # The [ivcache] options that are fields of Config by the same name go in as they are.
         same = {f.name: ivc[f.name] for f in attrs.fields(Config) if f.name in ivc}
         return Config(home=self.home, host=cache["host"] or socket.gethostname(),
                       tenant=tenant, policy=policy, glance=GlanceConfig(**glance),
-                      source=self.source, **same)
+                      conversion=conversion, source=self.source, **same)
 
     def section_values(self, where: Where, section: str) -> dict[str, Any]:
         """The value of every ``where`` option, read from ``section`` (which falls back to

@@ -34,7 +34,15 @@ from ivcache.core.model import (
 )
 from ivcache.core.operations import Finding
 from ivcache.core.policy import CachePolicy
-from ivcache.core.ports import Clock, ImageSource, Notifier, StorageBackend, Tracer, UnitOfWork
+from ivcache.core.ports import (
+    Clock,
+    ImageConverter,
+    ImageSource,
+    Notifier,
+    StorageBackend,
+    Tracer,
+    UnitOfWork,
+)
 from ivcache.core.service import CacheService
 from ivcache.entrypoints.bootstrap import Wiring, wire
 from ivcache.entrypoints.config import Config, load_config
@@ -68,11 +76,16 @@ class ImageVolumeCache:
     def from_adapters(cls, *, host: str, storage: StorageBackend, images: ImageSource,
                       uow: UnitOfWork, notifier: Notifier, policy: CachePolicy | None = None,
                       tenant: InternalTenant | None = None, clock: Clock | None = None,
-                      tracer: Tracer | None = None) -> ImageVolumeCache:
-        """Wire your own adapters (any objects that fit the ports in ``ivcache.core.ports``)."""
+                      tracer: Tracer | None = None,
+                      converter: ImageConverter | None = None) -> ImageVolumeCache:
+        """Wire your own adapters (any objects that fit the ports in ``ivcache.core.ports``).
+
+        ``converter`` defaults to the core's raw-only pass-through: pass
+        ``ivcache.adapters.convert.ImagePipeline(scratch_dir)`` to take every disk format.
+        """
         return cls(CacheService(host=host, storage=storage, images=images, uow=uow,
                                 notifier=notifier, policy=policy, tenant=tenant, clock=clock,
-                                tracer=tracer))
+                                tracer=tracer, converter=converter))
 
     @property
     def config(self) -> Config | None:
@@ -81,14 +94,17 @@ class ImageVolumeCache:
     # -- images ----------------------------------------------------------------------------
 
     def add_image(self, path: str | Path, *, name: str | None = None,
-                  project: str = "demo", private: bool = False) -> Image:
-        """Register an image file with the local image source."""
+                  project: str = "demo", private: bool = False, disk_format: str | None = None,
+                  container_format: str = "bare") -> Image:
+        """Register an image file with the local image source; its format is detected
+        (``disk_format``, if given, must be what the data is)."""
         if self._wiring is None:
             raise TypeError("add_image needs a cache built by from_config")
         ctx = _context(project, None, False)
         self.service.tenant.check_caller(ctx)
         return self._wiring.local_images.add_image(
-            ctx, Path(path), name=name, visibility="private" if private else "public")
+            ctx, Path(path), name=name, visibility="private" if private else "public",
+            disk_format=disk_format, container_format=container_format)
 
     def list_images(self, *, project: str | None = None, user: str | None = None,
                     admin: bool = False, context: RequestContext | None = None,

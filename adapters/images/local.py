@@ -10,6 +10,11 @@ Visibility follows Glance (and ``InMemoryImageSource``): a public (or community)
 seen by everyone, a private one by its owner project and by admins. ``get_image`` raises
 ``ImageNotFound`` for an unknown id, an invisible image and an id that is not a safe file
 name alike, so a caller cannot tell them apart.
+
+An image's disk format is detected when it is added, by the same inspection and rules as
+the image pipeline's (``adapters.convert.formats``), and its virtual size recorded; a
+declared format the data does not have, or data that fails a safety check, is refused
+there, as Glance refuses such an upload.
 """
 
 from __future__ import annotations
@@ -29,6 +34,14 @@ from typing import Any
 
 import attrs
 
+from ivcache.adapters.convert.formats import (
+    CONTAINERS,
+    FormatPolicy,
+    decide,
+    gunzip,
+    inspect,
+    judge,
+)
 from ivcache.core.errors import (
     ImageError,
     ImageNotFound,
@@ -38,11 +51,8 @@ from ivcache.core.errors import (
 )
 from ivcache.core.model import Image, RequestContext, check_id, new_id
 
-__all__ = ["QCOW2_MAGIC", "LocalImageSource"]
+__all__ = ["LocalImageSource"]
 
-#: the first four bytes of a qcow2 file; its virtual size is the big-endian u64 at offset 24
-QCOW2_MAGIC = b"QFI\xfb"
-_QCOW2_HEADER = 32
 _INDEX_FORMAT = 1
 _VISIBILITIES = ("public", "private")
 
@@ -107,23 +117,34 @@ class LocalImageSource:
 
     def add_image(self, ctx: RequestContext, src: Path, *, name: str | None = None,
                   visibility: str = "public",
-                  progress: Callable[[int], None] | None = None) -> Image:
+                  progress: Callable[[int], None] | None = None,
+                  disk_format: str | None = None,
+                  container_format: str = "bare") -> Image:
         """Copy ``src`` into the directory as a new active image owned by ``ctx``'s project.
 
         ``name`` defaults to the file's name. ``progress`` is called after each chunk with
         the number of bytes just copied (a delta, as ``click.progressbar.update`` takes).
-        The copy keeps holes, and hashes (sha512, md5) are computed on the way.
+        The copy keeps holes; hashes (sha512, md5), the disk format and the virtual size are
+        found on the way, in one read (of the gzip data's content, for
+        ``container_format = compressed``). ``disk_format`` is what the file is declared to
+        be (None: whatever it is).
 
-        Raises ``InvalidRequest`` if ``src`` cannot be read or ``visibility`` is not
-        ``public`` or ``private``; ``ImageUnavailable`` if the directory cannot be written.
+        Raises ``InvalidRequest`` if ``src`` cannot be read, ``visibility`` is not
+        ``public`` or ``private`` or ``container_format`` not ``bare`` or ``compressed``; an
+        ``ImageError`` (``ImageFormatMismatch``, ``UnsafeImage``...) if the data is not what
+        is declared or is refused; ``ImageUnavailable`` if the directory cannot be written.
         """
         if visibility not in _VISIBILITIES:
             raise InvalidRequest(
                 f"visibility must be 'public' or 'private', not {visibility!r}")
+        if container_format not in CONTAINERS:
+            raise InvalidRequest(f"container format must be one of {', '.join(CONTAINERS)}, "
+                                 f"not {container_format!r}")
         src = Path(src)
         image_id = new_id()
         path = self._data_path(image_id)
-        copied = self._copy_in(src, path, progress)
+        copied = self._copy_in(src, path, progress, declared=disk_format,
+                               compressed=container_format == "compressed")
         image = Image(
             id=image_id,
             name=src.name if name is None else name,
@@ -138,7 +159,7 @@ class LocalImageSource:
             os_hash_value=copied.sha512,
             checksum=copied.md5,
             disk_format=copied.disk_format,
-            container_format="bare",
+            container_format=container_format,
         )
         try:
             with self._locked_index() as images:
@@ -198,7 +219,9 @@ class LocalImageSource:
         if image_id not in self._read_index():
             raise ImageNotFound(image_id)  # before copying gigabytes for nothing
         tmp = self._data_dir / f".replace-{image_id}-{uuid.uuid4().hex}"
-        copied = self._copy_in(Path(src), tmp, progress)
+        current = self._read_index()[image_id]
+        copied = self._copy_in(Path(src), tmp, progress, declared=None,
+                               compressed=current.container_format == "compressed")
         try:
             with self._locked_index() as images:
                 image = images.get(image_id)
@@ -223,18 +246,18 @@ class LocalImageSource:
     def _data_path(self, image_id: str) -> Path:
         return self._data_dir / check_id("image", image_id)
 
-    def _chunks(self, image_id: str, path: Path) -> Iterator[bytes]:
+    def _chunks(self, image_id: str, path: Path) -> _FileChunks:
         try:
-            with path.open("rb") as f:
-                while chunk := f.read(self.chunk_size):
-                    yield chunk
+            f = path.open("rb")
         except OSError as e:
             raise ImageUnavailable(
                 f"image {image_id}: cannot read {path}: {e.strerror or e}") from None
+        return _FileChunks(image_id, path, f, self.chunk_size)
 
-    def _copy_in(self, src: Path, dst: Path,
-                 progress: Callable[[int], None] | None) -> _Copied:
-        """Copy ``src`` to ``dst`` (through a temp name), keeping holes, hashing on the way."""
+    def _copy_in(self, src: Path, dst: Path, progress: Callable[[int], None] | None, *,
+                 declared: str | None, compressed: bool) -> _Copied:
+        """Copy ``src`` to ``dst`` (through a temp name), keeping holes, hashing and
+        inspecting on the way."""
         try:
             # O_NONBLOCK: opening a FIFO would otherwise wait for a writer for ever; a
             # regular file ignores the flag.
@@ -256,7 +279,8 @@ class LocalImageSource:
                     f"cannot write images into {self._data_dir}: {e.strerror or e}") from None
             tmp = dst.with_name(f".tmp-{dst.name}-{uuid.uuid4().hex}")
             try:
-                copied = self._copy_sparse(fin, src, tmp, progress)
+                copied = self._copy_sparse(fin, src, tmp, progress, declared=declared,
+                                           compressed=compressed)
                 os.replace(tmp, dst)
             except OSError as e:
                 raise ImageUnavailable(
@@ -266,48 +290,56 @@ class LocalImageSource:
         return copied
 
     def _copy_sparse(self, fin: io.BufferedReader, src: Path, tmp: Path,
-                     progress: Callable[[int], None] | None) -> _Copied:
+                     progress: Callable[[int], None] | None, *, declared: str | None,
+                     compressed: bool) -> _Copied:
         sha512 = hashlib.sha512()
         # md5 is Glance's legacy ``checksum``, not a security control; the flag keeps it
         # working on FIPS-enabled hosts.
         md5 = hashlib.md5(usedforsecurity=False)
-        header = b""
         size = 0
         # 0600: a private image's bytes are no one else's to read on this host.
         with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
                                0o600), "wb") as fout:
-            while True:
-                try:
-                    chunk: bytes = fin.read(self.chunk_size)
-                except OSError as e:
-                    raise InvalidRequest(
-                        f"cannot read image file {src}: {e.strerror or e}") from None
-                if not chunk:
-                    break
-                if len(header) < _QCOW2_HEADER:
-                    header += chunk[:_QCOW2_HEADER - len(header)]
-                sha512.update(chunk)
-                md5.update(chunk)
-                if chunk.count(0) == len(chunk):
-                    # Seeking instead of writing leaves a hole: a mostly empty 10 GiB
-                    # image costs its data, not 10 GiB.
-                    fout.seek(len(chunk), os.SEEK_CUR)
-                else:
-                    fout.write(chunk)
-                size += len(chunk)
-                if progress is not None:
-                    progress(len(chunk))
+
+            def copied_chunks() -> Iterator[bytes]:
+                nonlocal size
+                while True:
+                    try:
+                        chunk: bytes = fin.read(self.chunk_size)
+                    except OSError as e:
+                        raise InvalidRequest(
+                            f"cannot read image file {src}: {e.strerror or e}") from None
+                    if not chunk:
+                        return
+                    sha512.update(chunk)
+                    md5.update(chunk)
+                    if chunk.count(0) == len(chunk):
+                        # Seeking instead of writing leaves a hole: a mostly empty 10 GiB
+                        # image costs its data, not 10 GiB.
+                        fout.seek(len(chunk), os.SEEK_CUR)
+                    else:
+                        fout.write(chunk)
+                    size += len(chunk)
+                    if progress is not None:
+                        progress(len(chunk))
+                    yield chunk
+
+            what = f"image file {src}"
+            # The copy is the inspectors' stream: one read copies, hashes and inspects (the
+            # disk inside the gzip data, for a compressed image).
+            stream = copied_chunks()
+            wrapper = inspect(gunzip(what, stream) if compressed else stream)
+            disk_bytes = sum(len(chunk) for chunk in wrapper)
+            verdict = judge(what, declared, decide(wrapper), FormatPolicy())
             # A trailing hole was only seeked over: set the length explicitly.
             fout.truncate(size)
             fout.flush()
             # Durable before the rename makes it visible, so a crash never leaves a
             # short file under the final name.
             os.fsync(fout.fileno())
-        virtual_size, disk_format = size, "raw"
-        if len(header) == _QCOW2_HEADER and header.startswith(QCOW2_MAGIC):
-            virtual_size, disk_format = int.from_bytes(header[24:32], "big"), "qcow2"
-        return _Copied(size=size, virtual_size=virtual_size, disk_format=disk_format,
-                       sha512=sha512.hexdigest(), md5=md5.hexdigest())
+        return _Copied(size=size, virtual_size=verdict.virtual_size or disk_bytes,
+                       disk_format=verdict.format, sha512=sha512.hexdigest(),
+                       md5=md5.hexdigest())
 
     def _read_index(self) -> dict[str, Image]:
         """The index as it is now; no lock needed since writers replace it atomically."""
@@ -363,6 +395,37 @@ class LocalImageSource:
                 f"cannot write image index {self._index_path}: {e.strerror or e}") from None
         finally:
             tmp.unlink(missing_ok=True)
+
+
+class _FileChunks:
+    """The chunks of one open image file, in order (the core's ``FileChunks``): the
+    descriptor lets qemu-img read the very file whose bytes were hashed."""
+
+    def __init__(self, image_id: str, path: Path, file: io.BufferedReader,
+                 chunk_size: int) -> None:
+        self._image_id = image_id
+        self._path = path
+        self._file = file
+        self._chunk_size = chunk_size
+
+    def __iter__(self) -> _FileChunks:
+        return self
+
+    def __next__(self) -> bytes:
+        try:
+            chunk = self._file.read(self._chunk_size)
+        except (OSError, ValueError) as e:  # ValueError: read after close
+            raise ImageUnavailable(f"image {self._image_id}: cannot read {self._path}: "
+                                   f"{getattr(e, 'strerror', None) or e}") from None
+        if not chunk:
+            raise StopIteration
+        return chunk
+
+    def fileno(self) -> int:
+        return self._file.fileno()
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def _visible(ctx: RequestContext, image: Image) -> bool:

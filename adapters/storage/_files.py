@@ -25,6 +25,7 @@ __all__ = [
     "TEMP_PREFIX",
     "FileLock",
     "atomic_write",
+    "dead_temps",
     "filesystem_full",
     "fsync_dir",
     "no_space_errors",
@@ -146,12 +147,22 @@ def sweep(directory: Path) -> list[str]:
     """Remove the temp files in ``directory`` whose owner is dead; return the names left."""
     left = []
     for name in os.listdir(directory):
-        owner = _temp_owner(name)
-        if owner is not None and not owner_alive(owner):
+        if _dead_temp(name):
             (directory / name).unlink(missing_ok=True)
         else:
             left.append(name)
     return left
+
+
+def dead_temps(directory: Path) -> list[Path]:
+    """The temp files in ``directory`` whose owner is dead, by name (``sweep`` removes
+    them; this only says which they are)."""
+    return [directory / name for name in sorted(os.listdir(directory)) if _dead_temp(name)]
+
+
+def _dead_temp(name: str) -> bool:
+    owner = _temp_owner(name)
+    return owner is not None and not owner_alive(owner)
 
 
 def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:

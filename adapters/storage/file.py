@@ -110,6 +110,13 @@ class FileStorage:
         return write_file(self._data(volume_id), chunks, volume_id=volume_id,
                           size_gb=meta.size_gb)
 
+    def raw_file(self, volume_id: str) -> Path:
+        """The volume's raw file, for a writer that writes it in place (the image
+        converter's qemu-img)."""
+        check_volume_id(volume_id)
+        self._require(volume_id)
+        return self._data(volume_id)
+
     def clone_volume(self, src_id: str, dst_id: str, size_gb: int, owner: str) -> Volume:
         check_clone(src_id, dst_id, size_gb)
         meta = _Meta(size_gb, owner)

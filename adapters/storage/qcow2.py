@@ -202,16 +202,26 @@ class Qcow2Storage:
         image in a sparse temp file and ``qemu-img convert -n`` (zeros written as zero
         clusters, so they hide what the backing file holds).
         """
+        volume, fmt = self._writable(volume_id)
+        path = self.files_dir / volume.file
+        if fmt == "raw":
+            return write_file(path, chunks, volume_id=volume_id, size_gb=volume.size_gb)
+        return self._write_qcow2(volume_id, volume, path, chunks)
+
+    def raw_file(self, volume_id: str) -> Path | None:
+        """The raw file holding the volume's bytes, for a writer that writes it in place
+        (the image converter's qemu-img); None if the volume is a qcow2 file (a clone)."""
+        volume, fmt = self._writable(volume_id)
+        return self.files_dir / volume.file if fmt == "raw" else None
+
+    def _writable(self, volume_id: str) -> tuple[_Vol, Format]:
+        """The volume's own file, no other file backing on it, and that file's format."""
         check_volume_id(volume_id)
         with self._changing() as state:
             volume = self._require(state, volume_id)
             if state.has_children(volume.file):
                 volume = self._move_to_overlay(state, volume_id, volume, volume.size_gb)
-            fmt = state.files[volume.file].format
-        path = self.files_dir / volume.file
-        if fmt == "raw":
-            return write_file(path, chunks, volume_id=volume_id, size_gb=volume.size_gb)
-        return self._write_qcow2(volume_id, volume, path, chunks)
+            return volume, state.files[volume.file].format
 
     def clone_volume(self, src_id: str, dst_id: str, size_gb: int, owner: str) -> Volume:
         check_clone(src_id, dst_id, size_gb)

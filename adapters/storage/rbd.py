@@ -103,6 +103,8 @@ class RbdStorage:
         self._rados, self._rbd = _bindings()
         self.pool = pool
         self.namespace = namespace
+        self.conf = conf
+        self.user = user
         self.host = host
         self.max_clone_depth = max_clone_depth
         self.capacity_gb = capacity_gb
@@ -189,6 +191,23 @@ class RbdStorage:
                 raise
             writer.finish()
             return writer.written
+
+    def qemu_target(self, volume_id: str) -> str:
+        """The volume as qemu-img's rbd driver names it, for a converter that writes it
+        directly (``rbd:POOL/[NAMESPACE/]ID:conf=...:id=...``); it must not have clones."""
+        check_volume_id(volume_id)
+        self._sources.pop(volume_id, None)
+        with self._errors(volume_id), self._open(volume_id) as image:
+            self._owner(image, volume_id)
+            meta = dict(image.metadata_list())
+            if meta.get(SNAP_KEY):
+                raise StorageError(f"volume {volume_id} has clones: it cannot be rewritten")
+            image.metadata_set(WRITTEN_KEY, "1")
+        spec = "/".join(part for part in (self.pool, self.namespace, volume_id) if part)
+        options = [f"conf={_qemu_escape(self.conf)}"]
+        if self.user:
+            options.append(f"id={_qemu_escape(self.user)}")
+        return ":".join([f"rbd:{spec}", *options])
 
     def clone_volume(self, src_id: str, dst_id: str, size_gb: int, owner: str) -> Volume:
         check_clone(src_id, dst_id, size_gb)
@@ -485,6 +504,11 @@ class RbdStorage:
             raise already_exists(exists or volume_id) from exc
         except (rbd.Error, rados.Error) as exc:
             raise _translate(exc, f"volume {volume_id} in pool {self.pool}") from exc
+
+
+def _qemu_escape(value: str) -> str:
+    # qemu's rbd: filenames separate options with ':' and take '\\' as an escape.
+    return value.replace("\\", "\\\\").replace(":", "\\:")
 
 
 def _translate(exc: BaseException, what: str) -> StorageError:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.ceph_cluster import CephCluster, CephUnavailable, ceph_missing
+from tests.support.mounts import need_root_to_mount, tmpfs
+
+__all__ = ["need_root_to_mount"]
 
 
 @pytest.fixture(scope="session")
@@ -44,20 +46,8 @@ def ceph_cluster() -> Iterator[CephCluster]:
         cluster.stop()
 
 
-def need_root_to_mount() -> None:
-    # CI runs as root and must run these; a developer without root may not.
-    if os.geteuid() != 0 and not os.environ.get("CI"):
-        pytest.skip("mounting a filesystem needs root")
-
-
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A 16 MiB tmpfs: a filesystem that really fills up."""
-    need_root_to_mount()
-    mount = tmp_path / "small"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], check=True)
-    try:
+    with tmpfs(tmp_path / "small") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)

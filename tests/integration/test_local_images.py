@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ivcache.adapters.images.local import QCOW2_MAGIC, LocalImageSource
+from ivcache.adapters.images.local import LocalImageSource
 from ivcache.adapters.memory import InMemoryImageSource
 from ivcache.core.errors import (
     ImageError,
@@ -24,6 +24,8 @@ from ivcache.core.model import GIB, Image, RequestContext
 from ivcache.core.ports import ImageSource
 
 MIB = 1 << 20
+#: the first four bytes of a qcow2 file; its virtual size is the big-endian u64 at offset 24
+QCOW2_MAGIC = b"QFI\xfb"
 ALICE = RequestContext.for_project("alice")
 BOB = RequestContext.for_project("bob")
 ADMIN = RequestContext.for_project("ops", admin=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import queue
-import struct
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -28,7 +27,7 @@ from typing import Any
 import attrs
 from sqlalchemy import Engine, create_engine, text
 
-from ivcache.adapters.images.local import QCOW2_MAGIC, LocalImageSource
+from ivcache.adapters.images.local import LocalImageSource
 from ivcache.adapters.memory import RecordingNotifier
 from ivcache.adapters.sql import SqlUnitOfWork, make_engine
 from ivcache.adapters.storage.file import FileStorage
@@ -129,18 +128,18 @@ class World:
 def add_tiny_images(world: World, sizes_gb: Sequence[int], *, data: int = 512 << 10) -> list[str]:
     """Add images of the given virtual sizes holding ``data`` bytes each; their ids.
 
-    Each is a qcow2-looking file (magic, and the virtual size at offset 24): a cache entry
-    of ``size_gb`` GiB for the cost of ``data`` bytes.
+    Each is a small raw file whose record then says it is ``size_gb`` GiB (the source's
+    back door): a cache entry of ``size_gb`` GiB for the cost of ``data`` bytes.
     """
     world.root.mkdir(parents=True, exist_ok=True)
     source = LocalImageSource(world.images_path)
     ids = []
     for n, size_gb in enumerate(sizes_gb):
-        path = world.root / f"tiny-{n}.qcow2"
-        header = QCOW2_MAGIC + bytes(20) + struct.pack(">Q", size_gb * GIB)
-        body = (f"image {n} ".encode() * (data // 8 + 1))[:data - len(header)]
-        path.write_bytes(header + body)
-        ids.append(source.add_image(CTX, path, name=f"tiny-{n}").id)
+        path = world.root / f"tiny-{n}.raw"
+        path.write_bytes((f"image {n} ".encode() * (data // 8 + 1))[:data])
+        image = source.add_image(CTX, path, name=f"tiny-{n}")
+        source.update_image(image.id, virtual_size=size_gb * GIB)
+        ids.append(image.id)
         path.unlink()
     return ids
 

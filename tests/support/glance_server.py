@@ -292,10 +292,14 @@ class GlanceServer:
 
     def create_image(self, who: Caller, data: bytes | Iterable[bytes], *,
                      name: str = "test", visibility: str = "private",
-                     min_disk: int = 0) -> str:
-        """Create and upload an image; return its id once it is ``active``."""
+                     min_disk: int = 0, disk_format: str = "raw",
+                     container_format: str = "bare") -> str:
+        """Create and upload an image; return its id once it is ``active``.
+
+        An upload Glance refuses (its own format checks) raises ``urllib.error.HTTPError``.
+        """
         doc = self.call(who, "POST", "/images", json.dumps(
-            {"name": name, "disk_format": "raw", "container_format": "bare",
+            {"name": name, "disk_format": disk_format, "container_format": container_format,
              "visibility": visibility, "min_disk": min_disk}).encode())
         image_id: str = doc["id"]
         body = data if isinstance(data, bytes) else _Chunks(data)

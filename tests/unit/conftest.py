@@ -22,6 +22,7 @@ from ivcache.core.model import (
     RequestContext,
 )
 from ivcache.core.policy import CachePolicy
+from ivcache.core.ports import ImageConverter
 from ivcache.core.service import CacheService
 
 
@@ -44,11 +45,12 @@ class World:
         return self.storages[host]
 
     def service(self, *, host: str = "node-1", policy: CachePolicy | None = None,
-                tenant: InternalTenant | None = None) -> CacheService:
+                tenant: InternalTenant | None = None,
+                converter: ImageConverter | None = None) -> CacheService:
         return CacheService(host=host, storage=self.storage(host), images=self.images,
                             uow=self.uow, notifier=self.notifier,
                             policy=policy or CachePolicy(), tenant=tenant or InternalTenant(),
-                            clock=self.clock)
+                            clock=self.clock, converter=converter)
 
     def image(self, image_id: str, *, gib: int = 1, data: bytes | None = None,
               owner: str = "alice", visibility: str = "public", **fields: object) -> Image:

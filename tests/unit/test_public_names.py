@@ -22,14 +22,15 @@ CORE = {
     "CacheEntryCreated", "CacheEvict", "CacheHit", "CacheMiss", "Event", "EvictReason",
     "ImageDownloaded",
     # ports
-    "CacheRepository", "Clock", "ImageSource", "Notifier", "Span", "StorageBackend", "Tracer",
-    "UnitOfWork",
+    "CacheRepository", "Clock", "DiskImage", "FileChunks", "ImageConverter", "ImageData",
+    "ImageSource", "Notifier", "Span", "StorageBackend", "Tracer", "UnitOfWork",
     # errors
-    "AlreadyClaimed", "ChecksumMismatch", "ConfigError", "EntryNotFound", "Forbidden",
-    "ImageError",
-    "ImageNotActive", "ImageNotFound", "ImageUnavailable", "InvalidIdentifier",
-    "InvalidRequest", "InvalidSize", "IvcacheError", "NoSpace", "QuotaExceeded",
-    "StorageError", "VolumeNotFound", "AuthError", "TokenRefused", "IdentityUnavailable",
+    "AlreadyClaimed", "ChecksumMismatch", "ConfigError", "ConversionFailed", "CorruptImage",
+    "EntryNotFound", "ImageError", "ImageFormatMismatch", "ImageNotActive", "ImageNotFound",
+    "ImageUnavailable", "InvalidIdentifier", "InvalidRequest", "InvalidSize", "IvcacheError",
+    "NoScratchSpace", "NoSpace", "QuotaExceeded", "StorageError", "UnsafeImage",
+    "UnsupportedImage", "VolumeNotFound",
+    "Forbidden", "AuthError", "TokenRefused", "IdentityUnavailable",
 }
 
 FACADE = {
