@@ -23,7 +23,7 @@ from ivcache.adapters.images.local import LocalImageSource
 from ivcache.adapters.memory import InMemoryImageSource, RecordingNotifier
 from ivcache.adapters.sql.engine import make_engine, upgrade
 from ivcache.adapters.sql.repository import SqlUnitOfWork
-from ivcache.adapters.sql.tables import cache_entries, host_totals
+from ivcache.adapters.sql.tables import cache_entries, scope_totals
 from ivcache.adapters.storage.fake_lvm import FakeLvmStorage
 from ivcache.adapters.storage.file import FileStorage
 from ivcache.adapters.storage.qcow2 import Qcow2Storage
@@ -61,7 +61,8 @@ def bookkeeping(work: Path) -> Figures:
     engine = make_engine(f"sqlite:///{work / 'book.db'}")
     upgrade(engine)
     now = dt.datetime.now(dt.UTC)
-    rows = [{"id": f"e{i}", "host": "bench", "image_id": f"filler-{i}",
+    rows = [{"id": f"e{i}", "host": "bench", "backend": "default", "pool": "default",
+             "scope": "bench@default#default", "image_id": f"filler-{i}",
              "volume_id": f"v{i}", "size_gb": 1, "image_updated_at": now,
              "image_hash": None, "state": "ready", "created_at": now,
              "last_used": now - dt.timedelta(seconds=entries - i), "hits": 0,
@@ -69,10 +70,8 @@ def bookkeeping(work: Path) -> Figures:
             for i in range(entries)]
     with engine.begin() as conn:
         conn.execute(cache_entries.insert(), rows)
-        conn.execute(host_totals.insert(), [{"host": "bench", "count": entries,
-                                             "size_gb": entries, "hits": 0, "misses": 0,
-                                             "evictions": 0, "downloads": 0,
-                                             "bytes_downloaded": 0}])
+        conn.execute(scope_totals.insert(), [{"scope": "bench@default#default",
+                                              "count": entries, "size_gb": entries}])
     images = InMemoryImageSource()
     images.add(Image(id="hot", name="hot", virtual_size=GIB, updated_at=now), b"x" * 4096)
     service = CacheService(host="bench", storage=FakeLvmStorage(10**7), images=images,

@@ -14,7 +14,7 @@
     ├── StorageError
     │   └── NoSpace              the backend has no room for the volume
     ├── QuotaExceeded            the internal tenant's quota would be exceeded
-    ├── AlreadyClaimed           another worker holds the claim on (host, image)
+    ├── AlreadyClaimed           another worker holds the claim on (scope, image)
     └── ConfigError              a bad configuration option (names the option)
 
 Every message is one line saying what was wrong and, where it helps, what to do.
@@ -117,9 +117,9 @@ class QuotaExceeded(IvcacheError):
 
 
 class AlreadyClaimed(IvcacheError):
-    def __init__(self, host: str, image_id: str) -> None:
-        super().__init__(f"image {image_id} on host {host} is already being cached")
-        self.host = host
+    def __init__(self, scope: str, image_id: str) -> None:
+        super().__init__(f"image {image_id} in {scope} is already being cached")
+        self.scope = scope
         self.image_id = image_id
 
 
