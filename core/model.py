@@ -17,6 +17,7 @@ from ivcache.core.errors import InvalidIdentifier, InvalidRequest
 __all__ = [
     "DEFAULT_BACKEND",
     "GIB",
+    "MAX_VOLUME_GB",
     "CacheEntry",
     "CreateResult",
     "EntryState",
@@ -32,6 +33,8 @@ __all__ = [
 ]
 
 GIB = 1024**3
+#: The largest volume any backend could address: 64-bit byte offsets.
+MAX_VOLUME_GB = (2**63 - 1) // GIB
 
 #: The backend of a configuration without ``enabled_backends``; its pool is named the same
 #: unless the storage says otherwise (``rbd_pool``, ``pool_name``).
@@ -191,6 +194,15 @@ class InternalTenant:
         """The cache's own identity, used to ask whether an image is gone for everyone."""
         return RequestContext(self.project_id, self.user_id, ("admin", "member", "reader"),
                               is_admin=True)
+
+    def check_caller(self, ctx: RequestContext, *, admin_ok: bool = False) -> None:
+        """Refuse a user request made as the internal tenant's project (an admin's too,
+        unless ``admin_ok``): what it made would look like the cache's own, and reconcile
+        would take it for an orphan."""
+        if ctx.project_id == self.project_id and not (admin_ok and ctx.is_admin):
+            raise InvalidRequest(
+                f"project {ctx.project_id} is the cache's internal tenant "
+                "(cinder_internal_tenant_project_id): act as another project")
 
     def quota_allows(self, totals: Iterable[ScopeTotals], adding_gb: int,
                      freed: Sequence[CacheEntry] = ()) -> bool:

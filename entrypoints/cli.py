@@ -242,9 +242,11 @@ def image_add(file: Path, name: str | None, private: bool, project: str, user: s
     """Register an image FILE with the local image source."""
     config = _config()
     source = local_images(config, build_images(config))
+    ctx = _context(project, user, admin)
+    config.tenant.check_caller(ctx)
     size = file.stat().st_size if file.is_file() else 0
     update = _progress(f"copying {file.name}", size)
-    added = source.add_image(_context(project, user, admin), file, name=name,
+    added = source.add_image(ctx, file, name=name,
                              visibility="private" if private else "public", progress=update)
     _emit(_image_doc(added), lambda: _fields(_image_doc(added)))
 

@@ -23,8 +23,10 @@ import argparse
 import configparser
 import enum
 import io
+import math
 import os
 import socket
+import stat
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -83,8 +85,9 @@ class Option:
 
     ``type`` is ``str``, ``int``, ``float``, ``bool``, ``Path`` (relative to the file) or
     ``URL`` (a database URL; a relative SQLite path is relative to the file). Numbers must
-    be 0 or more. An empty value means the default. ``aliases`` are other names read when
-    the option itself is not set.
+    be from ``minimum`` to ``maximum`` (finite: seconds past 1e9 would overflow a date). An
+    empty value means the default. ``aliases`` are other names read when the option itself
+    is not set.
     """
 
     where: Where
@@ -94,6 +97,8 @@ class Option:
     help: str
     choices: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
+    minimum: float = 0
+    maximum: float = 1e9
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -135,7 +140,8 @@ OPTIONS: tuple[Option, ...] = (
            "`enabled_backends` the default is `volumes/<backend>`; no two backends may share "
            "one."),
     Option(_S, "storage_capacity_gb", int, 1000,
-           "The size of the simulated volume group or pool of fake-lvm and fake-rbd."),
+           "The size of the simulated volume group or pool of fake-lvm and fake-rbd.",
+           minimum=1),
     Option(_S, "pool_name", str, "",
            "The pool in the backend's scope `HOST@BACKEND#POOL`. Empty: `rbd_pool` for "
            "`storage = rbd`, else the backend's name."),
@@ -293,11 +299,7 @@ def load_config(path: str | Path | None = None,
     if chosen:
         source = Path(chosen).expanduser().absolute()
         try:
-            with open(source, encoding="utf-8") as fh:
-                text = fh.read()
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {source}: {exc.strerror}") from exc
-        try:
+            text = _read_config_text(source)
             parser.read_file(io.StringIO(text), str(source))
             own.read_file(io.StringIO(text), str(source))
         except configparser.Error as exc:
@@ -309,6 +311,31 @@ def load_config(path: str | Path | None = None,
 def _parser(**kwargs: Any) -> configparser.ConfigParser:
     return configparser.ConfigParser(inline_comment_prefixes=(";", "#"), interpolation=None,
                                      **kwargs)
+
+
+#: A config file is a page of INI; anything larger is not one (``--config /dev/zero``).
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _read_config_text(source: Path) -> str:
+    """The file's text: a regular file of at most MAX_CONFIG_BYTES, in UTF-8."""
+    try:
+        with open(source, "rb") as fh:
+            info = os.fstat(fh.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise ConfigError(f"config file {source} is not a regular file: give the "
+                                  "path of an INI file")
+            data = fh.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {source}: {exc.strerror}") from exc
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {source} is larger than {MAX_CONFIG_BYTES} bytes: "
+                          "it is not an ivcache INI file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {source} is not UTF-8 text (byte {exc.start}): save "
+                          "it as UTF-8") from None
 
 
 def _sqlite_file(url: URL) -> Path | None:
@@ -490,8 +517,19 @@ class _Reader:
             value = getter(section, name)
         except ValueError:
             raise ConfigError(f"{bad} is not {_TYPE_WORDS[option.type]}") from None
-        if option.type is not bool and value < 0:
+        if option.type is bool:
+            return value
+        if not math.isfinite(value):
+            raise ConfigError(f"{self.where}: option {name} = {raw} is not a finite number")
+        if value < 0:
             raise ConfigError(f"{self.where}: option {name} = {value} must be 0 or more")
+        if value > option.maximum:
+            # Seconds past the maximum would overflow a date.
+            raise ConfigError(f"{self.where}: option {name} = {raw} must be at most "
+                              f"{option.maximum:.0f}")
+        if value < option.minimum:
+            raise ConfigError(f"{self.where}: option {name} = {raw} must be at least "
+                              f"{option.minimum:.0f}")
         return value
 
     def resolve(self, option: Option, value: Any) -> Any:
@@ -514,6 +552,8 @@ class _Reader:
         except ArgumentError:
             # The text is not repeated: it may hold a password.
             raise ConfigError(what) from None
+        if url.get_backend_name() not in ("sqlite", "postgresql"):
+            raise ConfigError(f"{what}: {url.get_backend_name()} is not supported")
         path = _sqlite_file(url)
         if path is not None and not path.is_absolute():
             url = url.set(database=str(self.base / path))
@@ -582,7 +622,8 @@ def render_markdown() -> str:
         "An INI file, given by `--config FILE` or `$IVCACHE_CONFIG`; with none, every option "
         "has its default and everything lives under `$IVCACHE_HOME` (default "
         "`~/.local/share/ivcache`). Relative paths are relative to the file's folder (or "
-        "to `$IVCACHE_HOME`). An empty value means the default; numbers must be 0 or more; "
+        "to `$IVCACHE_HOME`). An empty value means the default; numbers must be 0 or more, "
+        "finite and at most 1000000000, unless an option says otherwise; "
         "`[DEFAULT]` supplies a value for every section. A bad value is an error that names "
         "the option.",
     ]

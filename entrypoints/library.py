@@ -77,9 +77,10 @@ class ImageVolumeCache:
         """Register an image file with the local image source."""
         if self._wiring is None:
             raise TypeError("add_image needs a cache built by from_config")
+        ctx = _context(project, None, False)
+        self.service.tenant.check_caller(ctx)
         return self._wiring.local_images.add_image(
-            _context(project, None, False), Path(path), name=name,
-            visibility="private" if private else "public")
+            ctx, Path(path), name=name, visibility="private" if private else "public")
 
     def list_images(self, *, project: str = "demo", user: str | None = None,
                     admin: bool = False) -> list[Image]:
