@@ -78,7 +78,7 @@ def _downloads(url: str, root: Path, *, processes: bool) -> float:
     assert len(results) == 16
     uow = SqlUnitOfWork(make_engine(url))
     with uow:
-        counted = uow.entries.totals("bench").downloads
+        counted = uow.entries.totals(world.scope("bench").key).downloads
     uow.engine.dispose()
     downloads = len(world.downloads())
     assert counted == downloads, (counted, downloads)  # cache stats counts them exactly
