@@ -274,6 +274,7 @@ image_volume_cache_max_count = 20
 volume_backend_name = bulk
 storage = rbd
 rbd_pool = volumes
+rbd_ceph_conf = /etc/ceph/cinder.conf
 image_volume_cache_max_size_gb = 500
 """
 
@@ -285,6 +286,7 @@ def test_each_backend_section_has_its_own_cache_and_storage_options(tmp_path: Pa
     assert (fast.storage, fast.storage_path, fast.pool) == ("file", Path("/srv/fast"), "fast")
     assert (fast.policy.max_count, fast.policy.max_size_gb) == (20, 100)  # [DEFAULT]'s
     assert (bulk.storage, bulk.rbd_pool, bulk.pool) == ("rbd", "volumes", "volumes")
+    assert bulk.rbd_conf == "/etc/ceph/cinder.conf"  # Cinder's name, rbd_ceph_conf
     assert (bulk.policy.max_count, bulk.policy.max_size_gb) == (0, 500)
     assert config.cluster == "ceph-a"
     assert config.scope(fast).key == "ceph-a@fast#fast"
