@@ -13,7 +13,7 @@ import attrs
 
 from ivcache.core.errors import AlreadyClaimed, ImageNotFound, IvcacheError
 from ivcache.core.events import Event
-from ivcache.core.model import CacheEntry, EntryState, HostTotals, Image, RequestContext
+from ivcache.core.model import CacheEntry, EntryState, Image, RequestContext, Scope, ScopeTotals
 from ivcache.core.ports import ImageData, StorageBackend
 
 __all__ = [
@@ -27,38 +27,46 @@ __all__ = [
 
 
 class InMemoryRepository:
-    """Entries in a dict; totals derived by the same add/remove calls the SQL one makes."""
+    """Entries in a dict; totals derived by the same add/remove/move calls the SQL one
+    makes. Keys are scope keys (``CLUSTER_OR_HOST@BACKEND#POOL``), as in the SQL one."""
 
     def __init__(self) -> None:
         self._entries: dict[str, CacheEntry] = {}
-        self._totals: dict[str, HostTotals] = {}
+        self._totals: dict[str, ScopeTotals] = {}
 
-    def lock_host(self, host: str) -> HostTotals:
-        # Like the SQL one, locking a host makes its totals row exist.
-        self._totals.setdefault(host, HostTotals(host))
-        return self._totals[host]
+    def lock_scope(self, scope: str) -> ScopeTotals:
+        # Like the SQL one, locking a scope makes its totals row exist.
+        self._totals.setdefault(scope, ScopeTotals(scope))
+        return self._totals[scope]
 
-    def totals(self, host: str) -> HostTotals:
-        return self._totals.get(host, HostTotals(host))
+    def totals(self, scope: str) -> ScopeTotals:
+        return self._totals.get(scope, ScopeTotals(scope))
 
-    def all_totals(self) -> list[HostTotals]:
-        return sorted(self._totals.values(), key=lambda t: t.host)
+    def all_totals(self) -> list[ScopeTotals]:
+        return sorted(self._totals.values(), key=lambda t: t.scope)
 
-    def count_stats(self, host: str, *, hits: int = 0, misses: int = 0, evictions: int = 0,
-                    downloads: int = 0, bytes_downloaded: int = 0) -> None:
-        t = self.totals(host)
-        self._totals[host] = attrs.evolve(
+    def count_stats(self, scope: str, *, hits: int = 0, misses: int = 0, evictions: int = 0,
+                    downloads: int = 0, bytes_downloaded: int = 0,
+                    neighbour_fills: int = 0) -> None:
+        t = self.totals(scope)
+        self._totals[scope] = attrs.evolve(
             t, hits=t.hits + hits, misses=t.misses + misses, evictions=t.evictions + evictions,
             downloads=t.downloads + downloads,
-            bytes_downloaded=t.bytes_downloaded + bytes_downloaded)
+            bytes_downloaded=t.bytes_downloaded + bytes_downloaded,
+            neighbour_fills=t.neighbour_fills + neighbour_fills)
+
+    def _move_totals(self, scope: str, count: int, size_gb: int) -> None:
+        t = self.totals(scope)
+        self._totals[scope] = attrs.evolve(t, count=t.count + count,
+                                           size_gb=t.size_gb + size_gb)
 
     def get(self, entry_id: str) -> CacheEntry | None:
         e = self._entries.get(entry_id)
         return copy.copy(e) if e else None
 
-    def find(self, host: str, image_id: str) -> CacheEntry | None:
+    def find(self, scope: str, image_id: str) -> CacheEntry | None:
         for e in self._entries.values():
-            if e.host == host and e.image_id == image_id:
+            if e.scope_key == scope and e.image_id == image_id:
                 return copy.copy(e)
         return None
 
@@ -68,31 +76,50 @@ class InMemoryRepository:
                 return copy.copy(e)
         return None
 
-    def list(self, host: str | None = None) -> list[CacheEntry]:
+    def strays(self, host: str, backend: str, scope: str) -> list[CacheEntry]:
+        return [e for e in self.list(host, backend=backend)
+                if e.cluster is None and e.scope_key != scope]
+
+    def list(self, host: str | None = None, *, scope: str | None = None,
+             backend: str | None = None) -> list[CacheEntry]:
         found = [copy.copy(e) for e in self._entries.values()
-                 if host is None or e.host == host]
+                 if (host is None or e.host == host) and (scope is None or e.scope_key == scope)
+                 and (backend is None or e.backend == backend)]
         return sorted(found, key=lambda e: (e.host, e.last_used, e.id))
 
     def add(self, entry: CacheEntry) -> None:
-        if self.find(entry.host, entry.image_id) is not None:
-            raise AlreadyClaimed(entry.host, entry.image_id)
+        if self.find(entry.scope_key, entry.image_id) is not None:
+            raise AlreadyClaimed(entry.scope_key, entry.image_id)
         self._entries[entry.id] = copy.copy(entry)
-        t = self.totals(entry.host)
-        self._totals[entry.host] = attrs.evolve(t, count=t.count + 1,
-                                                size_gb=t.size_gb + entry.size_gb)
+        self._move_totals(entry.scope_key, 1, entry.size_gb)
 
     def save(self, entry: CacheEntry) -> None:
         old = self._entries.get(entry.id)
         if old is None:
             return
-        # size_gb is fixed at add: the totals never move on a save.
-        self._entries[entry.id] = attrs.evolve(entry, size_gb=old.size_gb)
+        # size_gb and the scope are fixed at add (move changes the scope): the totals never
+        # move on a save.
+        self._entries[entry.id] = attrs.evolve(entry, size_gb=old.size_gb, cluster=old.cluster,
+                                               backend=old.backend, pool=old.pool)
 
-    def end_lease(self, entry_id: str, host: str, lease: dt.datetime, *,
+    def move(self, entry: CacheEntry, to: Scope) -> bool:
+        old = self._entries.get(entry.id)
+        if old is None:
+            return False
+        moved = attrs.evolve(old, cluster=to.cluster, backend=to.backend, pool=to.pool)
+        if moved.scope_key != old.scope_key and self.find(moved.scope_key,
+                                                          old.image_id) is not None:
+            raise AlreadyClaimed(moved.scope_key, old.image_id)
+        self._move_totals(old.scope_key, -1, -old.size_gb)
+        self._move_totals(moved.scope_key, 1, old.size_gb)
+        self._entries[entry.id] = moved
+        return True
+
+    def end_lease(self, entry_id: str, scope: str, lease: dt.datetime, *,
                   hit: bool = False) -> None:
         entry = self._entries.get(entry_id)
         if hit:
-            self.count_stats(host, hits=1)
+            self.count_stats(scope, hits=1)
             if entry is not None:
                 entry.hits += 1
         if entry is not None and entry.lease_until == lease:
@@ -102,13 +129,12 @@ class InMemoryRepository:
         gone = self._entries.pop(entry.id, None)
         if gone is None:
             return False
-        t = self.totals(gone.host)
-        self._totals[gone.host] = attrs.evolve(t, count=t.count - 1,
-                                               size_gb=t.size_gb - gone.size_gb)
+        self._move_totals(gone.scope_key, -1, -gone.size_gb)
         return True
 
-    def lru_victims(self, host: str, now: dt.datetime) -> Iterator[CacheEntry]:
-        for e in self.list(host=host):
+    def lru_victims(self, scope: str, now: dt.datetime) -> Iterator[CacheEntry]:
+        # A cluster's scope holds entries of several hosts: LRU order ignores the host.
+        for e in sorted(self.list(scope=scope), key=lambda e: (e.last_used, e.id)):
             if e.state is EntryState.READY and not e.pinned and not e.leased(now):
                 yield e
 
@@ -126,7 +152,7 @@ class InMemoryUnitOfWork:
         self.committed = False
         self._lock = threading.Lock()
         self._holder: int | None = None
-        self._snapshot: tuple[dict[str, CacheEntry], dict[str, HostTotals]] | None = None
+        self._snapshot: tuple[dict[str, CacheEntry], dict[str, ScopeTotals]] | None = None
 
     def __enter__(self) -> InMemoryUnitOfWork:
         if self._holder == threading.get_ident():
@@ -154,7 +180,7 @@ class InMemoryUnitOfWork:
         if self._snapshot is not None:
             self._snapshot = self._copy()
 
-    def _copy(self) -> tuple[dict[str, CacheEntry], dict[str, HostTotals]]:
+    def _copy(self) -> tuple[dict[str, CacheEntry], dict[str, ScopeTotals]]:
         return ({k: copy.copy(v) for k, v in self.entries._entries.items()},
                 dict(self.entries._totals))
 

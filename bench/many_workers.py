@@ -78,7 +78,7 @@ def _downloads(url: str, root: Path, *, processes: bool) -> float:
     assert len(results) == 16
     uow = SqlUnitOfWork(make_engine(url))
     with uow:
-        counted = uow.entries.totals("bench").downloads
+        counted = uow.entries.totals(world.scope("bench").key).downloads
     uow.engine.dispose()
     downloads = len(world.downloads())
     assert counted == downloads, (counted, downloads)  # cache stats counts them exactly
@@ -92,14 +92,15 @@ def _seed(url: str, entries: int) -> None:
     with engine.begin() as conn:
         for start in range(0, entries, 10_000):
             conn.execute(insert(cache_entries), [
-                {"id": f"e{i}", "host": "bench", "image_id": f"filler-{i}",
+                {"id": f"e{i}", "host": "bench", "backend": "default", "pool": "default",
+                 "scope": "bench@default#default", "image_id": f"filler-{i}",
                  "volume_id": f"v{i}", "size_gb": 1, "image_updated_at": now,
                  "image_hash": None, "state": "ready", "created_at": now,
                  "last_used": now - dt.timedelta(seconds=entries - i), "hits": 0,
                  "pinned": False, "claim_expires": None, "lease_until": None}
                 for i in range(start, min(entries, start + 10_000))])
-        conn.execute(text("INSERT INTO host_totals (host, count, size_gb) "
-                          "VALUES ('bench', :n, :n)"), {"n": entries})
+        conn.execute(text("INSERT INTO scope_totals (scope, count, size_gb) "
+                          "VALUES ('bench@default#default', :n, :n)"), {"n": entries})
     if engine.dialect.name == "postgresql":
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             conn.execute(text("ANALYZE"))

@@ -13,6 +13,7 @@ if anything failed, or if anything was skipped while ``CI`` is set.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import importlib.util
 import json
@@ -33,13 +34,13 @@ from ivcache.adapters.images.local import LocalImageSource
 from ivcache.adapters.memory import InMemoryImageSource, RecordingNotifier
 from ivcache.adapters.sql.engine import make_engine, upgrade
 from ivcache.adapters.sql.repository import SqlUnitOfWork
-from ivcache.adapters.sql.tables import cache_entries, host_totals
+from ivcache.adapters.sql.tables import cache_entries, scope_totals
 from ivcache.adapters.storage.fake_lvm import FakeLvmStorage
 from ivcache.adapters.storage.file import FileStorage
 from ivcache.adapters.storage.qcow2 import Qcow2Storage
-from ivcache.core.model import GIB, Image, Outcome, RequestContext
+from ivcache.core.model import GIB, Image, Outcome, RequestContext, Scope
 from ivcache.core.ports import StorageBackend
-from ivcache.core.service import CacheService
+from ivcache.core.service import CacheService, Neighbour
 from ivcache.entrypoints.demo import make_sparse_image
 
 QUICK = bool(os.environ.get("BENCH_QUICK"))
@@ -102,7 +103,8 @@ def bookkeeping(work: Path) -> Figures:
     engine = make_engine(f"sqlite:///{work / 'book.db'}")
     upgrade(engine)
     now = dt.datetime.now(dt.UTC)
-    rows = [{"id": f"e{i}", "host": "bench", "image_id": f"filler-{i}",
+    rows = [{"id": f"e{i}", "host": "bench", "backend": "default", "pool": "default",
+             "scope": "bench@default#default", "image_id": f"filler-{i}",
              "volume_id": f"v{i}", "size_gb": 1, "image_updated_at": now,
              "image_hash": None, "state": "ready", "created_at": now,
              "last_used": now - dt.timedelta(seconds=entries - i), "hits": 0,
@@ -110,10 +112,8 @@ def bookkeeping(work: Path) -> Figures:
             for i in range(entries)]
     with engine.begin() as conn:
         conn.execute(cache_entries.insert(), rows)
-        conn.execute(host_totals.insert(), [{"host": "bench", "count": entries,
-                                             "size_gb": entries, "hits": 0, "misses": 0,
-                                             "evictions": 0, "downloads": 0,
-                                             "bytes_downloaded": 0}])
+        conn.execute(scope_totals.insert(), [{"scope": "bench@default#default",
+                                              "count": entries, "size_gb": entries}])
     images = InMemoryImageSource()
     images.add(Image(id="hot", name="hot", virtual_size=GIB, updated_at=now), b"x" * 4096)
     service = CacheService(host="bench", storage=FakeLvmStorage(10**7), images=images,
@@ -447,31 +447,120 @@ def hit_vs_miss_qcow2(work: Path) -> Figures:
     return _hit_vs_miss_on(work, Qcow2Storage(work / "qcow2"), "qcow2")
 
 
-@bench("hit_vs_miss_speedup_reflink", "miss_seconds_reflink", "hit_seconds_reflink",
-       "clone_ms_p50_reflink")
-def hit_vs_miss_reflink(work: Path) -> Figures:
-    """File storage on a loop-mounted XFS (mkfs.xfs -m reflink=1): a hit is a reflink."""
+@contextlib.contextmanager
+def _reflink_xfs(work: Path, size_gb: int = 2) -> Iterator[Path]:
+    """A loop-mounted XFS made with reflink (mkfs.xfs -m reflink=1), for the block."""
     if os.geteuid() != 0:
         raise Unavailable("a loop-mounted XFS needs root")
     need_tool("mkfs.xfs", "xfsprogs")
     image, mount = work / "xfs.img", work / "xfs"
     mount.mkdir()
     with open(image, "wb") as f:
-        f.truncate(2 * GIB)
+        f.truncate(size_gb * GIB)
     subprocess.run(["mkfs.xfs", "-q", "-f", "-m", "reflink=1", str(image)], check=True)
     device = subprocess.run(["losetup", "--find", "--show", str(image)], check=True,
                             capture_output=True, text=True).stdout.strip()
     try:
         subprocess.run(["mount", device, str(mount)], check=True)
         try:
-            storage = FileStorage(mount / "volumes")
-            figures = _hit_vs_miss_on(work, storage, "reflink")
-            assert storage.last_clone_method == "reflink"
-            return figures
+            yield mount
         finally:
             subprocess.run(["umount", str(mount)], check=True)
     finally:
         subprocess.run(["losetup", "-d", device], check=False)
+
+
+@bench("hit_vs_miss_speedup_reflink", "miss_seconds_reflink", "hit_seconds_reflink",
+       "clone_ms_p50_reflink")
+def hit_vs_miss_reflink(work: Path) -> Figures:
+    """File storage on a loop-mounted XFS (mkfs.xfs -m reflink=1): a hit is a reflink."""
+    with _reflink_xfs(work) as mount:
+        storage = FileStorage(mount / "volumes")
+        figures = _hit_vs_miss_on(work, storage, "reflink")
+        assert storage.last_clone_method == "reflink"
+        return figures
+
+
+@bench("neighbour_fill_vs_download_ratio", "neighbour_fill_vs_download_ratio_ext4",
+       "neighbour_fill_seconds_reflink", "neighbour_fill_seconds_ext4",
+       "glance_miss_seconds_reflink")
+def neighbour_fill(work: Path) -> Figures:
+    """Issue 11: a miss filled from a neighbour backend's entry against a miss downloaded
+    from a real glance-api, 1 GiB image with 512 MiB of data (quick: 256 / 64 MiB), file
+    storage in two directories of one reflink XFS, then of this machine's ext4. Each figure
+    is a whole request: the cache volume filled (or downloaded) and the user's clone."""
+    from ivcache.adapters.images.glance import GlanceImageSource
+
+    server_module = _glance_server_module()
+    need_tool("mkfs.xfs", "xfsprogs")
+    venv = _glance_venv(server_module)
+    virtual, data = (1024, 512) if not QUICK else (256, 64)
+    raw = make_sparse_image(work / "img.raw", virtual_mib=virtual, data_mib=data)
+
+    def chunks() -> Iterator[bytes]:
+        with open(raw, "rb") as fh:
+            while block := fh.read(4 * MIB):
+                yield block
+
+    figures: Figures = {}
+    with server_module.GlanceServer(work / "glance", venv=venv) as server:
+        who = server.identity(CTX.project_id)
+        image_id = server.create_image(who, chunks(), name="bench-neighbour")
+        raw.unlink()
+        source = GlanceImageSource(url=server.url, auth="trusted-headers")
+
+        def fill_vs_download(root: Path, name: str) -> tuple[float, float]:
+            engine = make_engine(f"sqlite:///{work / f'neighbour-{name}.db'}")
+            upgrade(engine)
+            storages = {b: FileStorage(root / b) for b in ("a", "b")}
+            scopes = {b: Scope("bench", b, b) for b in storages}
+            services = {b: CacheService(
+                scope=scopes[b], storage=storages[b], images=source,
+                uow=SqlUnitOfWork(engine), notifier=RecordingNotifier(),
+                neighbours=[Neighbour.of(scopes[o], storages[o]) for o in storages if o != b])
+                for b in storages}
+            downloaded = services["a"].create_volume(CTX, image_id, 1)
+            filled = services["b"].create_volume(CTX, image_id, 1)
+            assert downloaded.filled_from == "image-source", downloaded
+            assert filled.filled_from == scopes["a"].key, filled
+            engine.dispose()
+            return filled.seconds, downloaded.seconds
+
+        with _reflink_xfs(work, 4) as mount:
+            fill_s, download_s = fill_vs_download(mount, "reflink")
+        figures.update(neighbour_fill_vs_download_ratio=fill_s / download_s,
+                       neighbour_fill_seconds_reflink=fill_s,
+                       glance_miss_seconds_reflink=download_s)
+        ext4 = work / "ext4"
+        fill_s, download_s = fill_vs_download(ext4, "ext4")
+        figures.update(neighbour_fill_vs_download_ratio_ext4=fill_s / download_s,
+                       neighbour_fill_seconds_ext4=fill_s)
+    return figures
+
+
+@bench("origin_downloads_cluster_4_hosts_16_requests")
+def cluster_downloads(work: Path) -> Figures:
+    """Issue 11: 16 concurrent requests for one image from 4 hosts of one cluster (separate
+    processes, one PostgreSQL, one shared storage directory): how many origin downloads."""
+    _repo_on_path()
+    from tests.support.flight import World, add_tiny_images, run_processes
+    from tests.support.pg import PostgresServer, PostgresUnavailable
+
+    try:
+        server = PostgresServer.start()
+    except PostgresUnavailable as exc:
+        raise Unavailable(f"no PostgreSQL server: {exc} (apt-get install -y postgresql)"
+                          ) from exc
+    try:
+        url = server.create_database("bench")
+        upgrade(url)
+        world = World(url=url, root=work / "world", cluster="bench-cluster", delay=0.02)
+        [image] = add_tiny_images(world, [1])
+        results = run_processes(world, [(f"node-{n}", [(image, 1)] * 4) for n in range(4)])
+        assert len(results) == 16 and {r.outcome for r in results} <= {"hit", "miss"}
+        return {"origin_downloads_cluster_4_hosts_16_requests": float(len(world.downloads()))}
+    finally:
+        server.stop()
 
 
 @bench("hit_vs_miss_speedup_rbd", "miss_seconds_rbd", "hit_seconds_rbd",

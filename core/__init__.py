@@ -3,7 +3,8 @@
 Everything a storage driver or a library user needs from the core is importable from here;
 the submodules say where each name lives:
 
-- ``model``: ``Image``, ``Volume``, ``CacheEntry``, ``RequestContext``, ``InternalTenant``...
+- ``model``: ``Image``, ``Volume``, ``CacheEntry``, ``Scope``, ``RequestContext``,
+  ``InternalTenant``...
 - ``policy``: ``CachePolicy`` (limits, victims)
 - ``events``: what the cache announces (``CacheHit``, ``CacheMiss``, ``CacheEvict``...)
 - ``errors``: the one exception hierarchy (``IvcacheError`` and below)
@@ -40,6 +41,7 @@ from ivcache.core.errors import (
     VolumeNotFound,
 )
 from ivcache.core.events import (
+    IMAGE_SOURCE,
     CacheEntryCreated,
     CacheEvict,
     CacheHit,
@@ -49,19 +51,22 @@ from ivcache.core.events import (
     ImageDownloaded,
 )
 from ivcache.core.model import (
+    DEFAULT_BACKEND,
     GIB,
     CacheEntry,
     CreateResult,
     EntryState,
-    HostTotals,
     Image,
     InternalTenant,
     Outcome,
     RequestContext,
+    Scope,
+    ScopeTotals,
     Volume,
     check_id,
     new_id,
 )
+from ivcache.core.operations import Adoption
 from ivcache.core.policy import CachePolicy
 from ivcache.core.ports import (
     CacheRepository,
@@ -77,10 +82,13 @@ from ivcache.core.ports import (
     Tracer,
     UnitOfWork,
 )
-from ivcache.core.service import CacheService, Finding, NullTracer, SystemClock
+from ivcache.core.service import CacheService, Finding, Neighbour, NullTracer, SystemClock
 
 __all__ = [
+    "DEFAULT_BACKEND",
     "GIB",
+    "IMAGE_SOURCE",
+    "Adoption",
     "AlreadyClaimed",
     "AuthError",
     "CacheEntry",
@@ -105,7 +113,6 @@ __all__ = [
     "FileChunks",
     "Finding",
     "Forbidden",
-    "HostTotals",
     "IdentityUnavailable",
     "Image",
     "ImageConverter",
@@ -122,6 +129,7 @@ __all__ = [
     "InvalidRequest",
     "InvalidSize",
     "IvcacheError",
+    "Neighbour",
     "NoScratchSpace",
     "NoSpace",
     "Notifier",
@@ -129,6 +137,8 @@ __all__ = [
     "Outcome",
     "QuotaExceeded",
     "RequestContext",
+    "Scope",
+    "ScopeTotals",
     "Span",
     "StorageBackend",
     "StorageError",

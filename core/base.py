@@ -2,8 +2,8 @@
 
 ``CacheService`` (core/service.py: the request path) and its operator commands
 (core/operations.py) both change entries through the moves here, so that one rule holds
-everywhere: an entry changes only under its host's lock, and an entry goes before its
-volume.
+everywhere: an entry changes only under its scope's lock (the scope's totals row, always
+taken first; two of them in the order of their keys), and an entry goes before its volume.
 """
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TypeVar
 
 import attrs
 
 from ivcache.core.errors import UnsupportedImage, VolumeNotFound
-from ivcache.core.events import CacheEvict, EvictReason
-from ivcache.core.model import CacheEntry, HostTotals, Image, InternalTenant
+from ivcache.core.events import IMAGE_SOURCE, CacheEvict, EvictReason
+from ivcache.core.model import CacheEntry, Image, InternalTenant, Scope, ScopeTotals
 from ivcache.core.policy import CachePolicy
 from ivcache.core.ports import (
     CacheRepository,
@@ -34,11 +34,11 @@ from ivcache.core.ports import (
     UnitOfWork,
 )
 
-__all__ = ["Filled", "NullTracer", "RawPassThrough", "ServiceBase", "SystemClock"]
+__all__ = ["Filled", "Neighbour", "NullTracer", "RawPassThrough", "ServiceBase", "SystemClock"]
 
 T = TypeVar("T")
 
-#: Which entries an eviction may take, judged on the row as it is under the host's lock.
+#: Which entries an eviction may take, judged on the row as it is under its scope's lock.
 MayGo = Callable[[CacheEntry, dt.datetime], bool]
 
 
@@ -64,10 +64,28 @@ def anything(entry: CacheEntry, now: dt.datetime) -> bool:
 
 @attrs.frozen
 class Filled:
-    """A claim made READY: the entry, and its clone lease if one was asked for."""
+    """A claim made READY: the entry, its clone lease if one was asked for, and where its
+    bytes came from (``image-source`` or a neighbour's scope)."""
 
     entry: CacheEntry
     lease: dt.datetime | None
+    filled_from: str = IMAGE_SOURCE
+
+
+@attrs.frozen
+class Neighbour:
+    """Another scope served beside this one (another backend of the same configuration),
+    and how to reach its storage: ``storage()`` builds or returns it (it may raise an
+    ``IvcacheError``: that neighbour is then not used). A miss may be filled from a
+    neighbour's READY entry when this scope's storage can copy from the neighbour's."""
+
+    scope: Scope
+    storage: Callable[[], StorageBackend]
+
+    @classmethod
+    def of(cls, scope: Scope, storage: StorageBackend) -> Neighbour:
+        """A neighbour whose storage is already built."""
+        return cls(scope, lambda: storage)
 
 
 class SystemClock:
@@ -125,16 +143,20 @@ class _RawData:
 
 
 class ServiceBase:
-    """The ports and policy of one storage host's cache, and the shared moves.
+    """The ports and policy of one scope's cache, and the shared moves.
 
-    ``host`` names the storage host this service speaks for; entries are host-specific.
+    ``scope`` (a ``Scope``: host, backend, pool, cluster) is what this service speaks for:
+    one backend's storage, seen from one host. ``host`` alone is short for the host's scope
+    on the default backend (a configuration without ``enabled_backends``). ``neighbours``
+    are the other scopes a miss may be filled from.
     ``converter`` turns images into raw volumes (default: ``RawPassThrough``).
     """
 
     def __init__(
         self,
         *,
-        host: str,
+        host: str | None = None,
+        scope: Scope | None = None,
         storage: StorageBackend,
         images: ImageSource,
         uow: UnitOfWork,
@@ -144,8 +166,17 @@ class ServiceBase:
         clock: Clock | None = None,
         tracer: Tracer | None = None,
         converter: ImageConverter | None = None,
+        neighbours: Sequence[Neighbour] = (),
     ) -> None:
-        self.host = host
+        if scope is None:
+            if host is None:
+                raise TypeError("give the service a scope (or a host)")
+            scope = Scope(host)
+        elif host is not None and host != scope.host:
+            raise ValueError(f"host {host!r} is not the scope's host {scope.host!r}")
+        self.scope = scope
+        self.host = scope.host
+        self.neighbours = tuple(n for n in neighbours if n.scope.key != scope.key)
         self.storage = storage
         self.images = images
         self.uow = uow
@@ -159,59 +190,76 @@ class ServiceBase:
     # -- transactions --------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _locked(self, host: str | None = None) -> Iterator[tuple[CacheRepository, HostTotals]]:
-        """Lock a host's totals row (this service's host by default), run the block, commit.
+    def _locked(self, scope: str | None = None) -> Iterator[tuple[CacheRepository, ScopeTotals]]:
+        """Lock a scope's totals row (this service's scope by default), run the block,
+        commit.
 
         Claims, leases and evictions all take this lock, so limit checks and the choice of
         victims cannot race. Leaving the block by an exception rolls it back.
         """
         with self.uow as uow:
-            totals = uow.entries.lock_host(host or self.host)
+            totals = uow.entries.lock_scope(scope or self.scope.key)
             yield uow.entries, totals
+            uow.commit()
+
+    @contextlib.contextmanager
+    def _locked_both(self, one: str, other: str) -> Iterator[CacheRepository]:
+        """Lock two scopes' totals rows, in the order of their keys, run the block, commit:
+        for moving entries from one scope to the other."""
+        with self.uow as uow:
+            for key in sorted({one, other}):
+                uow.entries.lock_scope(key)
+            yield uow.entries
             uow.commit()
 
     def _read(self, query: Callable[[CacheRepository], T]) -> T:
         with self.uow as uow:
             return query(uow.entries)
 
+    def _find(self, scope: str, image_id: str) -> CacheEntry | None:
+        """The image's entry in ``scope``, read without a lock."""
+        return self._read(lambda repo: repo.find(scope, image_id))
+
     # -- eviction ------------------------------------------------------------------------
 
     def _evict(self, entries: Iterable[CacheEntry], reason: EvictReason, *,
                may_go: MayGo = ready_and_free) -> list[CacheEntry]:
-        """Remove the entries that ``may_go`` (judged again under their host's lock), then
+        """Remove the entries that ``may_go`` (judged again under their scope's lock), then
         delete their volumes and announce them; return the entries removed.
 
-        The entry goes first, so no hit can clone a volume that is being deleted; each
-        host's entries are removed under that host's lock and counted on that host.
+        The entries are this backend's (their volumes are on this service's storage). The
+        entry goes first, so no hit can clone a volume that is being deleted; each scope's
+        entries are removed under that scope's lock and counted on that scope.
         """
-        by_host: dict[str, list[CacheEntry]] = {}
+        by_scope: dict[str, list[CacheEntry]] = {}
         for entry in entries:
-            by_host.setdefault(entry.host, []).append(entry)
+            by_scope.setdefault(entry.scope_key, []).append(entry)
         gone: list[CacheEntry] = []
-        for host, group in by_host.items():
-            with self._locked(host) as (repo, _):
+        for scope, group in by_scope.items():
+            with self._locked(scope) as (repo, _):
                 now = self.clock.now()
                 current = [repo.get(e.id) for e in group]
-                gone += self._remove(repo, host, [
+                gone += self._remove(repo, scope, [
                     c for c in current if c is not None and may_go(c, now)])
         self._drop_volumes(gone, reason)
         return gone
 
     @staticmethod
-    def _remove(repo: CacheRepository, host: str,
+    def _remove(repo: CacheRepository, scope: str,
                 entries: list[CacheEntry]) -> list[CacheEntry]:
-        """Remove entries of ``host`` inside the caller's locked transaction and count
+        """Remove entries of ``scope`` inside the caller's locked transaction and count
         them as evictions; their volumes are the caller's to drop after the commit."""
         gone = [e for e in entries if repo.remove(e)]
         if gone:
-            repo.count_stats(host, evictions=len(gone))
+            repo.count_stats(scope, evictions=len(gone))
         return gone
 
     def _drop_volumes(self, entries: list[CacheEntry], reason: EvictReason) -> None:
         for entry in entries:
             self._delete_quietly(entry.volume_id)
             self.notifier.publish(
-                CacheEvict(entry.image_id, entry.host, reason, entry.id, entry.size_gb))
+                CacheEvict(entry.image_id, entry.host, reason, entry.id, entry.size_gb,
+                           scope=entry.scope_key))
 
     def _delete_quietly(self, volume_id: str) -> None:
         with contextlib.suppress(VolumeNotFound):
@@ -222,8 +270,8 @@ class ServiceBase:
         return bool(self._evict([entry], EvictReason.RECONCILE, may_go=dead_claim))
 
     def _evict_image(self, image_id: str, reason: EvictReason) -> None:
-        """Evict this host's entry of the image, a dead claim included."""
-        entry = self._read(lambda repo: repo.find(self.host, image_id))
+        """Evict this scope's entry of the image, a dead claim included."""
+        entry = self._find(self.scope.key, image_id)
         if entry is not None:
             self._evict([entry], reason,
                         may_go=lambda e, now: ready_and_free(e, now) or dead_claim(e, now))

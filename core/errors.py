@@ -23,7 +23,7 @@
     ├── StorageError
     │   └── NoSpace              the backend has no room for the volume
     ├── QuotaExceeded            the internal tenant's quota would be exceeded
-    ├── AlreadyClaimed           another worker holds the claim on (host, image)
+    ├── AlreadyClaimed           another worker holds the claim on (scope, image)
     ├── AuthError                who is calling could not be established, or may not do it
     │   ├── TokenRefused         Keystone refused the caller's token (expired, revoked, ...)
     │   ├── IdentityUnavailable  Keystone could not be reached, or refused ivcache itself
@@ -164,9 +164,9 @@ class QuotaExceeded(IvcacheError):
 
 
 class AlreadyClaimed(IvcacheError):
-    def __init__(self, host: str, image_id: str) -> None:
-        super().__init__(f"image {image_id} on host {host} is already being cached")
-        self.host = host
+    def __init__(self, scope: str, image_id: str) -> None:
+        super().__init__(f"image {image_id} in {scope} is already being cached")
+        self.scope = scope
         self.image_id = image_id
 
 

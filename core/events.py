@@ -1,4 +1,4 @@
-"""What the cache announces. Every event names the image and the host."""
+"""What the cache announces. Every event names the image, the host and the scope."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import enum
 import attrs
 
 __all__ = [
+    "IMAGE_SOURCE",
     "CacheEntryCreated",
     "CacheEvict",
     "CacheHit",
@@ -25,18 +26,30 @@ class EvictReason(enum.Enum):
     IMAGE_DELETED = "image-deleted"
     #: the cache volume was gone when a clone needed it (deleted behind the cache's back)
     MISSING_VOLUME = "missing-volume"
+    #: a host's own entry of an image its cluster's scope already holds, when the host
+    #: joined the cluster (its entries were adopted into the cluster's scope)
+    MERGED = "merged"
+
+#: ``CacheMiss.filled_from`` when the bytes came from the image source, not a neighbour
+IMAGE_SOURCE = "image-source"
 
 
 @attrs.frozen
 class Event:
     image_id: str
     host: str
+    #: ``CLUSTER_OR_HOST@BACKEND#POOL`` of the entry or request (keyword only)
+    scope: str = attrs.field(default="", kw_only=True)
 
     #: the notification's name, as Cinder spells it
     name = "image_volume_cache.event"
 
     def payload(self) -> dict[str, object]:
-        return attrs.asdict(self, value_serializer=_plain)
+        """The fields, enums as their values; ``scope`` only when it is known."""
+        fields = attrs.asdict(self, value_serializer=_plain)
+        if not self.scope:
+            del fields["scope"]
+        return fields
 
 
 def _plain(_inst: object, _field: object, value: object) -> object:
@@ -53,6 +66,9 @@ class CacheHit(Event):
 class CacheMiss(Event):
     #: the request's outcome: ``miss`` (cached now) or ``miss-uncached``
     outcome: str = "miss"
+    #: where the bytes came from: ``image-source``, or the scope of the neighbour's entry
+    #: that filled the new cache volume
+    filled_from: str = IMAGE_SOURCE
     name = "image_volume_cache.miss"
 
 

@@ -15,16 +15,18 @@ import attrs
 from ivcache.core.errors import InvalidIdentifier, InvalidRequest
 
 __all__ = [
+    "DEFAULT_BACKEND",
     "GIB",
     "MAX_VOLUME_GB",
     "CacheEntry",
     "CreateResult",
     "EntryState",
-    "HostTotals",
     "Image",
     "InternalTenant",
     "Outcome",
     "RequestContext",
+    "Scope",
+    "ScopeTotals",
     "Volume",
     "check_id",
     "new_id",
@@ -33,6 +35,10 @@ __all__ = [
 GIB = 1024**3
 #: The largest volume any backend could address: 64-bit byte offsets.
 MAX_VOLUME_GB = (2**63 - 1) // GIB
+
+#: The backend of a configuration without ``enabled_backends``; its pool is named the same
+#: unless the storage says otherwise (``rbd_pool``, ``pool_name``).
+DEFAULT_BACKEND = "default"
 
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -49,6 +55,51 @@ def check_id(kind: str, value: str) -> str:
 
 def new_id() -> str:
     return str(uuid.uuid4())
+
+
+def _scope_part(kind: str, value: str) -> str:
+    if not isinstance(value, str) or not value or "@" in value or "#" in value \
+            or value != value.strip():
+        raise InvalidRequest(
+            f"{kind} name {value!r} cannot be part of a scope CLUSTER_OR_HOST@BACKEND#POOL: "
+            "it must be non-empty, without '@', '#' or surrounding spaces")
+    return value
+
+
+@attrs.frozen
+class Scope:
+    """Where cache entries are shared, in Cinder's form ``CLUSTER_OR_HOST@BACKEND#POOL``.
+
+    Hosts that name the same ``cluster`` and backend share one entry per image and pool;
+    without a cluster the host's own name keys the scope. Limits, LRU order, single flight,
+    stats and reconcile are per scope. Every part is checked: ``@`` and ``#`` are the key's
+    separators, so no part may hold them (``InvalidRequest``).
+    """
+
+    host: str
+    backend: str = DEFAULT_BACKEND
+    pool: str = DEFAULT_BACKEND
+    cluster: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        _scope_part("host", self.host)
+        _scope_part("backend", self.backend)
+        _scope_part("pool", self.pool)
+        if self.cluster is not None:
+            _scope_part("cluster", self.cluster)
+
+    @property
+    def key(self) -> str:
+        """``CLUSTER_OR_HOST@BACKEND#POOL``: what entries and totals are keyed by."""
+        return f"{self.cluster or self.host}@{self.backend}#{self.pool}"
+
+    @property
+    def host_key(self) -> str:
+        """The key the host's entries of this backend and pool had without a cluster."""
+        return f"{self.host}@{self.backend}#{self.pool}"
+
+    def __str__(self) -> str:
+        return self.key
 
 
 @attrs.frozen
@@ -160,10 +211,10 @@ class InternalTenant:
                 f"project {ctx.project_id} is the cache's internal tenant "
                 "(cinder_internal_tenant_project_id): act as another project")
 
-    def quota_allows(self, totals: Iterable[HostTotals], adding_gb: int,
+    def quota_allows(self, totals: Iterable[ScopeTotals], adding_gb: int,
                      freed: Sequence[CacheEntry] = ()) -> bool:
         """Whether one more cache volume of ``adding_gb`` fits the quota, with the ``freed``
-        entries gone, given every host's totals (the quota spans all of them)."""
+        entries gone, given every scope's totals (the quota spans all of them)."""
         if not self.quota_gb and not self.quota_volumes:
             return True
         gb = volumes = 0
@@ -189,8 +240,10 @@ class Outcome(enum.Enum):
 
 @attrs.define
 class CacheEntry:
-    """One cached image on one host: a minimal-size volume owned by the internal tenant.
+    """One cached image in one scope: a minimal-size volume owned by the internal tenant.
 
+    ``host`` made it; ``cluster``, ``backend`` and ``pool`` with it say its scope (see
+    ``Scope``): a cluster's entry serves every host of the cluster.
     A CREATING entry is a claim: it reserves its size and count while its owner
     downloads, and ``claim_expires`` says when another worker may take it over.
     ``lease_until`` keeps eviction off an entry that a clone is reading from.
@@ -210,6 +263,18 @@ class CacheEntry:
     pinned: bool = False
     claim_expires: dt.datetime | None = None
     lease_until: dt.datetime | None = None
+    cluster: str | None = None
+    backend: str = DEFAULT_BACKEND
+    pool: str = DEFAULT_BACKEND
+
+    @property
+    def scope(self) -> Scope:
+        return Scope(self.host, self.backend, self.pool, self.cluster)
+
+    @property
+    def scope_key(self) -> str:
+        """``CLUSTER_OR_HOST@BACKEND#POOL`` (without building a checked ``Scope``)."""
+        return f"{self.cluster or self.host}@{self.backend}#{self.pool}"
 
     @property
     def ready(self) -> bool:
@@ -235,10 +300,14 @@ class CacheEntry:
 
 
 @attrs.frozen
-class HostTotals:
-    """Per-host bookkeeping, kept in one row updated with the entries."""
+class ScopeTotals:
+    """Per-scope bookkeeping, kept in one row updated with the entries.
 
-    host: str
+    ``downloads`` counts the images fetched from the image source; ``neighbour_fills`` the
+    cache volumes filled instead from another scope's entry on storage the backend can copy.
+    """
+
+    scope: str
     count: int = 0
     size_gb: int = 0
     hits: int = 0
@@ -246,11 +315,16 @@ class HostTotals:
     evictions: int = 0
     downloads: int = 0
     bytes_downloaded: int = 0
+    neighbour_fills: int = 0
 
 
 @attrs.frozen
 class CreateResult:
+    """A created volume and how: ``filled_from`` says, for a miss, where the new cache
+    volume's bytes came from (``image-source`` or a neighbour's scope); None otherwise."""
+
     volume: Volume
     outcome: Outcome
     entry_id: str | None = None
     seconds: float = 0.0
+    filled_from: str | None = None

@@ -1,6 +1,7 @@
 """The operator's commands, and volume administration.
 
-Evict, prune, warm, pin and unpin, reconcile, list and stats; get, list and delete volumes.
+Evict, prune, warm, pin and unpin, reconcile, adopt, list and stats; get, list and delete
+volumes.
 ``CacheService`` (core/service.py) inherits these, so the one service still owns every
 decision; they change entries only through the shared moves of ``ServiceBase``.
 """
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import attrs
 
-from ivcache.core.base import Filled, ServiceBase, free
+from ivcache.core.base import Filled, ServiceBase, dead_claim, free, ready_and_free
 from ivcache.core.errors import (
     AlreadyClaimed,
     EntryNotFound,
@@ -20,15 +21,26 @@ from ivcache.core.errors import (
 from ivcache.core.events import EvictReason
 from ivcache.core.model import (
     CacheEntry,
-    HostTotals,
     Image,
     RequestContext,
+    ScopeTotals,
     Volume,
     check_id,
 )
 from ivcache.core.policy import eviction_candidates
 
-__all__ = ["Finding", "OperatorCommands"]
+__all__ = ["Adoption", "Finding", "OperatorCommands"]
+
+
+@attrs.frozen
+class Adoption:
+    """What ``adopt`` did: the entries moved into the service's scope, the duplicates it
+    evicted (reason ``merged``: the scope held the image already), and those it left for
+    a later run (a clone was reading them, or their download was still going on)."""
+
+    adopted: list[CacheEntry]
+    merged: list[CacheEntry]
+    left: list[CacheEntry]
 
 
 @attrs.frozen
@@ -47,7 +59,7 @@ class Finding:
 
 
 class OperatorCommands(ServiceBase):
-    """What an operator asks of one host's cache (``CacheService`` is the class to use)."""
+    """What an operator asks of one scope's cache (``CacheService`` is the class to use)."""
 
     def _cache(self, ctx: RequestContext, image: Image, *, lease: bool,
                size_gb: int | None = None) -> Filled | None:
@@ -60,8 +72,10 @@ class OperatorCommands(ServiceBase):
 
     # ------------------------------------------------------------------ entries
 
-    def list_entries(self, host: str | None = None) -> list[CacheEntry]:
-        return self._read(lambda repo: repo.list(host=host))
+    def list_entries(self, host: str | None = None, *, scope: str | None = None,
+                     backend: str | None = None) -> list[CacheEntry]:
+        """Entries made by ``host``, in ``scope``, of ``backend`` (None: any of each)."""
+        return self._read(lambda repo: repo.list(host, scope=scope, backend=backend))
 
     def get_entry(self, entry_id: str) -> CacheEntry:
         entry = self._read(lambda repo: repo.get(entry_id))
@@ -69,54 +83,99 @@ class OperatorCommands(ServiceBase):
             raise EntryNotFound(entry_id)
         return entry
 
-    def stats(self, host: str | None = None) -> HostTotals:
-        return self._read(lambda repo: repo.totals(host or self.host))
+    def stats(self, host: str | None = None) -> ScopeTotals:
+        """The totals of this scope, or of ``host``'s scope on this backend and pool."""
+        scope = attrs.evolve(self.scope, host=host).key if host else self.scope.key
+        return self._read(lambda repo: repo.totals(scope))
 
     def evict(self, *, image_id: str | None = None, entry_id: str | None = None,
               everything: bool = False) -> list[CacheEntry]:
-        """Evict by image, by entry or all of this host's entries (reason ``admin``)."""
+        """Evict by image, by entry or all of this scope's entries (reason ``admin``)."""
         if sum((image_id is not None, entry_id is not None, everything)) != 1:
             raise InvalidRequest("say exactly one of: an image, an entry, or all")
+        key = self.scope.key
         if entry_id is not None:
             entry = self._read(lambda repo: repo.get(entry_id))
-            if entry is None or entry.host != self.host:
+            if entry is None or entry.scope_key != key:
                 raise EntryNotFound(entry_id)
             targets = [entry]
         elif image_id is not None:
-            found = self._read(lambda repo: repo.find(self.host, image_id))
+            found = self._find(key, image_id)
             if found is None:
-                raise EntryNotFound(f"for image {image_id} on host {self.host}")
+                raise EntryNotFound(f"for image {image_id} in {key}")
             targets = [found]
         else:
-            targets = self.list_entries(self.host)
+            targets = self.list_entries(scope=key)
         return self._evict(targets, EvictReason.ADMIN)
 
     def prune(self) -> list[CacheEntry]:
-        """Evict least recently used entries until the host is within its limits again
+        """Evict least recently used entries until the scope is within its limits again
         (after the limits were lowered); as many as may go if that is not enough."""
+        key = self.scope.key
         with self._locked() as (repo, totals):
             now = self.clock.now()
-            victims = self.policy.victims(totals, eviction_candidates(repo, self.host, now))
+            victims = self.policy.victims(totals, eviction_candidates(repo, key, now))
             if victims is None:
-                victims = list(eviction_candidates(repo, self.host, now))
-            gone = self._remove(repo, self.host, victims)
+                victims = list(eviction_candidates(repo, key, now))
+            gone = self._remove(repo, key, victims)
         self._drop_volumes(gone, EvictReason.LRU)
         return gone
 
+    def adopt(self) -> Adoption:
+        """Move this host's entries of this backend that sit in another scope without a
+        cluster into this scope: a host that joined a cluster brings its entries along (and
+        a renamed pool keeps them). An image this scope already holds is not kept twice:
+        the host's copy is evicted (reason ``merged``). Entries being cloned or filled are
+        left for a later run. Then the scope is pruned back within its limits.
+
+        Cheap when there is nothing to adopt (one indexed read): the composition root runs
+        it whenever it builds a service, so a change of ``cluster`` takes effect on the
+        next run.
+        """
+        key = self.scope.key
+        strays = self._read(lambda repo: repo.strays(self.host, self.scope.backend, key))
+        by_scope: dict[str, list[CacheEntry]] = {}
+        for entry in strays:
+            by_scope.setdefault(entry.scope_key, []).append(entry)
+        adopted: list[CacheEntry] = []
+        merged: list[CacheEntry] = []
+        left: list[CacheEntry] = []
+        for old, group in by_scope.items():
+            with self._locked_both(old, key) as repo:
+                now = self.clock.now()
+                duplicates = []
+                for stray in group:
+                    current = repo.get(stray.id)
+                    if current is None or current.scope_key != old:
+                        continue
+                    if repo.find(key, current.image_id) is None:
+                        repo.move(current, self.scope)
+                        adopted.append(repo.get(current.id) or current)
+                    elif ready_and_free(current, now) or dead_claim(current, now):
+                        duplicates.append(current)
+                    else:
+                        left.append(current)
+                merged += self._remove(repo, old, duplicates)
+        self._drop_volumes(merged, EvictReason.MERGED)
+        if adopted:
+            self.prune()
+        return Adoption(adopted, merged, left)
+
     def warm(self, image_id: str) -> CacheEntry:
-        """Cache an image on this host ahead of demand, as the cache's own identity."""
+        """Cache an image in this scope ahead of demand, as the cache's own identity."""
         image = self._authorize(self.tenant.context(), image_id)
+        key = self.scope.key
         while True:
-            entry = self._read(lambda repo: repo.find(self.host, image.id))
+            entry = self._find(key, image.id)
             if entry is not None and entry.ready:
                 if not entry.is_stale_for(image):
                     return entry
                 if not self._evict([entry], EvictReason.STALE):
-                    raise InvalidRequest(f"the stale entry of image {image.id} on host "
-                                         f"{self.host} is being cloned; try again shortly")
+                    raise InvalidRequest(f"the stale entry of image {image.id} in {key} "
+                                         "is being cloned; try again shortly")
                 continue
             if entry is not None and not entry.claim_expired(self.clock.now()):
-                raise AlreadyClaimed(self.host, image.id)
+                raise AlreadyClaimed(key, image.id)
             if entry is not None:
                 self._take_over(entry)
                 continue
@@ -126,23 +185,24 @@ class OperatorCommands(ServiceBase):
                 continue
             if filled is None:
                 raise NoSpace(f"image {image.id} ({image.min_size_gb} GiB) cannot be cached "
-                              f"on host {self.host}: no room within the cache's limits, the "
+                              f"in {key}: no room within the cache's limits, the "
                               "internal tenant's quota or the storage")
             return filled.entry
 
     def pin(self, image_id: str, pinned: bool = True) -> CacheEntry:
-        """Pin (or unpin) the image's entry on this host: a pinned entry is never evicted
+        """Pin (or unpin) the image's entry in this scope: a pinned entry is never evicted
         to make room (an admin may still evict it)."""
+        key = self.scope.key
         with self._locked() as (repo, _):
-            entry = repo.find(self.host, image_id)
+            entry = repo.find(key, image_id)
             if entry is None:
-                raise EntryNotFound(f"for image {image_id} on host {self.host}")
+                raise EntryNotFound(f"for image {image_id} in {key}")
             entry.pinned = pinned
             repo.save(entry)
         return entry
 
     def reconcile(self, *, fix: bool = False) -> list[Finding]:
-        """Compare this host's entries with its storage; with ``fix``, repair what differs.
+        """Compare this scope's entries with its storage; with ``fix``, repair what differs.
 
         Finds entries whose volume is gone, claims whose owner died, cache volumes no
         entry owns (left by a crash between an eviction and its volume's deletion), and
@@ -151,11 +211,11 @@ class OperatorCommands(ServiceBase):
         # Volumes first: an entry is committed before its volume is made, so any volume
         # listed here that has an entry will show it in the entries read after.
         volumes = {v.id for v in self.storage.list_volumes(owner=self.tenant.project_id)}
-        every_host = self.list_entries(None)
+        every_scope = self.list_entries(None)
         now = self.clock.now()
         findings: list[Finding] = []
-        for entry in every_host:
-            if entry.host != self.host:
+        for entry in every_scope:
+            if entry.scope_key != self.scope.key:
                 continue
             if entry.claim_expired(now):
                 kind = "expired-claim"
@@ -166,8 +226,8 @@ class OperatorCommands(ServiceBase):
             else:
                 continue
             findings.append(Finding(kind, entry.volume_id, entry.id, entry.image_id, fixed))
-        # Any host's entry counts as an owner: hosts may share one storage directory.
-        owned = {e.volume_id for e in every_host}
+        # Any scope's entry counts as an owner: hosts and clusters may share one storage.
+        owned = {e.volume_id for e in every_scope}
         for volume_id in sorted(volumes - owned):
             if fix:
                 self._delete_quietly(volume_id)
@@ -195,8 +255,8 @@ class OperatorCommands(ServiceBase):
         return self.storage.list_volumes(owner=ctx.project_id)
 
     def delete_volume(self, ctx: RequestContext, volume_id: str) -> None:
-        """Delete a volume; an admin deleting a cache volume also removes its entry (on
-        whichever host the entry is)."""
+        """Delete a volume; an admin deleting a cache volume also removes its entry (in
+        whichever scope the entry is)."""
         volume = self.get_volume(ctx, volume_id)
         if volume.owner == self.tenant.project_id:
             entry = self._read(lambda repo: repo.find_by_volume(volume_id))

@@ -9,26 +9,26 @@ from typing import TYPE_CHECKING
 import attrs
 
 if TYPE_CHECKING:
-    from ivcache.core.model import CacheEntry, HostTotals
+    from ivcache.core.model import CacheEntry, ScopeTotals
     from ivcache.core.ports import CacheRepository
 
 __all__ = ["CachePolicy", "eviction_candidates"]
 
 
-def eviction_candidates(entries: CacheRepository, host: str,
+def eviction_candidates(entries: CacheRepository, scope: str,
                         now: dt.datetime) -> Iterator[CacheEntry]:
-    """A host's entries that may be evicted to make room, best victim first.
+    """A scope's entries that may be evicted to make room, best victim first.
 
     Cinder's rule: the entry used longest ago goes first. This function is the one seam for
     another strategy (a cost-aware one); the repository yields lazily, so taking k victims
     reads about k rows.
     """
-    return entries.lru_victims(host, now)
+    return entries.lru_victims(scope, now)
 
 
 @attrs.frozen
 class CachePolicy:
-    """Limits are per host; 0 means unlimited.
+    """Limits are per scope (``CLUSTER_OR_HOST@BACKEND#POOL``); 0 means unlimited.
 
     ``claim_wait_seconds`` bounds how long a request waits for another worker's
     download; ``claim_lease_seconds`` is how old a claim may grow before another
@@ -56,9 +56,10 @@ class CachePolicy:
         return bool((self.max_count and count > self.max_count)
                     or (self.max_size_gb and size_gb > self.max_size_gb))
 
-    def victims(self, totals: HostTotals, candidates: Iterable[CacheEntry],
+    def victims(self, totals: ScopeTotals, candidates: Iterable[CacheEntry],
                 adding_gb: int | None = None) -> list[CacheEntry] | None:
-        """The fewest leading ``candidates`` whose eviction brings the host within its limits.
+        """The fewest leading ``candidates`` whose eviction brings the scope within its
+        limits.
 
         ``adding_gb`` is the size of an entry about to be added (a claim), or None when
         nothing is (a prune). Returns None when evicting every candidate would not be enough;

@@ -9,7 +9,7 @@ from types import TracebackType
 from typing import Protocol, runtime_checkable
 
 from ivcache.core.events import Event
-from ivcache.core.model import CacheEntry, HostTotals, Image, RequestContext, Volume
+from ivcache.core.model import CacheEntry, Image, RequestContext, Scope, ScopeTotals, Volume
 
 __all__ = [
     "CacheRepository",
@@ -28,7 +28,7 @@ __all__ = [
 
 
 class StorageBackend(Protocol):
-    """Volumes on one storage host. Ids are checked with ``check_id`` by every backend.
+    """Volumes on one backend's storage. Ids are checked with ``check_id`` by every backend.
 
     Errors: ``VolumeNotFound``, ``NoSpace``, ``InvalidIdentifier``.
     """
@@ -54,6 +54,21 @@ class StorageBackend(Protocol):
     def get_volume(self, volume_id: str) -> Volume: ...
 
     def list_volumes(self, owner: str | None = None) -> list[Volume]: ...
+
+    def can_fill_from(self, source: StorageBackend) -> bool:
+        """Whether ``fill_from`` can copy volumes of ``source`` (another backend) here
+        without going through the image source: the same Ceph cluster, the same
+        filesystem, a path qemu-img can read. Cheap: no volume is looked at."""
+        ...
+
+    def fill_from(self, source: StorageBackend, src_id: str, dst_id: str, size_gb: int,
+                  owner: str) -> Volume:
+        """Make ``dst_id`` here, of ``size_gb`` (>= the source's size), holding the bytes of
+        ``source``'s volume ``src_id``, by the cheapest copy the two have (a reflink, a
+        server-side copy). ``dst_id`` never depends on ``src_id`` afterwards: either may be
+        deleted. ``VolumeNotFound`` (naming ``src_id``) if the source volume is gone;
+        ``StorageError`` if ``can_fill_from(source)`` is false."""
+        ...
 
 
 class ImageSource(Protocol):
@@ -157,47 +172,65 @@ class ImageConverter(Protocol):
 
 
 class CacheRepository(Protocol):
-    """Cache entries and per-host totals, inside one unit of work.
+    """Cache entries and per-scope totals, inside one unit of work.
 
-    ``add`` and ``remove`` keep the host's totals row in step; ``lock_host`` takes the
-    row's lock for the rest of the transaction, so limit checks and claims are atomic
-    across threads, processes and machines.
+    Entries and totals rows are keyed by the scope's key, ``CLUSTER_OR_HOST@BACKEND#POOL``
+    (``Scope.key``). ``add``, ``remove`` and ``move`` keep the scopes' totals rows in step;
+    ``lock_scope`` takes a row's lock for the rest of the transaction, so limit checks and
+    claims are atomic across threads, processes and machines. A transaction that locks two
+    rows (``move``) locks them in the order of their keys.
     """
 
-    def lock_host(self, host: str) -> HostTotals: ...
+    def lock_scope(self, scope: str) -> ScopeTotals: ...
 
-    def totals(self, host: str) -> HostTotals: ...
+    def totals(self, scope: str) -> ScopeTotals: ...
 
-    def all_totals(self) -> list[HostTotals]: ...
+    def all_totals(self) -> list[ScopeTotals]: ...
 
-    def count_stats(self, host: str, *, hits: int = 0, misses: int = 0, evictions: int = 0,
-                    downloads: int = 0, bytes_downloaded: int = 0) -> None: ...
+    def count_stats(self, scope: str, *, hits: int = 0, misses: int = 0, evictions: int = 0,
+                    downloads: int = 0, bytes_downloaded: int = 0,
+                    neighbour_fills: int = 0) -> None: ...
 
     def get(self, entry_id: str) -> CacheEntry | None: ...
 
-    def find(self, host: str, image_id: str) -> CacheEntry | None: ...
+    def find(self, scope: str, image_id: str) -> CacheEntry | None: ...
 
     def find_by_volume(self, volume_id: str) -> CacheEntry | None: ...
 
-    def list(self, host: str | None = None) -> list[CacheEntry]:
-        """Entries of ``host`` (of every host with None), by host, last_used and id."""
+    def strays(self, host: str, backend: str, scope: str) -> list[CacheEntry]:
+        """Entries that ``host`` made for ``backend`` without a cluster, now in a scope
+        other than ``scope``: what a host adopts into its current scope (it joined a
+        cluster, or its pool was renamed). Costs nothing when there are none."""
+        ...
+
+    def list(self, host: str | None = None, *, scope: str | None = None,
+             backend: str | None = None) -> list[CacheEntry]:
+        """Entries made by ``host``, in ``scope``, of ``backend`` (None: any), by host,
+        last_used and id."""
         ...
 
     def add(self, entry: CacheEntry) -> None:
-        """Insert; raise ``AlreadyClaimed`` if (host, image_id) is taken."""
+        """Insert; raise ``AlreadyClaimed`` if (scope, image_id) is taken."""
         ...
 
     def save(self, entry: CacheEntry) -> None:
         """Write back state, last_used, hits, pinned, leases and image fields; a no-op if
-        the entry is gone. ``size_gb`` is fixed when the entry is added and never saved."""
+        the entry is gone. ``size_gb`` and the scope are fixed when the entry is added
+        (``move`` changes the scope) and never saved."""
         ...
 
-    def end_lease(self, entry_id: str, host: str, lease: dt.datetime, *,
+    def move(self, entry: CacheEntry, to: Scope) -> bool:
+        """Put the entry in the scope ``to`` (cluster, backend and pool; its host stays),
+        moving its count and size between the two scopes' totals. The caller holds both
+        totals rows' locks; (``to``, image) must be free. False if the entry is gone."""
+        ...
+
+    def end_lease(self, entry_id: str, scope: str, lease: dt.datetime, *,
                   hit: bool = False) -> None:
         """Clear the entry's lease if it is still ``lease``; with ``hit``, also count one
-        more hit for the entry (if it still exists) and for ``host``'s totals.
+        more hit for the entry (if it still exists) and for ``scope``'s totals.
 
-        Atomic updates, no read and no host lock: the end of every clone pays only these.
+        Atomic updates, no read and no scope lock: the end of every clone pays only these.
         The totals row is written first, the order in which every transaction takes its
         rows, so that PostgreSQL never sees two transactions wait on each other.
         """
@@ -207,10 +240,10 @@ class CacheRepository(Protocol):
         """Delete; return False if it was already gone."""
         ...
 
-    def lru_victims(self, host: str, now: dt.datetime) -> Iterator[CacheEntry]:
-        """READY, unpinned, unleased entries of ``host``, least recently used first.
+    def lru_victims(self, scope: str, now: dt.datetime) -> Iterator[CacheEntry]:
+        """READY, unpinned, unleased entries of ``scope``, least recently used first.
 
-        Lazily, from an index on (host, last_used): the cost of taking k victims does not
+        Lazily, from an index on (scope, last_used): the cost of taking k victims does not
         grow with the number of entries.
         """
         ...

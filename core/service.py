@@ -1,10 +1,11 @@
 """The cache service: the one place that decides hit, miss, eviction and who may see what.
 
 This module is the request path, top-down: authorize, validate, hit, miss (claim, make
-room, fill), uncached. The operator commands (evict, prune, warm, pin, reconcile, ...) are
-in ``core/operations.py``; the moves both share (the host lock, eviction) in
-``core/base.py``. Every storage, image, database and notification call goes through a port,
-so the same rules hold on fakes, SQLite or PostgreSQL, files, qcow2 or RBD.
+room, fill from a neighbour or the image source), uncached. The operator commands (evict,
+prune, warm, pin, reconcile, adopt, ...) are in ``core/operations.py``; the moves both share
+(the scope lock, eviction) in ``core/base.py``. Every storage, image, database and
+notification call goes through a port, so the same rules hold on fakes, SQLite or
+PostgreSQL, files, qcow2 or RBD.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Iterator
 
 import attrs
 
-from ivcache.core.base import Filled, NullTracer, SystemClock, anything
+from ivcache.core.base import Filled, Neighbour, NullTracer, SystemClock, anything
 from ivcache.core.errors import (
     AlreadyClaimed,
     ChecksumMismatch,
@@ -26,10 +27,12 @@ from ivcache.core.errors import (
     ImageNotFound,
     ImageUnavailable,
     InvalidSize,
+    IvcacheError,
     NoSpace,
     VolumeNotFound,
 )
 from ivcache.core.events import (
+    IMAGE_SOURCE,
     CacheEntryCreated,
     CacheHit,
     CacheMiss,
@@ -53,7 +56,7 @@ from ivcache.core.operations import Finding, OperatorCommands
 from ivcache.core.policy import eviction_candidates
 from ivcache.core.ports import DiskImage, FileChunks
 
-__all__ = ["CacheService", "Finding", "NullTracer", "SystemClock"]
+__all__ = ["CacheService", "Finding", "Neighbour", "NullTracer", "SystemClock"]
 
 
 @attrs.frozen
@@ -71,12 +74,21 @@ class _Larger(Exception):
         self.virtual_size = virtual_size
 
 
-class CacheService(OperatorCommands):
-    """Creates volumes from images on one storage host, through the image-volume cache.
+@attrs.frozen
+class _Served:
+    volume: Volume
+    outcome: Outcome
+    entry_id: str | None = None
+    filled_from: str | None = None
 
-    ``host`` names the storage host this service speaks for; entries are host-specific.
-    The operator commands come from ``OperatorCommands``; the constructor from
-    ``ServiceBase`` (host, storage, images, uow, notifier, policy, tenant, clock, tracer).
+
+class CacheService(OperatorCommands):
+    """Creates volumes from images on one backend, through the image-volume cache.
+
+    ``scope`` (host, backend, pool, cluster) is what this service speaks for; entries,
+    limits and stats are per scope. The operator commands come from ``OperatorCommands``;
+    the constructor from ``ServiceBase`` (host or scope, storage, images, uow, notifier,
+    policy, tenant, clock, tracer, neighbours).
     """
 
     def create_volume(self, ctx: RequestContext, image_id: str, size_gb: int, *,
@@ -87,21 +99,22 @@ class CacheService(OperatorCommands):
         """
         started = time.perf_counter()
         attributes: dict[str, str | int | float | bool] = {
-            "image_id": image_id, "host": self.host, "size_gb": size_gb}
+            "image_id": image_id, "host": self.host, "scope": self.scope.key,
+            "size_gb": size_gb}
         with self.tracer.span("ivcache.create_volume", attributes) as span:
             self.tenant.check_caller(ctx)
             image = self._authorize(ctx, image_id)
             self._validate_size(image, size_gb)
             vol_id = check_id("volume", volume_id) if volume_id is not None else new_id()
-            entry_id: str | None = None
             if not self.policy.enabled:
-                volume = self._uncached(ctx, image, vol_id, size_gb)
-                outcome = Outcome.DISABLED
+                served = _Served(self._uncached(ctx, image, vol_id, size_gb),
+                                 Outcome.DISABLED)
             else:
-                volume, outcome, entry_id = self._through_cache(ctx, image, vol_id, size_gb)
-            span.set_attribute("outcome", outcome.value)
-            self._announce(image, outcome, entry_id)
-        return CreateResult(volume, outcome, entry_id, time.perf_counter() - started)
+                served = self._through_cache(ctx, image, vol_id, size_gb)
+            span.set_attribute("outcome", served.outcome.value)
+            self._announce(image, served)
+        return CreateResult(served.volume, served.outcome, served.entry_id,
+                            time.perf_counter() - started, served.filled_from)
 
     # ------------------------------------------------------------------ authorize, validate
 
@@ -119,7 +132,7 @@ class CacheService(OperatorCommands):
 
     def _forget_if_gone(self, image_id: str) -> None:
         """Evict the image's entry if the image is gone for everyone, not just the caller."""
-        if self._read(lambda repo: repo.find(self.host, image_id)) is None:
+        if self._find(self.scope.key, image_id) is None:
             return
         try:
             image = self.images.get_image(self.tenant.context(), image_id)
@@ -148,7 +161,7 @@ class CacheService(OperatorCommands):
     # ------------------------------------------------------------------ through the cache
 
     def _through_cache(self, ctx: RequestContext, image: Image, vol_id: str,
-                       size_gb: int) -> tuple[Volume, Outcome, str | None]:
+                       size_gb: int) -> _Served:
         wait_until: dt.datetime | None = None
         backoff = 0.05
         while True:
@@ -157,7 +170,7 @@ class CacheService(OperatorCommands):
             if entry is not None and lease is not None:
                 volume = self._clone_leased(ctx, entry, lease, vol_id, size_gb, hit=True)
                 if volume is not None:
-                    return volume, Outcome.HIT, entry.id
+                    return _Served(volume, Outcome.HIT, entry.id)
                 continue  # its volume was gone and the entry with it: a miss now
             if entry is not None and entry.ready:
                 # Stale: its bytes may differ from the image's.
@@ -174,7 +187,7 @@ class CacheService(OperatorCommands):
                 wait_until = wait_until or now + dt.timedelta(
                     seconds=self.policy.claim_wait_seconds)
                 if now >= wait_until:
-                    return self._uncached(ctx, image, vol_id, size_gb), Outcome.MISS_UNCACHED, None
+                    return self._served_uncached(ctx, image, vol_id, size_gb)
                 self.clock.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
                 continue
@@ -183,22 +196,30 @@ class CacheService(OperatorCommands):
             except AlreadyClaimed:
                 continue
             if filled is None:
-                return self._uncached(ctx, image, vol_id, size_gb), Outcome.MISS_UNCACHED, None
+                return self._served_uncached(ctx, image, vol_id, size_gb)
             assert filled.lease is not None
             volume = self._clone_leased(ctx, filled.entry, filled.lease, vol_id, size_gb,
                                         hit=False)
             if volume is None:
                 raise VolumeNotFound(filled.entry.volume_id)
-            return volume, Outcome.MISS, filled.entry.id
+            return _Served(volume, Outcome.MISS, filled.entry.id, filled.filled_from)
+
+    def _served_uncached(self, ctx: RequestContext, image: Image, vol_id: str,
+                         size_gb: int) -> _Served:
+        return _Served(self._uncached(ctx, image, vol_id, size_gb), Outcome.MISS_UNCACHED,
+                       None, IMAGE_SOURCE)
 
     # ------------------------------------------------------------------ hit
 
-    def _lease_if_fresh(self, image: Image) -> tuple[CacheEntry | None, dt.datetime | None]:
-        """Find the image's entry; if READY and fresh, lease and touch it, in one
-        transaction (the hit path's only locked write). Returns the entry and the lease."""
-        # The host's lock orders leases with evictions, which take it too.
-        with self._locked() as (repo, _):
-            entry = repo.find(self.host, image.id)
+    def _lease_if_fresh(self, image: Image, scope: str | None = None,
+                        ) -> tuple[CacheEntry | None, dt.datetime | None]:
+        """Find the image's entry in ``scope`` (this one by default); if READY and fresh,
+        lease and touch it, in one transaction (the hit path's only locked write). Returns
+        the entry and the lease."""
+        # The scope's lock orders leases with evictions, which take it too.
+        scope = scope or self.scope.key
+        with self._locked(scope) as (repo, _):
+            entry = repo.find(scope, image.id)
             if entry is None or not entry.ready or entry.is_stale_for(image):
                 return entry, None
             lease = self._take_lease(entry)
@@ -208,7 +229,8 @@ class CacheService(OperatorCommands):
             return entry, lease
 
     def _take_lease(self, entry: CacheEntry) -> dt.datetime:
-        """Touch the entry and extend its lease (the caller saves it, under the host lock)."""
+        """Touch the entry and extend its lease (the caller saves it, under its scope's
+        lock)."""
         now = self.clock.now()
         lease = now + dt.timedelta(seconds=self.policy.clone_lease_seconds)
         entry.lease_until = max(lease, entry.lease_until or lease)
@@ -229,11 +251,7 @@ class CacheService(OperatorCommands):
         except VolumeNotFound:
             volume = None
         finally:
-            with self.uow as uow:
-                # Only the holder of the latest lease clears it; no host lock needed.
-                uow.entries.end_lease(entry.id, entry.host, lease,
-                                      hit=hit and volume is not None)
-                uow.commit()
+            self._end_lease(entry, lease, hit=hit and volume is not None)
         if volume is None:
             # Only VolumeNotFound gets here (any other error propagates from the try):
             # the cache volume was deleted behind the cache's back: no clone can read it,
@@ -241,6 +259,12 @@ class CacheService(OperatorCommands):
             # let them extend each other's leases for ever).
             self._evict([entry], EvictReason.MISSING_VOLUME, may_go=anything)
         return volume
+
+    def _end_lease(self, entry: CacheEntry, lease: dt.datetime, *, hit: bool = False) -> None:
+        with self.uow as uow:
+            # Only the holder of the latest lease clears it; no scope lock needed.
+            uow.entries.end_lease(entry.id, entry.scope_key, lease, hit=hit)
+            uow.commit()
 
     # ------------------------------------------------------------------ miss
 
@@ -265,48 +289,56 @@ class CacheService(OperatorCommands):
                                "each read: it is changing; try again")
 
     def _claim(self, image: Image) -> _Claim | None:
-        """Reserve (host, image) and make room, atomically; None if it cannot be cached."""
+        """Reserve (scope, image) and make room, atomically; None if it cannot be cached."""
         size = image.min_size_gb
         if not self.policy.fits(size):
             return None
+        scope = self.scope
         with self._locked() as (repo, totals):
-            if repo.find(self.host, image.id) is not None:
-                raise AlreadyClaimed(self.host, image.id)
+            if repo.find(scope.key, image.id) is not None:
+                raise AlreadyClaimed(scope.key, image.id)
             now = self.clock.now()
             victims = self.policy.victims(
-                totals, eviction_candidates(repo, self.host, now), adding_gb=size)
+                totals, eviction_candidates(repo, scope.key, now), adding_gb=size)
             # The quota is checked before anything is evicted: evicting for a new entry
             # that the quota then refuses would lose the old entries for nothing.
             if victims is None or not self.tenant.quota_allows(repo.all_totals(), size,
                                                                victims):
                 return None
-            self._remove(repo, self.host, victims)
+            self._remove(repo, scope.key, victims)
             entry = CacheEntry(
-                id=new_id(), host=self.host, image_id=image.id, volume_id=new_id(),
+                id=new_id(), host=scope.host, image_id=image.id, volume_id=new_id(),
                 size_gb=size, image_updated_at=image.updated_at,
                 image_hash=image.content_hash, state=EntryState.CREATING, created_at=now,
                 last_used=now,
-                claim_expires=now + dt.timedelta(seconds=self.policy.claim_lease_seconds))
+                claim_expires=now + dt.timedelta(seconds=self.policy.claim_lease_seconds),
+                cluster=scope.cluster, backend=scope.backend, pool=scope.pool)
             repo.add(entry)
         return _Claim(entry, victims)
 
     def _fill(self, ctx: RequestContext, image: Image, entry: CacheEntry, *,
               lease: bool, size_gb: int | None) -> Filled | None:
-        """Download into the claimed entry's volume and mark it READY (leased, with
-        ``lease``, for the clone that follows).
+        """Fill the claimed entry's volume (from a neighbour's entry if one can be copied,
+        else downloaded and converted) and mark it READY (leased, with ``lease``, for the
+        clone that follows).
 
         The image's head is read (and its format checked) before the volume is made. None
         when the backend has no room: the claim is released and the caller is served
         without caching. Any other failure releases the claim and propagates.
         """
         created = False
+        nbytes, seconds = 0, 0.0
         try:
-            with self._open(ctx, image) as disk:
-                self._check_fits(image, disk, asked_gb=size_gb, reserved_gb=entry.size_gb)
-                self.storage.create_volume(entry.volume_id, entry.size_gb,
-                                           self.tenant.project_id)
-                created = True
-                nbytes, seconds = self._write(disk, entry.volume_id)
+            neighbour = self._fill_from_neighbour(image, entry)
+            created = neighbour is not None
+            if neighbour is None:
+                with self._open(ctx, image) as disk:
+                    self._check_fits(image, disk, asked_gb=size_gb,
+                                     reserved_gb=entry.size_gb)
+                    self.storage.create_volume(entry.volume_id, entry.size_gb,
+                                               self.tenant.project_id)
+                    created = True
+                    nbytes, seconds = self._write(disk, entry.volume_id)
         except NoSpace:
             self._abandon(entry, created)
             return None
@@ -322,15 +354,55 @@ class CacheService(OperatorCommands):
                 current.last_used = self.clock.now()
                 taken = self._take_lease(current) if lease else None
                 repo.save(current)
-                repo.count_stats(self.host, downloads=1, bytes_downloaded=nbytes)
+                if neighbour is None:
+                    repo.count_stats(self.scope.key, downloads=1, bytes_downloaded=nbytes)
+                else:
+                    repo.count_stats(self.scope.key, neighbour_fills=1)
         if current is None:
             # Taken over (its lease ran out) while we downloaded: ours is an orphan.
             self._delete_quietly(entry.volume_id)
             return None
-        self.notifier.publish(ImageDownloaded(image.id, self.host, nbytes, seconds))
+        if neighbour is None:
+            self.notifier.publish(ImageDownloaded(image.id, self.host, nbytes, seconds,
+                                                  scope=self.scope.key))
         self.notifier.publish(CacheEntryCreated(image.id, self.host, current.id,
-                                                current.size_gb))
-        return Filled(current, taken)
+                                                current.size_gb, scope=self.scope.key))
+        return Filled(current, taken, neighbour or IMAGE_SOURCE)
+
+    def _fill_from_neighbour(self, image: Image, entry: CacheEntry) -> str | None:
+        """Fill the claimed entry's new volume from a neighbour's READY, fresh entry of the
+        image, on storage this backend can copy from; the neighbour's scope, or None if
+        none could (the caller downloads then).
+
+        The neighbour's entry is leased while it is read, as for a hit, so that its own
+        service cannot evict it meanwhile. The caller was authorized already: a neighbour
+        only saves the download, it never grants access.
+        """
+        for neighbour in self.neighbours:
+            key = neighbour.scope.key
+            found = self._find(key, image.id)
+            if found is None or not found.ready or found.is_stale_for(image):
+                continue
+            try:
+                storage = neighbour.storage()
+            except IvcacheError:
+                continue  # that backend cannot be reached now: the image source can
+            if storage is self.storage or not self.storage.can_fill_from(storage):
+                continue
+            source, lease = self._lease_if_fresh(image, key)
+            if source is None or lease is None:
+                continue
+            try:
+                self.storage.fill_from(storage, source.volume_id, entry.volume_id,
+                                       entry.size_gb, self.tenant.project_id)
+            except VolumeNotFound as exc:
+                if exc.volume_id != source.volume_id:
+                    raise
+                continue  # deleted behind its cache's back: that service will evict it
+            finally:
+                self._end_lease(source, lease)
+            return key
+        return None
 
     def _abandon(self, entry: CacheEntry, created: bool) -> None:
         with self._locked() as (repo, _):
@@ -352,9 +424,10 @@ class CacheService(OperatorCommands):
                 self._delete_quietly(vol_id)
                 raise
         with self.uow as uow:
-            uow.entries.count_stats(self.host, downloads=1, bytes_downloaded=nbytes)
+            uow.entries.count_stats(self.scope.key, downloads=1, bytes_downloaded=nbytes)
             uow.commit()
-        self.notifier.publish(ImageDownloaded(image.id, self.host, nbytes, seconds))
+        self.notifier.publish(ImageDownloaded(image.id, self.host, nbytes, seconds,
+                                              scope=self.scope.key))
         return volume
 
     # ------------------------------------------------------------------ the image's bytes
@@ -391,14 +464,17 @@ class CacheService(OperatorCommands):
 
     # ------------------------------------------------------------------ announce
 
-    def _announce(self, image: Image, outcome: Outcome, entry_id: str | None) -> None:
-        if outcome is Outcome.HIT:
-            self.notifier.publish(CacheHit(image.id, self.host, entry_id or ""))
-        elif outcome in (Outcome.MISS, Outcome.MISS_UNCACHED):
+    def _announce(self, image: Image, served: _Served) -> None:
+        scope = self.scope.key
+        if served.outcome is Outcome.HIT:
+            self.notifier.publish(CacheHit(image.id, self.host, served.entry_id or "",
+                                           scope=scope))
+        elif served.outcome in (Outcome.MISS, Outcome.MISS_UNCACHED):
             with self.uow as uow:
-                uow.entries.count_stats(self.host, misses=1)
+                uow.entries.count_stats(scope, misses=1)
                 uow.commit()
-            self.notifier.publish(CacheMiss(image.id, self.host, outcome.value))
+            self.notifier.publish(CacheMiss(image.id, self.host, served.outcome.value,
+                                            served.filled_from or IMAGE_SOURCE, scope=scope))
 
 
 class _Verified:

@@ -1,4 +1,10 @@
-"""The composition root: the only place that knows which adapter serves which port."""
+"""The composition root: the only place that knows which adapter serves which port.
+
+One ``CacheService`` serves one scope, that is one backend seen from this host: ``wire``
+builds the one of the backend asked for, with its own storage and policy, and names the
+other enabled backends as its neighbours (their storage is built only if a miss finds an
+entry there to fill from).
+"""
 
 from __future__ import annotations
 
@@ -20,8 +26,8 @@ from ivcache.adapters.sql.repository import SqlUnitOfWork
 from ivcache.core.errors import ConfigError
 from ivcache.core.model import Image, RequestContext
 from ivcache.core.ports import FileChunks, ImageSource, Notifier, StorageBackend, Tracer
-from ivcache.core.service import CacheService, SystemClock
-from ivcache.entrypoints.config import IMAGE_SOURCES, STORAGE_KINDS, Config
+from ivcache.core.service import CacheService, Neighbour, SystemClock
+from ivcache.entrypoints.config import IMAGE_SOURCES, STORAGE_KINDS, BackendConfig, Config
 
 if TYPE_CHECKING:
     from ivcache.adapters.identity.keystone import KeystoneIdentity
@@ -36,6 +42,7 @@ __all__ = [
     "build_images",
     "build_notifier",
     "build_storage",
+    "local_images",
     "open_database",
     "wire",
 ]
@@ -49,12 +56,13 @@ CONTAINER_FORMATS = CONTAINERS
 
 @attrs.define
 class Wiring:
-    """Everything ``wire`` built: the service and the adapters behind it."""
+    """Everything ``wire`` built: the service of one backend and the adapters behind it."""
 
     config: Config
     service: CacheService
     images: ImageSource
     storage: StorageBackend
+    backend: BackendConfig
     identity: KeystoneIdentity | None = None
 
     def context_for_token(self, token: str) -> RequestContext:
@@ -67,11 +75,17 @@ class Wiring:
 
     @property
     def local_images(self) -> LocalImageSource:
-        if not isinstance(self.images, LocalImageSource):
-            raise ConfigError("image add is for the local image source only "
-                              f"(image_source = {self.config.image_source}); upload images "
-                              "to Glance with the Glance client")
-        return self.images
+        return local_images(self.config, self.images)
+
+
+def local_images(config: Config, images: ImageSource) -> LocalImageSource:
+    """``images`` if it is the local image source (which ``image add`` needs), else a
+    ConfigError saying what to do instead."""
+    if not isinstance(images, LocalImageSource):
+        raise ConfigError("image add is for the local image source only "
+                          f"(image_source = {config.image_source}); upload images "
+                          "to Glance with the Glance client")
+    return images
 
 
 def _ensure_dir(path: Path, what: str) -> Path:
@@ -82,29 +96,44 @@ def _ensure_dir(path: Path, what: str) -> Path:
     return path
 
 
-def build_storage(config: Config) -> StorageBackend:
-    path = config.storage_path
-    if config.storage == "file":
+def build_storage(backend: BackendConfig, host: str = "") -> StorageBackend:
+    """The storage of ``backend``, as seen from ``host``."""
+    path = backend.storage_path
+    if backend.storage == "file":
         from ivcache.adapters.storage.file import FileStorage
-        return FileStorage(_ensure_dir(path, "storage_path"), host=config.host)
-    if config.storage == "qcow2":
+        return FileStorage(_ensure_dir(path, "storage_path"), host=host)
+    if backend.storage == "qcow2":
         from ivcache.adapters.storage.qcow2 import Qcow2Storage
-        return Qcow2Storage(_ensure_dir(path, "storage_path"), host=config.host)
-    if config.storage == "fake-lvm":
+        return Qcow2Storage(_ensure_dir(path, "storage_path"), host=host)
+    if backend.storage == "fake-lvm":
         from ivcache.adapters.storage.fake_lvm import FakeLvmStorage
-        return FakeLvmStorage(config.storage_capacity_gb, host=config.host,
+        return FakeLvmStorage(backend.storage_capacity_gb, host=host,
                               state_path=_ensure_dir(path, "storage_path"))
-    if config.storage == "fake-rbd":
+    if backend.storage == "fake-rbd":
         from ivcache.adapters.storage.fake_rbd import FakeRbdStorage
-        return FakeRbdStorage(config.storage_capacity_gb, host=config.host,
+        return FakeRbdStorage(backend.storage_capacity_gb, host=host,
                               state_path=_ensure_dir(path, "storage_path"),
-                              max_clone_depth=config.rbd_max_clone_depth)
-    if config.storage == "rbd":
+                              max_clone_depth=backend.rbd_max_clone_depth)
+    if backend.storage == "rbd":
         from ivcache.adapters.storage.rbd import RbdStorage
         # storage_capacity_gb sizes the fakes' simulated pools; a real pool's room is Ceph's.
-        return RbdStorage(config.rbd_pool, conf=config.rbd_conf, user=config.rbd_user,
-                          host=config.host, max_clone_depth=config.rbd_max_clone_depth)
-    raise ConfigError(f"storage = {config.storage!r} is not one of {', '.join(STORAGE_KINDS)}")
+        return RbdStorage(backend.rbd_pool, conf=backend.rbd_conf, user=backend.rbd_user,
+                          host=host, max_clone_depth=backend.rbd_max_clone_depth)
+    raise ConfigError(f"storage = {backend.storage!r} is not one of "
+                      f"{', '.join(STORAGE_KINDS)}")
+
+
+def _storage_when_needed(backend: BackendConfig, host: str) -> Callable[[], StorageBackend]:
+    """A neighbour's storage, built on first use and kept: a file backend's commands must
+    not wait for (nor fail with) a Ceph cluster they never read."""
+    built: list[StorageBackend] = []
+
+    def storage() -> StorageBackend:
+        if not built:
+            built.append(build_storage(backend, host))
+        return built[0]
+
+    return storage
 
 
 def build_images(config: Config) -> ImageSource:
@@ -215,22 +244,36 @@ def open_database(config: Config) -> Engine:
     return engine
 
 
-def wire(config: Config, *, progress: Progress | None = None) -> Wiring:
-    """Build the service for ``config``: the database schema is created or upgraded here."""
+def wire(config: Config, *, backend: str | None = None, progress: Progress | None = None,
+         adopt: bool = True) -> Wiring:
+    """Build the service of ``backend`` (the default one if None: the only one, or
+    ``[ivcache] backend``) for ``config``.
+
+    The database schema is created or upgraded here, and the service adopts this host's
+    entries that an earlier configuration left in another scope (``CacheService.adopt``):
+    a host that joined a cluster brings its entries into the cluster's scope on its next
+    run (``adopt`` False: not now, for a caller that adopts itself and reports it).
+    """
+    chosen = config.backend(backend)
     engine = open_database(config)
     images = build_images(config)
-    storage = build_storage(config)
+    storage = build_storage(chosen, config.host)
     notifier, tracer = build_notifier(config)
+    neighbours = [Neighbour(config.scope(other), _storage_when_needed(other, config.host))
+                  for other in config.backends if other is not chosen]
     service = CacheService(
-        host=config.host,
+        scope=config.scope(chosen),
         storage=storage,
         images=ProgressImages(images, progress) if progress else images,
         uow=SqlUnitOfWork(engine),
         notifier=notifier,
-        policy=config.policy,
+        policy=chosen.policy,
         tenant=config.tenant,
         clock=SystemClock(),
         tracer=tracer,
         converter=build_converter(config),
+        neighbours=neighbours,
     )
-    return Wiring(config, service, images, storage, build_identity(config))
+    if adopt:
+        service.adopt()
+    return Wiring(config, service, images, storage, chosen, build_identity(config))

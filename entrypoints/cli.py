@@ -19,12 +19,15 @@ import click
 from click.core import ParameterSource
 
 from ivcache.core.errors import ConfigError, Forbidden, IvcacheError
-from ivcache.core.model import CacheEntry, HostTotals, Image, RequestContext, Volume
+from ivcache.core.model import CacheEntry, Image, RequestContext, Scope, ScopeTotals, Volume
+from ivcache.core.operations import Adoption
 from ivcache.entrypoints.bootstrap import (
     CONTAINER_FORMATS,
     DISK_FORMATS,
     Wiring,
     build_identity,
+    build_images,
+    local_images,
     open_database,
     wire,
 )
@@ -215,17 +218,33 @@ def _progress(label: str, total: int) -> Callable[[int], None]:
     return update
 
 
-def _wiring(host: str | None = None) -> Wiring:
-    config = load_config(_state().config_path).with_host(host)
-    return wire(config, progress=_progress)
+def _config() -> Config:
+    return load_config(_state().config_path)
 
 
-def _operator_wiring(host: str | None = None) -> Wiring:
+def _wiring(host: str | None = None, backend: str | None = None, *,
+            adopt: bool = True) -> Wiring:
+    """The service of ``backend`` (a usage error if it is no enabled backend, or if none is
+    given among several), as ``host`` when given."""
+    config = _config().with_host(host)
+    names = config.backend_names
+    listed = ", ".join(names)
+    if backend is None and not config.default_backend:
+        raise click.UsageError(f"several backends are enabled ({listed}): choose one with "
+                               "--backend NAME")
+    if backend is not None and backend not in names:
+        raise click.UsageError(f"--backend {backend!r} names no enabled backend; enabled: "
+                               f"{listed}")
+    return wire(config, backend=backend, progress=_progress, adopt=adopt)
+
+
+def _operator_wiring(host: str | None = None, backend: str | None = None, *,
+                     adopt: bool = True) -> Wiring:
     """The wiring for a command that changes or reveals the cache: operators only."""
     if not _state().admin:
         raise Forbidden("cache commands change or reveal the cache of every project: they "
                         "are for operators; run them with --admin (or an admin's token)")
-    return _wiring(host)
+    return _wiring(host, backend, adopt=adopt)
 
 
 def _emit(document: object, human: Callable[[], None]) -> None:
@@ -257,19 +276,25 @@ def _volume_doc(volume: Volume, host: str) -> dict[str, object]:
     return doc
 
 
+def _scope_doc(scope: Scope) -> dict[str, object]:
+    return {"scope": scope.key, "host": scope.host, "cluster": scope.cluster,
+            "backend": scope.backend, "pool": scope.pool}
+
+
 def _entry_doc(entry: CacheEntry) -> dict[str, object]:
     return {
-        "id": entry.id, "image_id": entry.image_id, "host": entry.host,
+        "id": entry.id, "image_id": entry.image_id, **_scope_doc(entry.scope),
         "volume_id": entry.volume_id, "size_gb": entry.size_gb, "state": entry.state.value,
         "last_used": _iso(entry.last_used), "hits": entry.hits, "pinned": entry.pinned,
         "created_at": _iso(entry.created_at), "image_updated_at": _iso(entry.image_updated_at),
     }
 
 
-def _stats_doc(totals: HostTotals) -> dict[str, object]:
-    return {"host": totals.host, "hits": totals.hits, "misses": totals.misses,
+def _stats_doc(totals: ScopeTotals, scope: Scope) -> dict[str, object]:
+    return {**_scope_doc(scope), "hits": totals.hits, "misses": totals.misses,
             "evictions": totals.evictions, "entries": totals.count, "size_gb": totals.size_gb,
-            "downloads": totals.downloads, "bytes_downloaded": totals.bytes_downloaded}
+            "downloads": totals.downloads, "bytes_downloaded": totals.bytes_downloaded,
+            "neighbour_fills": totals.neighbour_fills}
 
 
 def _table(rows: list[dict[str, object]], columns: list[str]) -> None:
@@ -342,9 +367,9 @@ def image() -> None:
 def image_add(file: Path, name: str | None, private: bool, disk_format: str | None,
               container_format: str, who: RequestContext) -> None:
     """Register an image FILE with the local image source; its format is detected."""
-    wiring = _wiring()
-    source = wiring.local_images
-    wiring.config.tenant.check_caller(who)
+    config = _config()
+    source = local_images(config, build_images(config))
+    config.tenant.check_caller(who)
     size = file.stat().st_size if file.is_file() else 0
     update = _progress(f"copying {file.name}", size)
     added = source.add_image(who, file, name=name,
@@ -358,7 +383,7 @@ def image_add(file: Path, name: str | None, private: bool, disk_format: str | No
 @caller
 def image_list(who: RequestContext) -> None:
     """Images the caller may see."""
-    found = _wiring().images.list_images(who)
+    found = build_images(_config()).list_images(who)
     docs = [_image_doc(i) for i in found]
     _emit(docs, lambda: _table(docs, ["id", "name", "disk_format", "size", "virtual_size",
                                       "owner", "visibility"]))
@@ -370,30 +395,40 @@ def volume() -> None:
     """Volumes."""
 
 
+def _backend_option(func: F) -> F:
+    return click.option("--backend", metavar="NAME", default=None,
+                        help="Backend (a section of enabled_backends) [default: the only one, "
+                             "or [ivcache] backend].")(func)
+
+
 @volume.command("create")
 @common
 @caller
+@_backend_option
 @click.option("--image", "image_id", metavar="ID", required=True, help="Image to copy.")
 @click.option("--size", "size_gb", metavar="GB", type=int, required=True,
               help="Size in GiB.")
 @click.option("--host", metavar="H", default=None, help="Storage host [default: config].")
-def volume_create(image_id: str, size_gb: int, host: str | None, who: RequestContext) -> None:
+def volume_create(image_id: str, size_gb: int, host: str | None, backend: str | None,
+                  who: RequestContext) -> None:
     """Create a volume from an image, through the cache."""
-    wiring = _wiring(host)
+    wiring = _wiring(host, backend)
     result = wiring.service.create_volume(who, image_id, size_gb)
     doc = _volume_doc(result.volume, wiring.config.host)
     doc.update(outcome=result.outcome.value, entry_id=result.entry_id,
-               seconds=round(result.seconds, 6))
+               seconds=round(result.seconds, 6), scope=wiring.service.scope.key,
+               filled_from=result.filled_from)
     _emit(doc, lambda: _fields(doc))
 
 
 @volume.command("list")
 @common
 @caller
+@_backend_option
 @click.option("--all", "all_projects", is_flag=True, help="Every project's (needs --admin).")
-def volume_list(all_projects: bool, who: RequestContext) -> None:
+def volume_list(all_projects: bool, backend: str | None, who: RequestContext) -> None:
     """The caller's volumes."""
-    wiring = _wiring()
+    wiring = _wiring(backend=backend)
     found = wiring.service.list_volumes(who, all_projects=all_projects)
     docs = [_volume_doc(v, wiring.config.host) for v in found]
     _emit(docs, lambda: _table(docs, ["id", "size_gb", "project", "host"]))
@@ -402,10 +437,11 @@ def volume_list(all_projects: bool, who: RequestContext) -> None:
 @volume.command("delete")
 @common
 @caller
+@_backend_option
 @click.argument("volume_id", metavar="ID")
-def volume_delete(volume_id: str, who: RequestContext) -> None:
+def volume_delete(volume_id: str, backend: str | None, who: RequestContext) -> None:
     """Delete a volume (an admin deleting a cache volume also drops its entry)."""
-    _wiring().service.delete_volume(who, volume_id)
+    _wiring(backend=backend).service.delete_volume(who, volume_id)
     _emit({"id": volume_id, "deleted": True}, lambda: click.echo(f"deleted {volume_id}"))
 
 
@@ -417,28 +453,34 @@ def cache() -> None:
 
 
 def _host_option(func: F) -> F:
-    return click.option("--host", metavar="H", default=None,
+    """``--host`` and ``--backend``: whose cache, on which backend."""
+    func = click.option("--host", metavar="H", default=None,
                         help="Storage host [default: config].")(func)
+    return _backend_option(func)
+
+
+_ENTRY_COLUMNS = ["id", "image_id", "scope", "host", "size_gb", "state", "hits", "last_used"]
 
 
 @cache.command("list")
 @common
 @operator
 @_host_option
-def cache_list(host: str | None) -> None:
-    """Cache entries, of one host or of all."""
-    docs = [_entry_doc(e) for e in _operator_wiring().service.list_entries(host)]
-    _emit(docs, lambda: _table(docs, ["id", "image_id", "host", "size_gb", "state", "hits",
-                                      "last_used"]))
+def cache_list(host: str | None, backend: str | None) -> None:
+    """Cache entries of a backend, made by one host or by all."""
+    service = _operator_wiring(backend=backend).service
+    docs = [_entry_doc(e) for e in service.list_entries(host, backend=service.scope.backend)]
+    _emit(docs, lambda: _table(docs, _ENTRY_COLUMNS))
 
 
 @cache.command("show")
 @common
 @operator
+@_backend_option
 @click.argument("entry_id", metavar="ENTRY_ID")
-def cache_show(entry_id: str) -> None:
+def cache_show(entry_id: str, backend: str | None) -> None:
     """One cache entry."""
-    doc = _entry_doc(_operator_wiring().service.get_entry(entry_id))
+    doc = _entry_doc(_operator_wiring(backend=backend).service.get_entry(entry_id))
     _emit(doc, lambda: _fields(doc))
 
 
@@ -449,13 +491,13 @@ def cache_show(entry_id: str) -> None:
 @click.option("--image", "image_id", metavar="ID", default=None)
 @click.option("--entry", "entry_id", metavar="ID", default=None)
 @click.option("--all", "everything", is_flag=True)
-def cache_evict(host: str | None, image_id: str | None, entry_id: str | None,
-                everything: bool) -> None:
-    """Evict entries: by image, by entry, or all (of the host)."""
+def cache_evict(host: str | None, backend: str | None, image_id: str | None,
+                entry_id: str | None, everything: bool) -> None:
+    """Evict entries: by image, by entry, or all (of the host's scope)."""
     if sum((image_id is not None, entry_id is not None, everything)) != 1:
         raise click.UsageError("give exactly one of --image, --entry or --all")
-    gone = _operator_wiring(host).service.evict(image_id=image_id, entry_id=entry_id,
-                                       everything=everything)
+    gone = _operator_wiring(host, backend).service.evict(
+        image_id=image_id, entry_id=entry_id, everything=everything)
     docs = [_entry_doc(e) for e in gone]
     _emit({"evicted": docs}, lambda: click.echo(f"evicted {len(docs)} entr"
                                                 f"{'y' if len(docs) == 1 else 'ies'}"))
@@ -465,9 +507,9 @@ def cache_evict(host: str | None, image_id: str | None, entry_id: str | None,
 @common
 @operator
 @_host_option
-def cache_prune(host: str | None) -> None:
-    """Evict least recently used entries until the host is within its limits."""
-    docs = [_entry_doc(e) for e in _operator_wiring(host).service.prune()]
+def cache_prune(host: str | None, backend: str | None) -> None:
+    """Evict least recently used entries until the scope is within its limits."""
+    docs = [_entry_doc(e) for e in _operator_wiring(host, backend).service.prune()]
     _emit({"evicted": docs}, lambda: click.echo(f"pruned {len(docs)}"))
 
 
@@ -475,44 +517,67 @@ def cache_prune(host: str | None) -> None:
 @common
 @operator
 @_host_option
-def cache_stats(host: str | None) -> None:
-    """Hits, misses, evictions and downloads of a host."""
-    doc = _stats_doc(_operator_wiring(host).service.stats())
+def cache_stats(host: str | None, backend: str | None) -> None:
+    """Hits, misses, evictions, downloads and neighbour fills of a host's scope."""
+    service = _operator_wiring(host, backend).service
+    doc = _stats_doc(service.stats(), service.scope)
     _emit(doc, lambda: _fields(doc))
 
 
-def _image_command(name: str) -> Callable[[Callable[[str, str | None], None]],
-                                           click.Command]:
-    """A cache command on one image's entry on a host: ``IMAGE_ID`` and ``--host``."""
-    def decorate(func: Callable[[str, str | None], None]) -> click.Command:
+@cache.command("adopt")
+@common
+@operator
+@_host_option
+def cache_adopt(host: str | None, backend: str | None) -> None:
+    """Move the host's entries left in another scope (before it joined a cluster) into
+    its scope; an image the scope holds already is evicted (reason merged). Every command
+    does this on its way; this one says what it did."""
+    service = _operator_wiring(host, backend, adopt=False).service
+    done: Adoption = service.adopt()
+    doc = {"scope": service.scope.key,
+           "adopted": [_entry_doc(e) for e in done.adopted],
+           "merged": [_entry_doc(e) for e in done.merged],
+           "left": [_entry_doc(e) for e in done.left]}
+    _emit(doc, lambda: click.echo(
+        f"{service.scope.key}: adopted {len(done.adopted)}, merged {len(done.merged)}, "
+        f"left for later {len(done.left)}"))
+
+
+ImageCommand = Callable[[str, str | None, str | None], None]
+
+
+def _image_command(name: str) -> Callable[[ImageCommand], click.Command]:
+    """A cache command on one image's entry in a scope: ``IMAGE_ID``, ``--host``,
+    ``--backend``."""
+    def decorate(func: ImageCommand) -> click.Command:
         return cache.command(name)(common(operator(_host_option(
             click.argument("image_id", metavar="IMAGE_ID")(func)))))
     return decorate
 
 
 @_image_command("warm")
-def cache_warm(image_id: str, host: str | None) -> None:
-    """Cache an image on a host ahead of demand."""
-    doc = _entry_doc(_operator_wiring(host).service.warm(image_id))
+def cache_warm(image_id: str, host: str | None, backend: str | None) -> None:
+    """Cache an image in a host's scope ahead of demand."""
+    doc = _entry_doc(_operator_wiring(host, backend).service.warm(image_id))
     _emit(doc, lambda: _fields(doc))
 
 
 @_image_command("pin")
-def cache_pin(image_id: str, host: str | None) -> None:
+def cache_pin(image_id: str, host: str | None, backend: str | None) -> None:
     """Keep an image's entry from being evicted to make room."""
-    _set_pinned(image_id, host, True)
+    _set_pinned(image_id, host, backend, True)
 
 
 @_image_command("unpin")
-def cache_unpin(image_id: str, host: str | None) -> None:
+def cache_unpin(image_id: str, host: str | None, backend: str | None) -> None:
     """Let an image's entry be evicted again."""
-    _set_pinned(image_id, host, False)
+    _set_pinned(image_id, host, backend, False)
 
 
-def _set_pinned(image_id: str, host: str | None, pinned: bool) -> None:
-    doc = _entry_doc(_operator_wiring(host).service.pin(image_id, pinned))
+def _set_pinned(image_id: str, host: str | None, backend: str | None, pinned: bool) -> None:
+    doc = _entry_doc(_operator_wiring(host, backend).service.pin(image_id, pinned))
     done = "pinned" if pinned else "unpinned"
-    _emit(doc, lambda: click.echo(f"{done} {image_id} on {doc['host']}"))
+    _emit(doc, lambda: click.echo(f"{done} {image_id} in {doc['scope']}"))
 
 
 @cache.command("reconcile")
@@ -520,9 +585,9 @@ def _set_pinned(image_id: str, host: str | None, pinned: bool) -> None:
 @operator
 @_host_option
 @click.option("--fix", is_flag=True, help="Repair what differs (default: report only).")
-def cache_reconcile(host: str | None, fix: bool) -> None:
+def cache_reconcile(host: str | None, backend: str | None, fix: bool) -> None:
     """Compare entries with the storage: missing volumes, dead claims, orphan volumes."""
-    findings = _operator_wiring(host).service.reconcile(fix=fix)
+    findings = _operator_wiring(host, backend).service.reconcile(fix=fix)
     docs: list[dict[str, object]] = [
         {"kind": f.kind, "volume_id": f.volume_id, "entry_id": f.entry_id,
          "image_id": f.image_id, "fixed": f.fixed, "path": f.path, "size": f.size}

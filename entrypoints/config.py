@@ -1,10 +1,17 @@
 """The INI configuration, with Cinder's option names so a backend section can be pasted.
 
 Every option is one row of ``OPTIONS``: where it is read, its name, type, default, choices
-and help. That table drives the parsing (configparser's own getters), the check for unknown
-options and the reference page ``docs/configuration.md``, which is generated from it::
+and help. That table drives the parsing (configparser's own getters), the checks for unknown
+and misplaced options and the reference page ``docs/configuration.md``, which is generated
+from it::
 
     python -m ivcache.entrypoints.config --markdown > docs/configuration.md   # make docs
+
+Without ``enabled_backends`` there is one implicit backend, ``default``: its cache options
+come from [DEFAULT] (or the section ``[ivcache] backend`` names) and its storage options
+from [ivcache], as before backends existed. With ``enabled_backends = a, b`` in [DEFAULT],
+each named section is a backend with its own cache and storage options (Cinder's
+multi-backend form; Cinder's other options there are the driver's and are ignored).
 
 Where no file is given, everything lives under ``$IVCACHE_HOME``
 (default ``~/.local/share/ivcache``); relative paths in a file are relative to the file.
@@ -15,6 +22,7 @@ from __future__ import annotations
 import argparse
 import configparser
 import enum
+import io
 import math
 import os
 import socket
@@ -27,8 +35,8 @@ import attrs
 from sqlalchemy import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
-from ivcache.core.errors import ConfigError
-from ivcache.core.model import InternalTenant
+from ivcache.core.errors import ConfigError, InvalidRequest
+from ivcache.core.model import DEFAULT_BACKEND, InternalTenant, Scope
 from ivcache.core.policy import CachePolicy
 
 __all__ = [
@@ -36,6 +44,7 @@ __all__ = [
     "NOTIFIERS",
     "OPTIONS",
     "STORAGE_KINDS",
+    "BackendConfig",
     "Config",
     "ConversionConfig",
     "GlanceConfig",
@@ -50,14 +59,23 @@ STORAGE_KINDS = ("file", "qcow2", "rbd", "fake-lvm", "fake-rbd")
 IMAGE_SOURCES = ("local", "glance")
 NOTIFIERS = ("log", "otel", "none")
 GLANCE_AUTH = ("keystone", "trusted-headers")
+# Storage kinds that keep their volumes (or state) under storage_path.
+_PATH_STORAGES = ("file", "qcow2", "fake-lvm", "fake-rbd")
 
 
 class Where(enum.Enum):
     """Which section an option is read from."""
 
-    #: Cinder's options: [DEFAULT], or the section that ``[ivcache] backend`` names (a pasted
-    #: Cinder backend section). Other options there are the driver's, and are ignored.
+    #: Cinder's global options, in [DEFAULT] (without ``enabled_backends``, also in the
+    #: section ``[ivcache] backend`` names).
+    DEFAULT = "default"
+    #: Cinder's cache options of one backend: its section of ``enabled_backends``, falling
+    #: back to [DEFAULT]; without ``enabled_backends``, [DEFAULT] or the section that
+    #: ``[ivcache] backend`` names (a pasted Cinder backend section).
     BACKEND = "backend"
+    #: ivcache's storage options of one backend: its section of ``enabled_backends``;
+    #: without ``enabled_backends``, [ivcache].
+    STORAGE = "storage"
     IVCACHE = "ivcache"
     GLANCE = "glance"
 
@@ -88,57 +106,78 @@ class Option:
         return (self.name, *self.aliases)
 
 
-_B, _I, _G = Where.BACKEND, Where.IVCACHE, Where.GLANCE
+_D, _B, _S, _I, _G = Where.DEFAULT, Where.BACKEND, Where.STORAGE, Where.IVCACHE, Where.GLANCE
 
 OPTIONS: tuple[Option, ...] = (
-    Option(_B, "host", str, "",
-           "The storage host this worker serves: entries, limits and stats are per host. "
-           "Empty: this machine's host name."),
-    Option(_B, "cinder_internal_tenant_project_id", str, "internal",
+    Option(_D, "host", str, "",
+           "The storage host this worker serves: its entries, limits and stats are its "
+           "scope's, `HOST@BACKEND#POOL`. Empty: this machine's host name."),
+    Option(_D, "cluster", str, "",
+           "Hosts with the same cluster share one entry per image, backend and pool: the "
+           "scope is `CLUSTER@BACKEND#POOL`. A host that joins a cluster adopts its own "
+           "entries into it on its next run. No `@` or `#`. Empty: no cluster."),
+    Option(_D, "enabled_backends", str, "",
+           "Backend sections, comma-separated: each holds the cache options of the next "
+           "table and the storage options of its backend. Empty: one implicit backend, "
+           f"`{DEFAULT_BACKEND}`."),
+    Option(_D, "cinder_internal_tenant_project_id", str, "internal",
            "The internal tenant's project, which owns every cache volume; user commands "
            "acting as it are refused."),
-    Option(_B, "cinder_internal_tenant_user_id", str, "internal",
+    Option(_D, "cinder_internal_tenant_user_id", str, "internal",
            "The internal tenant's user."),
     Option(_B, "image_volume_cache_enabled", bool, True,
            "Serve volumes from images through the cache; false: download each image "
            "straight into its volume."),
     Option(_B, "image_volume_cache_max_size_gb", int, 0,
-           "The most GiB of cache volumes on a host (0: unlimited); a larger image is never "
+           "The most GiB of cache volumes in a scope (0: unlimited); a larger image is never "
            "cached."),
     Option(_B, "image_volume_cache_max_count", int, 0,
-           "The most cache entries on a host (0: unlimited).",
+           "The most cache entries in a scope (0: unlimited).",
            aliases=("image_volume_cache_max_size_count",)),
-    Option(_B, "image_conversion_dir", Path, Path("conversion"),
+    Option(_S, "storage", str, "file", "The storage backend (docs/storage.md).",
+           choices=STORAGE_KINDS),
+    Option(_S, "storage_path", Path, Path("volumes"),
+           "Where file and qcow2 keep volumes, and fake-lvm and fake-rbd their state. With "
+           "`enabled_backends` the default is `volumes/<backend>`; no two backends may share "
+           "one."),
+    Option(_S, "storage_capacity_gb", int, 1000,
+           "The size of the simulated volume group or pool of fake-lvm and fake-rbd.",
+           minimum=1),
+    Option(_S, "pool_name", str, "",
+           "The pool in the backend's scope `HOST@BACKEND#POOL`. Empty: `rbd_pool` for "
+           "`storage = rbd`, else the backend's name."),
+    Option(_S, "rbd_pool", str, "rbd",
+           "The Ceph pool of `storage = rbd`, made and `rbd pool init`-ed beforehand."),
+    Option(_S, "rbd_conf", str, "/etc/ceph/ceph.conf", "The Ceph configuration file.",
+           aliases=("rbd_ceph_conf",)),
+    Option(_S, "rbd_user", str, "", "The Ceph client id (cinder, ...); empty: the default."),
+    Option(_S, "rbd_max_clone_depth", int, 5,
+           "A clone deeper than this is flattened, as in Cinder (rbd and fake-rbd)."),
+    Option(_D, "image_conversion_dir", Path, Path("conversion"),
            "Where images that must be converted are spooled and converted: scratch files, "
            "named by their process, removed once used (a dead process's by the next "
            "conversion and by `cache reconcile --fix`)."),
-    Option(_B, "image_conversion_cpu_limit", int, 60,
+    Option(_D, "image_conversion_cpu_limit", int, 60,
            "Seconds of CPU time one qemu-img run may use (prlimit); 0: no limit."),
-    Option(_B, "image_conversion_address_space_limit", int, 1,
+    Option(_D, "image_conversion_address_space_limit", int, 1,
            "GiB of address space one qemu-img run may use (prlimit); 0: no limit."),
-    Option(_B, "image_conversion_disable", bool, False,
+    Option(_D, "image_conversion_disable", bool, False,
            "Refuse images that would need converting (all but raw and iso) instead of "
            "converting them."),
-    Option(_B, "allow_compression_on_image_upload", bool, False,
+    Option(_D, "allow_compression_on_image_upload", bool, False,
            "Accept images of container_format `compressed` (gzip data), decompressed as "
            "they stream."),
-    Option(_B, "vmdk_allowed_types", str, "streamOptimized,monolithicSparse",
+    Option(_D, "vmdk_allowed_types", str, "streamOptimized,monolithicSparse",
            "The vmdk create-types accepted, comma-separated; a vmdk of another type is "
            "refused (the format inspector accepts no others)."),
     Option(_I, "backend", str, "",
-           "Read the cache options (the first table) from this section instead of [DEFAULT]: "
-           "a Cinder backend section pasted as it is."),
+           "Without `enabled_backends`: read the cache options from this section instead of "
+           "[DEFAULT] (a Cinder backend section pasted as it is). With it: the backend "
+           "commands use when `--backend` is not given."),
     Option(_I, "database_url", URL, "sqlite:///ivcache.db",
            "The cache's database, an SQLAlchemy URL: `sqlite:///PATH` (relative to the "
            "file; `sqlite:////PATH` is absolute) or `postgresql+psycopg://USER:PASSWORD@HOST/DB`"
            " shared by many hosts."),
-    Option(_I, "storage", str, "file", "The storage backend (docs/storage.md).",
-           choices=STORAGE_KINDS),
-    Option(_I, "storage_path", Path, Path("volumes"),
-           "Where file and qcow2 keep volumes, and fake-lvm and fake-rbd their state."),
-    Option(_I, "storage_capacity_gb", int, 1000,
-           "The size of the simulated volume group or pool of fake-lvm and fake-rbd.",
-           minimum=1),
     Option(_I, "image_source", str, "local",
            "Where images come from: a local directory (images_path) or Glance ([glance]).",
            choices=IMAGE_SOURCES),
@@ -148,7 +187,7 @@ OPTIONS: tuple[Option, ...] = (
            choices=NOTIFIERS),
     Option(_I, "internal_tenant_quota_gb", int, 0,
            "The internal tenant's quota in GiB (0: unlimited), checked before anything is "
-           "evicted."),
+           "evicted; it spans every backend and scope."),
     Option(_I, "internal_tenant_quota_volumes", int, 0,
            "The internal tenant's quota in volumes (0: unlimited)."),
     Option(_I, "claim_wait_seconds", float, 600.0,
@@ -166,12 +205,6 @@ OPTIONS: tuple[Option, ...] = (
            "longer than the token's own life (0: ask every time). A token revoked meanwhile "
            "may be honoured until then, as with keystonemiddleware's cache. The cache lives "
            "in the process: each CLI command validates once."),
-    Option(_I, "rbd_pool", str, "rbd",
-           "The Ceph pool of `storage = rbd`, made and `rbd pool init`-ed beforehand."),
-    Option(_I, "rbd_conf", str, "/etc/ceph/ceph.conf", "The Ceph configuration file."),
-    Option(_I, "rbd_user", str, "", "The Ceph client id (cinder, ...); empty: the default."),
-    Option(_I, "rbd_max_clone_depth", int, 5,
-           "A clone deeper than this is flattened, as in Cinder (rbd and fake-rbd)."),
     Option(_G, "url", str, "",
            "Glance's root URL (not .../v2); needed by `auth = trusted-headers`."),
     Option(_G, "os_cloud", str, "",
@@ -196,7 +229,7 @@ OPTIONS: tuple[Option, ...] = (
 )
 
 
-def _names(value: str | tuple[str, ...]) -> tuple[str, ...]:
+def _comma_list(value: str | tuple[str, ...]) -> tuple[str, ...]:
     if isinstance(value, tuple):
         return value
     return tuple(part.strip() for part in value.split(",") if part.strip())
@@ -212,7 +245,7 @@ class ConversionConfig:
     image_conversion_disable: bool = False
     allow_compression_on_image_upload: bool = False
     vmdk_allowed_types: tuple[str, ...] = attrs.field(
-        default=("streamOptimized", "monolithicSparse"), converter=_names)
+        default=("streamOptimized", "monolithicSparse"), converter=_comma_list)
 
 
 @attrs.frozen
@@ -228,26 +261,48 @@ class GlanceConfig:
 
 
 @attrs.frozen
+class BackendConfig:
+    """One backend: its name (its section's, or ``default``), its cache policy and its
+    storage. ``pool`` is the pool of its scope."""
+
+    name: str
+    policy: CachePolicy
+    storage: str = "file"
+    storage_path: Path = Path("volumes")
+    storage_capacity_gb: int = 1000
+    pool_name: str = ""
+    rbd_pool: str = "rbd"
+    rbd_conf: str = "/etc/ceph/ceph.conf"
+    rbd_user: str = ""
+    rbd_max_clone_depth: int = 5
+
+    @property
+    def pool(self) -> str:
+        if self.pool_name:
+            return self.pool_name
+        return self.rbd_pool if self.storage == "rbd" else self.name
+
+
+@attrs.frozen
 class Config:
+    """Everything a file says. ``backends`` are the enabled backends, in the file's order
+    (one, ``default``, without ``enabled_backends``); ``default_backend`` is the one to use
+    when none is named ("" when several are enabled and ``[ivcache] backend`` is unset)."""
+
     home: Path
     host: str
     tenant: InternalTenant
-    policy: CachePolicy
     database_url: URL = attrs.field(converter=make_url)
-    storage: str
-    storage_path: Path
-    storage_capacity_gb: int
     image_source: str
     images_path: Path
+    backends: tuple[BackendConfig, ...]
+    cluster: str | None = None
+    default_backend: str = DEFAULT_BACKEND
     notifier: str = "log"
     keystone_cloud: str = ""
     token_cache_seconds: float = 300.0
     glance: GlanceConfig = GlanceConfig()
     conversion: ConversionConfig = ConversionConfig()
-    rbd_pool: str = "rbd"
-    rbd_conf: str = "/etc/ceph/ceph.conf"
-    rbd_user: str = ""
-    rbd_max_clone_depth: int = 5
     source: Path | None = None
 
     def with_host(self, host: str | None) -> Config:
@@ -257,6 +312,27 @@ class Config:
     def keystone_mode(self) -> bool:
         """Whether callers are who their Keystone tokens say (Glance with auth = keystone)."""
         return self.image_source == "glance" and self.glance.auth == "keystone"
+
+    @property
+    def backend_names(self) -> list[str]:
+        return [b.name for b in self.backends]
+
+    def backend(self, name: str | None = None) -> BackendConfig:
+        """The backend called ``name``, or the default one; ConfigError naming the enabled
+        backends when there is no such backend, or no default among several."""
+        chosen = name or self.default_backend
+        for backend in self.backends:
+            if backend.name == chosen:
+                return backend
+        names = ", ".join(self.backend_names)
+        if not chosen:
+            raise ConfigError(f"several backends are enabled ({names}): name one (--backend "
+                              "NAME)")
+        raise ConfigError(f"backend {chosen!r} is not an enabled backend; enabled: {names}")
+
+    def scope(self, backend: BackendConfig) -> Scope:
+        """The scope this host serves on ``backend``."""
+        return Scope(self.host, backend.name, backend.pool, self.cluster)
 
     @property
     def sqlite_path(self) -> Path | None:
@@ -277,18 +353,26 @@ def load_config(path: str | Path | None = None,
     """Read the config file (``path``, else ``$IVCACHE_CONFIG``, else defaults)."""
     env = os.environ if env is None else env
     chosen = path or env.get("IVCACHE_CONFIG") or None
-    parser = configparser.ConfigParser(inline_comment_prefixes=(";", "#"),
-                                       interpolation=None)
+    parser = _parser()
+    # The same text without [DEFAULT]'s inheritance: which section really sets an option.
+    own = _parser(default_section="\x00no-default")
     home = default_home(env)
     source: Path | None = None
     if chosen:
         source = Path(chosen).expanduser().absolute()
         try:
-            parser.read_string(_read_config_text(source), source=str(source))
+            text = _read_config_text(source)
+            parser.read_file(io.StringIO(text), str(source))
+            own.read_file(io.StringIO(text), str(source))
         except configparser.Error as exc:
             first = str(exc).splitlines()[0]
             raise ConfigError(f"config file {source} is not valid INI: {first}") from exc
-    return _Reader(parser, source, home).config()
+    return _Reader(parser, own, source, home).config()
+
+
+def _parser(**kwargs: Any) -> configparser.ConfigParser:
+    return configparser.ConfigParser(inline_comment_prefixes=(";", "#"), interpolation=None,
+                                     **kwargs)
 
 
 #: A config file is a page of INI; anything larger is not one (``--config /dev/zero``).
@@ -324,22 +408,94 @@ def _sqlite_file(url: URL) -> Path | None:
     return Path(url.database)
 
 
-class _Reader:
-    """Reads the options of ``OPTIONS`` from one parsed file."""
+def _names(where: Where) -> set[str]:
+    return {name for o in OPTIONS if o.where is where for name in o.names}
 
-    def __init__(self, parser: configparser.ConfigParser, source: Path | None,
-                 home: Path) -> None:
-        self.parser, self.source, self.home = parser, source, home
+
+class _Reader:
+    """Reads the options of ``OPTIONS`` from one parsed file.
+
+    ``parser`` has configparser's inheritance from [DEFAULT]; ``own`` does not, and tells
+    which options a section sets itself (for the checks of misplaced options).
+    """
+
+    def __init__(self, parser: configparser.ConfigParser, own: configparser.ConfigParser,
+                 source: Path | None, home: Path) -> None:
+        self.parser, self.own, self.source, self.home = parser, own, source, home
         self.where = str(source) if source else "defaults"
         self.base = source.parent if source else home
 
     def config(self) -> Config:
-        ivc = self.section_values(Where.IVCACHE, "ivcache")
-        backend = ivc["backend"]
-        if backend and not self.parser.has_section(backend):
-            raise ConfigError(f"{self.where}: option backend = {backend!r} names no section")
-        cache = self.section_values(Where.BACKEND, backend or self.parser.default_section)
+        default = self.parser.default_section
+        enabled = self.section_values(Where.DEFAULT, default)["enabled_backends"]
+        names = [n.strip() for n in enabled.split(",") if n.strip()]
+        ivc = self.section_values(Where.IVCACHE, "ivcache", storage_here=not names)
         glance = self.section_values(Where.GLANCE, "glance")
+        backend = ivc["backend"]
+        if names:
+            globals_ = self.section_values(Where.DEFAULT, default)
+            backends = tuple(self.backend(name, ivc, multi=True)
+                             for name in self.enabled(names))
+            if backend and backend not in names:
+                raise ConfigError(f"{self.where}: option backend = {backend!r} in [ivcache] is "
+                                  f"not one of enabled_backends ({', '.join(names)})")
+            default_backend = backend or (names[0] if len(names) == 1 else "")
+            self.check_distinct_paths(backends)
+        else:
+            if backend and not self.parser.has_section(backend):
+                raise ConfigError(f"{self.where}: option backend = {backend!r} names no section")
+            section = backend or default
+            globals_ = self.section_values(Where.DEFAULT, section)
+            backends = (self.backend(DEFAULT_BACKEND, ivc, section=section, multi=False),)
+            default_backend = DEFAULT_BACKEND
+        tenant = InternalTenant(
+            project_id=globals_["cinder_internal_tenant_project_id"],
+            user_id=globals_["cinder_internal_tenant_user_id"],
+            quota_gb=ivc["internal_tenant_quota_gb"],
+            quota_volumes=ivc["internal_tenant_quota_volumes"],
+        )
+        cluster = globals_["cluster"] or None
+        host = globals_["host"] or socket.gethostname()
+        # The [ivcache] options that are fields of Config by the same name go in as they are.
+        same = {f.name: ivc[f.name] for f in attrs.fields(Config) if f.name in ivc}
+        conversion = ConversionConfig(**{f.name: globals_[f.name]
+                                         for f in attrs.fields(ConversionConfig)})
+        config = Config(home=self.home, host=host, tenant=tenant,
+                        glance=GlanceConfig(**glance), conversion=conversion,
+                        source=self.source, backends=backends, cluster=cluster,
+                        default_backend=default_backend, **same)
+        for b in backends:
+            try:
+                config.scope(b)
+            except InvalidRequest as exc:
+                raise ConfigError(f"{self.where}: {exc}") from None
+        return config
+
+    def enabled(self, names: list[str]) -> list[str]:
+        seen: set[str] = set()
+        for name in names:
+            if not self.parser.has_section(name):
+                raise ConfigError(f"{self.where}: enabled_backends names [{name}], which is not "
+                                  "a section of the file: add it, or drop it from the list")
+            if name in seen:
+                raise ConfigError(f"{self.where}: enabled_backends names [{name}] twice")
+            if name in ("ivcache", "glance"):
+                raise ConfigError(f"{self.where}: enabled_backends names [{name}], which is "
+                                  "ivcache's own section, not a backend")
+            seen.add(name)
+        return names
+
+    def backend(self, name: str, ivc: Mapping[str, Any], *, multi: bool,
+                section: str | None = None) -> BackendConfig:
+        """The backend ``name``: cache options from ``section`` (its own by default) and
+        storage options from it too (``multi``) or from [ivcache]."""
+        section = section or name
+        if multi:
+            self.check_backend_section(section)
+        cache = self.section_values(Where.BACKEND, section)
+        storage = self.section_values(Where.STORAGE, section if multi else "ivcache")
+        if multi and not self.is_set(section, "storage_path"):
+            storage["storage_path"] = self.base / "volumes" / name
         policy = CachePolicy(
             enabled=cache["image_volume_cache_enabled"],
             max_size_gb=cache["image_volume_cache_max_size_gb"],
@@ -347,39 +503,66 @@ class _Reader:
             claim_wait_seconds=ivc["claim_wait_seconds"],
             claim_lease_seconds=ivc["claim_lease_seconds"],
         )
-        tenant = InternalTenant(
-            project_id=cache["cinder_internal_tenant_project_id"],
-            user_id=cache["cinder_internal_tenant_user_id"],
-            quota_gb=ivc["internal_tenant_quota_gb"],
-            quota_volumes=ivc["internal_tenant_quota_volumes"],
-        )
-        conversion = ConversionConfig(**{f.name: cache[f.name]
-                                         for f in attrs.fields(ConversionConfig)})
-        # The [ivcache] options that are fields of Config by the same name go in as they are.
-        same = {f.name: ivc[f.name] for f in attrs.fields(Config) if f.name in ivc}
-        return Config(home=self.home, host=cache["host"] or socket.gethostname(),
-                      tenant=tenant, policy=policy, glance=GlanceConfig(**glance),
-                      conversion=conversion, source=self.source, **same)
+        return BackendConfig(name=name, policy=policy, **storage)
 
-    def section_values(self, where: Where, section: str) -> dict[str, Any]:
+    def check_backend_section(self, section: str) -> None:
+        """A backend section may hold anything of Cinder's, but not ivcache's global
+        options (nor Cinder's [DEFAULT] ones that ivcache reads)."""
+        placed = {**{n: "[ivcache]" for n in _names(Where.IVCACHE)},
+                  **{n: "[DEFAULT]" for n in _names(Where.DEFAULT)}}
+        for name in self.own.options(section):
+            if name in placed:
+                raise ConfigError(f"{self.where}: option {name} in [{section}] is global, not "
+                                  f"a backend's: put it in {placed[name]}")
+
+    def check_distinct_paths(self, backends: Sequence[BackendConfig]) -> None:
+        claimed: dict[Path, str] = {}
+        for b in backends:
+            if b.storage not in _PATH_STORAGES:
+                continue
+            path = Path(os.path.normpath(b.storage_path))
+            if path in claimed:
+                raise ConfigError(f"{self.where}: backends {claimed[path]} and {b.name} both "
+                                  f"claim storage_path = {path}: give each its own")
+            claimed[path] = b.name
+
+    def is_set(self, section: str, name: str) -> bool:
+        """Whether ``section`` (or [DEFAULT], which it inherits) gives ``name`` a value."""
+        return bool(self.parser.get(section, name, fallback=""))
+
+    def section_values(self, where: Where, section: str, *,
+                       storage_here: bool = False) -> dict[str, Any]:
         """The value of every ``where`` option, read from ``section`` (which falls back to
-        [DEFAULT], as configparser does; a missing section reads [DEFAULT] alone)."""
+        [DEFAULT], as configparser does; a missing section reads [DEFAULT] alone).
+
+        [ivcache] and [glance] are checked for unknown and misplaced options; in [ivcache]
+        the storage options belong too when ``storage_here`` (no ``enabled_backends``)."""
         options = [o for o in OPTIONS if o.where is where]
-        if where is not Where.BACKEND:
-            self.check_known(section, options)
+        if where in (Where.IVCACHE, Where.GLANCE):
+            allowed = [*options, *(o for o in OPTIONS if storage_here and o.where is _S)]
+            self.check_known(section, allowed, storage_here=storage_here)
         if not self.parser.has_section(section):
             section = self.parser.default_section
         return {o.name: self.value(section, o) for o in options}
 
-    def check_known(self, section: str, options: Sequence[Option]) -> None:
-        if not self.parser.has_section(section):
+    def check_known(self, section: str, options: Sequence[Option], *,
+                    storage_here: bool = False) -> None:
+        if not self.own.has_section(section):
             return
         known = sorted(name for o in options for name in o.names)
-        defaults = self.parser.defaults()
-        for name in self.parser.options(section):
-            if name not in known and name not in defaults:
-                raise ConfigError(f"{self.where}: unknown option {name!r} in [{section}]; "
-                                  f"known: {', '.join(known)}")
+        elsewhere = {n: "[DEFAULT] or a backend section" for n in _names(Where.BACKEND)}
+        elsewhere |= {n: "[DEFAULT]" for n in _names(Where.DEFAULT)}
+        if section == "ivcache" and not storage_here:
+            elsewhere |= {n: "a backend section of enabled_backends"
+                          for n in _names(Where.STORAGE)}
+        for name in self.own.options(section):
+            if name in known:
+                continue
+            if section == "ivcache" and name in elsewhere:
+                raise ConfigError(f"{self.where}: option {name} does not belong in "
+                                  f"[{section}]: put it in {elsewhere[name]}")
+            raise ConfigError(f"{self.where}: unknown option {name!r} in [{section}]; "
+                              f"known: {', '.join(known)}")
 
     def value(self, section: str, option: Option) -> Any:
         parser = self.parser
@@ -449,9 +632,24 @@ _TYPE_WORDS: dict[type, str] = {int: "a whole number", float: "a number",
 # ------------------------------------------------------------------ the reference page
 
 _SECTIONS = {
-    Where.BACKEND: ("Cache options: `[DEFAULT]`, or the section `backend` names",
-                    "Cinder's names and meanings, so a Cinder backend section can be pasted. "
-                    "Cinder's other options there are ignored."),
+    Where.DEFAULT: ("Cinder's global options: `[DEFAULT]`",
+                    "Cinder's names and meanings. Without `enabled_backends` they may also be "
+                    "set in the section `[ivcache] backend` names; in a backend section of "
+                    "`enabled_backends` they are an error. Cinder's other options are "
+                    "ignored."),
+    Where.BACKEND: ("Cache options: a backend section, `[DEFAULT]`, or the section `backend` "
+                    "names",
+                    "Cinder's names and meanings, per backend: each section of "
+                    "`enabled_backends` has its own, falling back to `[DEFAULT]`. Without "
+                    "`enabled_backends`, the one implicit backend reads them from `[DEFAULT]`, "
+                    "or from the section `[ivcache] backend` names (a Cinder backend section "
+                    "pasted as it is). Cinder's other options there are ignored; ivcache's "
+                    "global options there are an error."),
+    Where.STORAGE: ("Storage options: a backend section, or `[ivcache]`",
+                    "Each section of `enabled_backends` has its own (falling back to "
+                    "`[DEFAULT]`); in `[ivcache]` they are then an error. Without "
+                    "`enabled_backends` they are read from `[ivcache]`, for the one implicit "
+                    f"backend `{DEFAULT_BACKEND}`."),
     Where.IVCACHE: ("`[ivcache]`", "An unknown option here is an error."),
     Where.GLANCE: ("`[glance]`", "For `image_source = glance` (`pip install "
                                  "'ivcache[glance]'`). An unknown option here is an error."),

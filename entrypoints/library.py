@@ -15,8 +15,9 @@ with Keystone; ``[glance] auth = keystone``)::
 
     cache.create_volume(image_id, size_gb=10, token=request.auth_token)
 
-Operator calls (entries, evict, prune, warm, pin, reconcile, stats) act on the cache of the
-facade's host.
+Operator calls (entries, evict, prune, warm, pin, reconcile, adopt, stats) act on the cache
+of the facade's scope: its host on its backend (``from_config(..., backend="fast")`` with
+several ``enabled_backends``).
 """
 
 from __future__ import annotations
@@ -26,13 +27,13 @@ from pathlib import Path
 from ivcache.core.model import (
     CacheEntry,
     CreateResult,
-    HostTotals,
     Image,
     InternalTenant,
     RequestContext,
+    ScopeTotals,
     Volume,
 )
-from ivcache.core.operations import Finding
+from ivcache.core.operations import Adoption, Finding
 from ivcache.core.policy import CachePolicy
 from ivcache.core.ports import (
     Clock,
@@ -65,11 +66,12 @@ class ImageVolumeCache:
         self._wiring = wiring
 
     @classmethod
-    def from_config(cls, path: str | Path | None = None, *,
-                    host: str | None = None) -> ImageVolumeCache:
-        """Wire adapters from an INI file (``None``: ``$IVCACHE_CONFIG`` or defaults)."""
+    def from_config(cls, path: str | Path | None = None, *, host: str | None = None,
+                    backend: str | None = None) -> ImageVolumeCache:
+        """Wire adapters from an INI file (``None``: ``$IVCACHE_CONFIG`` or defaults), for
+        ``backend`` (needed when several are enabled and ``[ivcache] backend`` is unset)."""
         config = load_config(path).with_host(host)
-        wiring = wire(config)
+        wiring = wire(config, backend=backend)
         return cls(wiring.service, wiring=wiring)
 
     @classmethod
@@ -160,7 +162,8 @@ class ImageVolumeCache:
     # -- the cache (operator) ----------------------------------------------------------------
 
     def entries(self, host: str | None = None) -> list[CacheEntry]:
-        return self.service.list_entries(host)
+        """The entries of this backend, made by ``host`` (None: by any host)."""
+        return self.service.list_entries(host, backend=self.service.scope.backend)
 
     def get_entry(self, entry_id: str) -> CacheEntry:
         return self.service.get_entry(entry_id)
@@ -185,5 +188,10 @@ class ImageVolumeCache:
     def reconcile(self, *, fix: bool = False) -> list[Finding]:
         return self.service.reconcile(fix=fix)
 
-    def stats(self, host: str | None = None) -> HostTotals:
+    def adopt(self) -> Adoption:
+        """Bring this host's entries left in another scope into its own (done on every
+        ``from_config`` too)."""
+        return self.service.adopt()
+
+    def stats(self, host: str | None = None) -> ScopeTotals:
         return self.service.stats(host)

@@ -1,4 +1,4 @@
-"""The SQL adapter: cache entries and per-host totals in SQLite or PostgreSQL.
+"""The SQL adapter: cache entries and per-scope totals in SQLite or PostgreSQL.
 
 SQLAlchemy 2 (Core) and alembic::
 
@@ -8,7 +8,7 @@ SQLAlchemy 2 (Core) and alembic::
     upgrade(engine)
     uow = SqlUnitOfWork(engine)
     with uow:
-        totals = uow.entries.lock_host("node-1")
+        totals = uow.entries.lock_scope("node-1@default#default")
         ...
         uow.commit()
 """

@@ -79,8 +79,9 @@ def _postgres_engine(sa_url: URL) -> Engine:
             f"PostgreSQL driver {exc.name}: pip install 'ivcache[postgres]'") from exc
 
 
-def upgrade(url_or_engine: str | URL | Engine) -> None:
-    """Create the schema, or migrate it to the newest revision; a no-op when up to date.
+def upgrade(url_or_engine: str | URL | Engine, revision: str = "head") -> None:
+    """Create the schema, or migrate it to the newest revision (or to ``revision``, for
+    tests of a migration); a no-op when up to date.
 
     The whole upgrade is one transaction. Concurrent callers queue (SQLite: ``BEGIN
     IMMEDIATE``; PostgreSQL: an advisory lock) and the later ones find nothing to do.
@@ -94,7 +95,7 @@ def upgrade(url_or_engine: str | URL | Engine) -> None:
             if conn.dialect.name == "postgresql":
                 conn.execute(text("SELECT pg_advisory_xact_lock(:key)"),
                              {"key": _PG_MIGRATION_LOCK})
-            command.upgrade(_alembic_config(conn), "head")
+            command.upgrade(_alembic_config(conn), revision)
     except DatabaseError as exc:
         if isinstance(exc, OperationalError) and engine.url.get_backend_name() != "sqlite":
             raise

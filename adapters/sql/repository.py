@@ -31,24 +31,25 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
-from ivcache.adapters.sql.tables import cache_entries, host_totals
+from ivcache.adapters.sql.tables import cache_entries, scope_totals
 from ivcache.core.errors import AlreadyClaimed
-from ivcache.core.model import CacheEntry, EntryState, HostTotals
+from ivcache.core.model import CacheEntry, EntryState, Scope, ScopeTotals
 from ivcache.core.ports import CacheRepository
 
 __all__ = ["LRU_BATCH", "SqlCacheRepository", "SqlUnitOfWork"]
 
-#: Victims are read this many at a time: taking k victims reads about k rows, not a host's all.
+#: Victims are read this many at a time: taking k victims reads about k rows, not a scope's
+#: all.
 LRU_BATCH = 16
 
-_T = host_totals.c
+_T = scope_totals.c
 _E = cache_entries.c
 
 
 class SqlCacheRepository:
     """``CacheRepository`` on one connection, inside the transaction of a ``SqlUnitOfWork``.
 
-    ``add``, ``remove`` and ``save`` keep ``host_totals`` in step in the same transaction.
+    ``add``, ``remove`` and ``move`` keep ``scope_totals`` in step in the same transaction.
     """
 
     def __init__(self, connection: Connection, *, lru_batch: int = LRU_BATCH) -> None:
@@ -57,51 +58,69 @@ class SqlCacheRepository:
 
     # -- totals ----------------------------------------------------------------------------
 
-    def lock_host(self, host: str) -> HostTotals:
-        """The host's totals, its row locked until the transaction ends.
+    def lock_scope(self, scope: str) -> ScopeTotals:
+        """The scope's totals, its row locked until the transaction ends.
 
         PostgreSQL: ``SELECT ... FOR UPDATE``. SQLite: the transaction already holds the
         database's write lock (``BEGIN IMMEDIATE``) and SQLAlchemy leaves ``FOR UPDATE`` out.
         """
-        self._ensure_totals(host)
+        self._ensure_totals(scope)
         row = self._conn.execute(
-            select(host_totals).where(_T.host == host).with_for_update()).one()
+            select(scope_totals).where(_T.scope == scope).with_for_update()).one()
         return _totals_from_row(row)
 
-    def totals(self, host: str) -> HostTotals:
-        row = self._conn.execute(select(host_totals).where(_T.host == host)).one_or_none()
-        return _totals_from_row(row) if row is not None else HostTotals(host)
+    def totals(self, scope: str) -> ScopeTotals:
+        row = self._conn.execute(select(scope_totals).where(_T.scope == scope)).one_or_none()
+        return _totals_from_row(row) if row is not None else ScopeTotals(scope)
 
-    def all_totals(self) -> list[HostTotals]:
-        rows = self._conn.execute(select(host_totals).order_by(_T.host))
+    def all_totals(self) -> list[ScopeTotals]:
+        rows = self._conn.execute(select(scope_totals).order_by(_T.scope))
         return [_totals_from_row(r) for r in rows]
 
-    def count_stats(self, host: str, *, hits: int = 0, misses: int = 0, evictions: int = 0,
-                    downloads: int = 0, bytes_downloaded: int = 0) -> None:
-        self._bump(host, hits=hits, misses=misses, evictions=evictions, downloads=downloads,
-                   bytes_downloaded=bytes_downloaded)
+    def count_stats(self, scope: str, *, hits: int = 0, misses: int = 0, evictions: int = 0,
+                    downloads: int = 0, bytes_downloaded: int = 0,
+                    neighbour_fills: int = 0) -> None:
+        self._bump(scope, hits=hits, misses=misses, evictions=evictions, downloads=downloads,
+                   bytes_downloaded=bytes_downloaded, neighbour_fills=neighbour_fills)
 
     # -- entries ---------------------------------------------------------------------------
 
     def get(self, entry_id: str) -> CacheEntry | None:
         return self._one(select(cache_entries).where(_E.id == entry_id))
 
-    def find(self, host: str, image_id: str) -> CacheEntry | None:
+    def find(self, scope: str, image_id: str) -> CacheEntry | None:
         return self._one(
-            select(cache_entries).where(_E.host == host, _E.image_id == image_id))
+            select(cache_entries).where(_E.scope == scope, _E.image_id == image_id))
 
     def find_by_volume(self, volume_id: str) -> CacheEntry | None:
         return self._one(
             select(cache_entries).where(_E.volume_id == volume_id).order_by(_E.id).limit(1))
 
-    def list(self, host: str | None = None) -> list[CacheEntry]:
+    def strays(self, host: str, backend: str, scope: str) -> list[CacheEntry]:
+        """Two range reads of the (host, backend, scope) index, on either side of
+        ``scope``: nothing is read when every entry of the host's backend is in it."""
+        found: list[CacheEntry] = []
+        for other in (_E.scope < scope, _E.scope > scope):
+            query = (select(cache_entries)
+                     .where(_E.host == host, _E.backend == backend, other,
+                            _E.cluster.is_(None))
+                     .order_by(_E.scope, _E.id))
+            found += [_entry_from_row(r) for r in self._conn.execute(query)]
+        return found
+
+    def list(self, host: str | None = None, *, scope: str | None = None,
+             backend: str | None = None) -> list[CacheEntry]:
         query = select(cache_entries).order_by(_E.host, _E.last_used, _E.id)
         if host is not None:
             query = query.where(_E.host == host)
+        if scope is not None:
+            query = query.where(_E.scope == scope)
+        if backend is not None:
+            query = query.where(_E.backend == backend)
         return [_entry_from_row(r) for r in self._conn.execute(query)]
 
     def add(self, entry: CacheEntry) -> None:
-        """Insert; raise ``AlreadyClaimed`` if (host, image_id) is taken.
+        """Insert; raise ``AlreadyClaimed`` if (scope, image_id) is taken.
 
         The insert runs in a savepoint, so after ``AlreadyClaimed`` the transaction goes on
         (PostgreSQL would otherwise refuse every further statement).
@@ -110,32 +129,55 @@ class SqlCacheRepository:
             with self._conn.begin_nested():
                 self._conn.execute(insert(cache_entries).values(_entry_to_row(entry)))
         except IntegrityError:
-            if self.find(entry.host, entry.image_id) is not None:
-                raise AlreadyClaimed(entry.host, entry.image_id) from None
+            if self.find(entry.scope_key, entry.image_id) is not None:
+                raise AlreadyClaimed(entry.scope_key, entry.image_id) from None
             raise  # another constraint (a duplicate id): a bug, not a claim
-        self._bump(entry.host, count=1, size_gb=entry.size_gb)
+        self._bump(entry.scope_key, count=1, size_gb=entry.size_gb)
 
     def save(self, entry: CacheEntry) -> None:
         """Write back every mutable field (one statement); a no-op if the entry is gone.
 
-        ``size_gb`` is fixed when the entry is added, so the totals never move here.
+        ``size_gb`` and the scope are fixed when the entry is added (``move`` changes the
+        scope), so the totals never move here.
         """
         values = _entry_to_row(entry)
-        for key in ("id", "host", "image_id", "created_at", "size_gb"):
+        for key in _FIXED:
             del values[key]
         self._conn.execute(update(cache_entries).where(_E.id == entry.id).values(values))
 
-    def end_lease(self, entry_id: str, host: str, lease: dt.datetime, *,
+    def move(self, entry: CacheEntry, to: Scope) -> bool:
+        """Three statements: the entry's row, then the two totals rows (locked by the
+        caller). In a savepoint, so a scope already holding the image raises
+        ``AlreadyClaimed`` and leaves the transaction usable."""
+        row = self._conn.execute(select(_E.host, _E.scope, _E.size_gb, _E.image_id)
+                                 .where(_E.id == entry.id)).one_or_none()
+        if row is None:
+            return False
+        target = Scope(row.host, to.backend, to.pool, to.cluster)
+        if target.key == row.scope:
+            return True
+        try:
+            with self._conn.begin_nested():
+                self._conn.execute(update(cache_entries).where(_E.id == entry.id).values(
+                    cluster=target.cluster, backend=target.backend, pool=target.pool,
+                    scope=target.key))
+        except IntegrityError:
+            raise AlreadyClaimed(target.key, row.image_id) from None
+        self._bump(row.scope, count=-1, size_gb=-row.size_gb)
+        self._bump(target.key, count=1, size_gb=row.size_gb)
+        return True
+
+    def end_lease(self, entry_id: str, scope: str, lease: dt.datetime, *,
                   hit: bool = False) -> None:
         """Two statements for a hit, one otherwise: the totals row exists (the lease was
-        taken under ``lock_host``), so it is updated without the insert-if-missing."""
+        taken under ``lock_scope``), so it is updated without the insert-if-missing."""
         if not hit:
             self._conn.execute(
                 update(cache_entries)
                 .where(_E.id == entry_id, _E.lease_until == lease)
                 .values(lease_until=None))
             return
-        self._conn.execute(update(host_totals).where(_T.host == host)
+        self._conn.execute(update(scope_totals).where(_T.scope == scope)
                            .values(hits=_T.hits + 1))
         self._conn.execute(
             update(cache_entries).where(_E.id == entry_id).values(
@@ -149,23 +191,23 @@ class SqlCacheRepository:
         """
         gone = self._conn.execute(
             delete(cache_entries).where(_E.id == entry.id)
-            .returning(_E.host, _E.size_gb)).one_or_none()
+            .returning(_E.scope, _E.size_gb)).one_or_none()
         if gone is None:
             return False
-        self._bump(gone.host, count=-1, size_gb=-gone.size_gb)
+        self._bump(gone.scope, count=-1, size_gb=-gone.size_gb)
         return True
 
-    def lru_victims(self, host: str, now: dt.datetime) -> Iterator[CacheEntry]:
-        """READY, unpinned, unleased entries of ``host``, least recently used first.
+    def lru_victims(self, scope: str, now: dt.datetime) -> Iterator[CacheEntry]:
+        """READY, unpinned, unleased entries of ``scope``, least recently used first.
 
-        Lazily, ``lru_batch`` rows at a time along the (host, last_used) index, each batch
-        starting after the last (last_used, id) seen (keyset pagination): entries removed
-        while iterating do not shift the pages.
+        Lazily, ``lru_batch`` rows at a time along the (scope, last_used, id) index, each
+        batch starting after the last (last_used, id) seen (keyset pagination): entries
+        removed while iterating do not shift the pages.
         """
         base = (
             select(cache_entries)
             .where(
-                _E.host == host,
+                _E.scope == scope,
                 _E.state == EntryState.READY.value,
                 _E.pinned.is_(False),
                 or_(_E.lease_until.is_(None), _E.lease_until <= now),
@@ -194,15 +236,15 @@ class SqlCacheRepository:
         row = self._conn.execute(query).one_or_none()
         return _entry_from_row(row) if row is not None else None
 
-    def _ensure_totals(self, host: str) -> None:
-        self._conn.execute(_insert_or_ignore(self._conn, host_totals, {"host": host}))
+    def _ensure_totals(self, scope: str) -> None:
+        self._conn.execute(_insert_or_ignore(self._conn, scope_totals, {"scope": scope}))
 
-    def _bump(self, host: str, **deltas: int) -> None:
-        """Add ``deltas`` to the host's totals row, creating it if missing."""
-        self._ensure_totals(host)
-        changes = {name: host_totals.c[name] + n for name, n in deltas.items() if n}
+    def _bump(self, scope: str, **deltas: int) -> None:
+        """Add ``deltas`` to the scope's totals row, creating it if missing."""
+        self._ensure_totals(scope)
+        changes = {name: scope_totals.c[name] + n for name, n in deltas.items() if n}
         if changes:
-            self._conn.execute(update(host_totals).where(_T.host == host).values(changes))
+            self._conn.execute(update(scope_totals).where(_T.scope == scope).values(changes))
 
 
 class _TxState:
@@ -287,12 +329,18 @@ def _insert_or_ignore(conn: Connection, table: Table, values: Mapping[str, Any])
 # Columns are named as the attrs fields, so rows convert field by field; only the enum and
 # SQLite's 0/1 booleans need a hand.
 _ENTRY_FIELDS = tuple(f.name for f in attrs.fields(CacheEntry))
-_TOTALS_FIELDS = tuple(f.name for f in attrs.fields(HostTotals))
+_TOTALS_FIELDS = tuple(f.name for f in attrs.fields(ScopeTotals))
+# What ``save`` never writes: the identity, the size the totals counted, the scope.
+_FIXED = ("id", "host", "image_id", "created_at", "size_gb", "cluster", "backend", "pool",
+          "scope")
 
 
 def _entry_to_row(entry: CacheEntry) -> dict[str, Any]:
     row = attrs.asdict(entry, recurse=False)
     row["state"] = entry.state.value
+    # The key is the parts' (kept in a column so the unique constraint and the LRU index
+    # can use it).
+    row["scope"] = entry.scope_key
     return row
 
 
@@ -304,7 +352,7 @@ def _entry_from_row(row: Row[Any]) -> CacheEntry:
     return CacheEntry(**values)
 
 
-def _totals_from_row(row: Row[Any]) -> HostTotals:
+def _totals_from_row(row: Row[Any]) -> ScopeTotals:
     # Through the mapping: ``row.count`` would be the tuple's method, not the column.
     m = row._mapping
-    return HostTotals(**{name: m[name] for name in _TOTALS_FIELDS})
+    return ScopeTotals(**{name: m[name] for name in _TOTALS_FIELDS})

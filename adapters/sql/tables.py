@@ -28,10 +28,11 @@ from sqlalchemy.types import TypeDecorator
 
 __all__ = [
     "NAMING_CONVENTION",
+    "SCOPE_LENGTH",
     "UTCDateTime",
     "cache_entries",
-    "host_totals",
     "metadata",
+    "scope_totals",
 ]
 
 #: Constraint and index names, so that migrations (and SQLite batch mode) can refer to them.
@@ -78,11 +79,18 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
         return value.astimezone(dt.UTC)
 
 
+#: ``CLUSTER_OR_HOST@BACKEND#POOL``: three names of up to 255 characters and two separators.
+SCOPE_LENGTH = 767
+
 cache_entries = Table(
     "cache_entries",
     metadata,
     Column("id", String(64), primary_key=True),
     Column("host", String(255), nullable=False),
+    Column("cluster", String(255), nullable=True),
+    Column("backend", String(255), nullable=False),
+    Column("pool", String(255), nullable=False),
+    Column("scope", String(SCOPE_LENGTH), nullable=False),
     Column("image_id", String(255), nullable=False),
     Column("volume_id", String(255), nullable=False),
     Column("size_gb", Integer, nullable=False),
@@ -95,16 +103,17 @@ cache_entries = Table(
     Column("pinned", Boolean, nullable=False, server_default=false()),
     Column("claim_expires", UTCDateTime, nullable=True),
     Column("lease_until", UTCDateTime, nullable=True),
-    UniqueConstraint("host", "image_id"),
+    UniqueConstraint("scope", "image_id"),
     CheckConstraint("state IN ('creating', 'ready')", name="state"),
-    Index("ix_cache_entries_host_last_used_id", "host", "last_used", "id"),
+    Index("ix_cache_entries_scope_last_used_id", "scope", "last_used", "id"),
     Index("ix_cache_entries_volume_id", "volume_id"),
+    Index("ix_cache_entries_host_backend_scope", "host", "backend", "scope"),
 )
 
-host_totals = Table(
-    "host_totals",
+scope_totals = Table(
+    "scope_totals",
     metadata,
-    Column("host", String(255), primary_key=True),
+    Column("scope", String(SCOPE_LENGTH), primary_key=True),
     Column("count", Integer, nullable=False, server_default=_ZERO),
     Column("size_gb", Integer, nullable=False, server_default=_ZERO),
     Column("hits", Integer, nullable=False, server_default=_ZERO),
@@ -112,4 +121,5 @@ host_totals = Table(
     Column("evictions", Integer, nullable=False, server_default=_ZERO),
     Column("downloads", Integer, nullable=False, server_default=_ZERO),
     Column("bytes_downloaded", BigInteger, nullable=False, server_default=_ZERO),
+    Column("neighbour_fills", Integer, nullable=False, server_default=_ZERO),
 )

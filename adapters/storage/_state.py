@@ -19,6 +19,7 @@ from ivcache.adapters.storage._common import (
     StagedWrite,
     already_exists,
     check_at_least,
+    check_clone,
     check_grow,
     check_sized,
     check_volume_id,
@@ -26,6 +27,7 @@ from ivcache.adapters.storage._common import (
 from ivcache.adapters.storage._files import FileLock, atomic_write, sweep
 from ivcache.core.errors import StorageError, VolumeNotFound
 from ivcache.core.model import Volume
+from ivcache.core.ports import StorageBackend
 
 __all__ = ["Loadable", "PersistedFake", "StateDir", "Stored"]
 
@@ -204,6 +206,35 @@ class PersistedFake(Generic[V]):
         check_volume_id(volume_id)
         with self._txn():
             return self._volume(self._get(volume_id))
+
+    def can_fill_from(self, source: StorageBackend) -> bool:
+        """Another fake (a volume group or pool of the same simulated site): its blocks are
+        copied, as ``dd`` between two LVs or ``rbd cp`` between two pools would."""
+        return isinstance(source, PersistedFake) and source is not self
+
+    def fill_from(self, source: StorageBackend, src_id: str, dst_id: str, size_gb: int,
+                  owner: str) -> Volume:
+        check_clone(src_id, dst_id, size_gb)
+        if not isinstance(source, PersistedFake) or not self.can_fill_from(source):
+            raise StorageError(f"{self._kind} cannot fill a volume from {source!r}: only "
+                               "from another fake")
+        with source._txn():
+            volume = source._get(src_id)
+            src_gb, blocks = volume.size_gb, source._export(volume)
+        check_grow(src_id, src_gb, size_gb, clone=True)
+        with self._txn(write=True):
+            self._check_free(dst_id)
+            return self._volume(self._import(dst_id, size_gb, owner, blocks))
+
+    def _export(self, volume: V) -> dict[int, bytes]:
+        """The non-zero blocks a reader of ``volume`` sees (parents included); in a
+        transaction."""
+        raise NotImplementedError
+
+    def _import(self, volume_id: str, size_gb: int, owner: str,
+                blocks: dict[int, bytes]) -> V:
+        """A new volume holding ``blocks`` (NoSpace if they do not fit); in a transaction."""
+        raise NotImplementedError
 
     def _get(self, volume_id: str) -> V:
         raise NotImplementedError

@@ -121,6 +121,17 @@ class FakeLvmStorage(PersistedFake[_LogicalVolume]):
         lv.blocks = blocks
         lv.dirty = True
 
+    def _export(self, volume: _LogicalVolume) -> dict[int, bytes]:
+        return dict(self._blocks(volume))
+
+    def _import(self, volume_id: str, size_gb: int, owner: str,
+                blocks: dict[int, bytes]) -> _LogicalVolume:
+        self._reserve(size_gb)
+        lv = _LogicalVolume(volume_id, size_gb, owner, secrets.token_hex(8), dict(blocks),
+                            dirty=True)
+        self._volumes[volume_id] = lv
+        return lv
+
     def _used_gb(self) -> int:
         return sum(lv.size_gb for lv in self._volumes.values())
 

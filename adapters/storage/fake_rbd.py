@@ -204,6 +204,17 @@ class FakeRbdStorage(PersistedFake[_Image]):
             raise self._no_space(volume_id)
         image.blocks, image.objects, image.dirty = blocks, objects, True
 
+    def _export(self, volume: _Image) -> dict[int, bytes]:
+        return self._flattened(volume)
+
+    def _import(self, volume_id: str, size_gb: int, owner: str,
+                blocks: dict[int, bytes]) -> _Image:
+        if len(blocks) > self._free_blocks():
+            raise self._no_space(volume_id)
+        image = self._add(volume_id, size_gb, owner)
+        image.blocks, image.objects, image.dirty = dict(blocks), len(blocks), True
+        return image
+
     def _add(self, name: str, size_gb: int, owner: str) -> _Image:
         image = _Image(secrets.token_hex(8), name, size_gb, owner)
         self._images[image.key] = image

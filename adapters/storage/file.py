@@ -44,8 +44,9 @@ from ivcache.adapters.storage._files import (
 from ivcache.adapters.storage._sparse import SparseWriter, write_file
 from ivcache.core.errors import InvalidIdentifier, StorageError, VolumeNotFound
 from ivcache.core.model import GIB, Volume
+from ivcache.core.ports import StorageBackend
 
-__all__ = ["CloneMethod", "FileStorage"]
+__all__ = ["CloneMethod", "FileStorage", "copy_data", "same_filesystem"]
 
 CloneMethod = Literal["reflink", "copy_file_range", "copy"]
 
@@ -119,9 +120,28 @@ class FileStorage:
 
     def clone_volume(self, src_id: str, dst_id: str, size_gb: int, owner: str) -> Volume:
         check_clone(src_id, dst_id, size_gb)
+        return self._copy(self, src_id, dst_id, size_gb, owner)
+
+    def can_fill_from(self, source: StorageBackend) -> bool:
+        """Another ``FileStorage`` on this filesystem: its files are reflinked (XFS, btrfs)
+        or copied in the kernel, holes kept, as a clone is."""
+        return isinstance(source, FileStorage) and same_filesystem(source.root, self.root)
+
+    def fill_from(self, source: StorageBackend, src_id: str, dst_id: str, size_gb: int,
+                  owner: str) -> Volume:
+        check_clone(src_id, dst_id, size_gb)
+        if not isinstance(source, FileStorage) or not self.can_fill_from(source):
+            raise StorageError(f"storage {self.root} cannot fill a volume from {source!r}: "
+                               "only from file storage on the same filesystem")
+        return self._copy(source, src_id, dst_id, size_gb, owner)
+
+    def _copy(self, source: FileStorage, src_id: str, dst_id: str, size_gb: int,
+              owner: str) -> Volume:
+        """Make ``dst_id`` here a copy of ``source``'s ``src_id`` (``source`` may be this
+        storage: a clone)."""
         meta = _Meta(size_gb, owner)
         with self._lock.held():
-            src = self._require(src_id)
+            src = source._require(src_id)
             self._check_free(dst_id)
             check_grow(src_id, src.size_gb, size_gb, clone=True)
             self._reserve(size_gb)
@@ -136,7 +156,7 @@ class FileStorage:
                 raise
         try:
             with no_space_errors(f"cloning volume {src_id} to {dst_id}"):
-                method = self._copy_from(src_id, fd, size_gb * GIB)
+                method = copy_data(source._data(src_id), src_id, fd, size_gb * GIB)
                 os.fsync(fd)
             os.close(fd)
             fd = -1
@@ -184,6 +204,13 @@ class FileStorage:
     def get_volume(self, volume_id: str) -> Volume:
         check_volume_id(volume_id)
         return self._volume(volume_id, self._require(volume_id))
+
+    def local_file(self, volume_id: str) -> tuple[Path, Literal["raw"]]:
+        """The file holding the volume's bytes, and its format: for another backend that
+        copies them (``fill_from``)."""
+        check_volume_id(volume_id)
+        self._require(volume_id)
+        return self._data(volume_id), "raw"
 
     def list_volumes(self, owner: str | None = None) -> list[Volume]:
         volumes = []
@@ -269,18 +296,6 @@ class FileStorage:
                     used += os.stat(self.root / name, follow_symlinks=False).st_size
         check_room(f"storage {self.root}", self.capacity_gb, used, size_gb)
 
-    def _copy_from(self, src_id: str, dst_fd: int, size: int) -> CloneMethod:
-        try:
-            src_fd = os.open(self._data(src_id), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError as exc:
-            raise VolumeNotFound(src_id) from exc
-        try:
-            method = _clone_file(src_fd, dst_fd)
-        finally:
-            os.close(src_fd)
-        os.ftruncate(dst_fd, size)
-        return method
-
     def _reap(self) -> None:
         """Remove the temp files of processes that died making a volume.
 
@@ -289,6 +304,30 @@ class FileStorage:
         alone because a file that merely looks like ours may be an operator's.
         """
         sweep(self.root)
+
+
+def same_filesystem(one: Path, other: Path) -> bool:
+    """Whether two existing paths are on one filesystem (a reflink may join them)."""
+    try:
+        return os.stat(one).st_dev == os.stat(other).st_dev
+    except OSError:
+        return False
+
+
+def copy_data(src: Path, src_id: str, dst_fd: int, size: int) -> CloneMethod:
+    """Make the open file ``dst_fd`` hold the bytes of the raw file ``src`` (volume
+    ``src_id``: ``VolumeNotFound`` if it is gone), ``size`` bytes long, by the fastest
+    means the filesystem has; holes are kept."""
+    try:
+        src_fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError as exc:
+        raise VolumeNotFound(src_id) from exc
+    try:
+        method = _clone_file(src_fd, dst_fd)
+    finally:
+        os.close(src_fd)
+    os.ftruncate(dst_fd, size)
+    return method
 
 
 def _clone_file(src_fd: int, dst_fd: int) -> CloneMethod:

@@ -57,8 +57,10 @@ from ivcache.adapters.storage._files import (
     temp_name,
 )
 from ivcache.adapters.storage._sparse import pwrite_all, write_chunks, write_file
+from ivcache.adapters.storage.file import FileStorage, copy_data
 from ivcache.core.errors import StorageError, VolumeNotFound
 from ivcache.core.model import GIB, Volume
+from ivcache.core.ports import StorageBackend
 
 __all__ = ["Qcow2Storage"]
 
@@ -239,6 +241,70 @@ class Qcow2Storage:
                 (self.files_dir / name).unlink(missing_ok=True)
                 raise
         return self._volume(dst_id, state.volumes[dst_id])
+
+    def can_fill_from(self, source: StorageBackend) -> bool:
+        """File or qcow2 storage anywhere on this machine: qemu-img reads any local path.
+        A raw source is reflinked or copied in the kernel where the filesystem can."""
+        return isinstance(source, FileStorage | Qcow2Storage)
+
+    def fill_from(self, source: StorageBackend, src_id: str, dst_id: str, size_gb: int,
+                  owner: str) -> Volume:
+        """A new raw volume holding the source volume's bytes, independent of it."""
+        check_clone(src_id, dst_id, size_gb)
+        if not isinstance(source, FileStorage | Qcow2Storage):
+            raise StorageError(f"storage {self.root} cannot fill a volume from {source!r}: "
+                               "only from file or qcow2 storage")
+        src_gb = source.get_volume(src_id).size_gb
+        check_grow(src_id, src_gb, size_gb, clone=True)
+        with self._changing() as state:
+            if dst_id in state.volumes:
+                raise already_exists(dst_id)
+            self._reserve(state, size_gb)
+        # The copy runs outside the lock, into a temp file owned by this process (a crash
+        # leaves nothing that the next sweep keeps).
+        staged = self._temp_path(".raw")
+        try:
+            path, fmt = source.local_file(src_id)
+            what = f"filling volume {dst_id} from {path}"
+            if fmt == "raw":
+                with no_space_errors(what):
+                    fd = os.open(staged, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                                 0o600)
+                    try:
+                        copy_data(path, src_id, fd, size_gb * GIB)
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+            else:
+                self._qemu(["convert", "-q", "-f", fmt, "-O", "raw", str(path), str(staged)],
+                           what)
+                with no_space_errors(what):
+                    os.truncate(staged, size_gb * GIB)
+            with self._changing() as state:
+                if dst_id in state.volumes:
+                    raise already_exists(dst_id)
+                self._reserve(state, size_gb)
+                name = self._new_name(dst_id, "raw")
+                with no_space_errors(what):
+                    os.replace(staged, self.files_dir / name)
+                try:
+                    state.files[name] = _File("raw", size_gb, None)
+                    state.volumes[dst_id] = _Vol(name, size_gb, owner)
+                    self._save(state)
+                except BaseException:
+                    (self.files_dir / name).unlink(missing_ok=True)
+                    raise
+        finally:
+            staged.unlink(missing_ok=True)
+        return self._volume(dst_id, state.volumes[dst_id])
+
+    def local_file(self, volume_id: str) -> tuple[Path, Format]:
+        """The file holding the volume's bytes as a guest sees them (with its backing
+        chain), and its format: for another backend that copies them (``fill_from``)."""
+        check_volume_id(volume_id)
+        state = self._load()
+        volume = self._require(state, volume_id)
+        return self.files_dir / volume.file, state.files[volume.file].format
 
     def extend_volume(self, volume_id: str, size_gb: int) -> Volume:
         check_sized(volume_id, size_gb)

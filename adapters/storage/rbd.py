@@ -1,13 +1,18 @@
 """Real storage: every volume an image of a Ceph RBD pool, through librbd.
 
-A volume is an RBD image named by its id, with its owner in the image's metadata
-(``ivcache.owner``), so ownership is seen by every process. The first clone of an image
-takes a snapshot, protects it and records it as the image's clone snapshot
-(``ivcache.snap``); every later clone is an RBD clone (layering) of that snapshot. Writing
-an image forgets its clone snapshot: the next clone takes a new one. A hit's cost is one
-clone, so an instance remembers what it learnt of a source (snapshot, size, depth) and clones
-it again without opening it; the metadata librbd copies from the source into the clone says
-whether that was still right, and if not the clone is made again the long way.
+A volume is an RBD image named by its id. Its owner is a key of one omap object of the pool
+(namespace), ``ivcache.volumes``: ``owner.<id>``, so ownership is seen by every process and
+set by one small rados operation, without opening the image. The first clone of an image
+takes a snapshot, protects it and records it as the image's clone snapshot (``snap.<id>`` in
+the same object); every later clone is an RBD clone (layering) of that snapshot. Writing an
+image forgets its clone snapshot: the next clone takes a new one.
+
+A hit's cost is one clone, so an instance remembers what it learnt of a source (snapshot,
+size, depth) and clones it again without opening it, nor the clone: one rados operation then
+checks that the snapshot is still the source's clone snapshot (``omap_cmp``) and, in the
+same atomic step, records the clone's owner. If the check fails, the clone is removed and
+made again the long way. (Volumes of older versions keep their owner in the image's
+metadata, ``ivcache.owner``; it is still read.)
 
 Deleting an image that still has clones never fails: the image is moved to the RBD trash
 (its name is free again at once) and stays there, read by its clones, until its last clone
@@ -53,12 +58,20 @@ from ivcache.core.errors import (
     VolumeNotFound,
 )
 from ivcache.core.model import GIB, Volume
+from ivcache.core.ports import StorageBackend
 
 __all__ = ["RbdStorage"]
 
+#: The omap object holding every volume's owner and clone snapshot.
+VOLUMES_OBJECT = "ivcache.volumes"
+OWNER_PREFIX = "owner."
+SNAP_PREFIX = "snap."
+#: Image metadata of volumes made by earlier versions (read, never written).
 OWNER_KEY = "ivcache.owner"
 SNAP_KEY = "ivcache.snap"
 WRITTEN_KEY = "ivcache.written"
+# Owners are read for a listing this many keys at a time.
+_OMAP_PAGE = 1000
 _SNAP_PREFIX = "ivcache-"
 # Writes are gathered into pieces of one RBD object (4 MiB, the default order 22) and kept
 # in flight a few at a time: one synchronous write per piece leaves the OSD idle.
@@ -134,6 +147,7 @@ class RbdStorage:
             raise StorageError(f"cannot connect to the Ceph cluster of {conf} as "
                                f"{user or 'the default user'}: {exc}") from exc
         self._cluster = cluster
+        self.fsid: str = cluster.get_fsid()
 
     def close(self) -> None:
         """Drop the connection to the cluster; the instance is unusable afterwards."""
@@ -156,9 +170,10 @@ class RbdStorage:
             rbd.RBD().create(self._ioctx, volume_id, size_gb * GIB, old_format=False,
                              features=rbd.RBD_FEATURE_LAYERING)
         try:
-            with self._errors(volume_id), self._open(volume_id) as image:
+            with self._errors(volume_id):
                 # The owner is the commit point: an image without it is not a volume.
-                image.metadata_set(OWNER_KEY, owner)
+                self._omap_write(set_keys={OWNER_PREFIX + volume_id: owner},
+                                 drop=(SNAP_PREFIX + volume_id,))
         except BaseException:
             with contextlib.suppress(Exception):
                 rbd.RBD().remove(self._ioctx, volume_id)
@@ -175,9 +190,14 @@ class RbdStorage:
             fresh = WRITTEN_KEY not in meta and not self._has_parent(image)
             if WRITTEN_KEY not in meta:
                 image.metadata_set(WRITTEN_KEY, "1")
+            snap = self._omap_get(SNAP_PREFIX + volume_id)
+            if snap is not None:
+                # Clones made from now on must see the new bytes: they get a new snapshot
+                # (and a clone checking for this one, made meanwhile, is made again).
+                self._omap_write(drop=(SNAP_PREFIX + volume_id,))
+                self._drop_snap_if_unused(image, snap)
             if SNAP_KEY in meta:
-                # Clones made from now on must see the new bytes: they get a new snapshot.
-                image.metadata_remove(SNAP_KEY)
+                image.metadata_remove(SNAP_KEY)  # an earlier version's record
                 self._drop_snap_if_unused(image, meta[SNAP_KEY])
             writer = _Writer(image, volume_id, image.size(), fresh=fresh)
             try:
@@ -234,11 +254,12 @@ class RbdStorage:
             src_gb = src.size() // GIB
             check_grow(src_id, src_gb, size_gb, clone=True)
             depth = self._depth(src)
-            snap = self._current_snap(src)
-        if snap is None:
+            found = self._current_snap(src, src_id)
+        if found is None:
             with self._errors(src_id), self._open(src_id) as src:
-                snap = self._current_snap(src) or self._take_snap(src)
-        return _Source(snap, src_gb, depth)
+                found = self._current_snap(src, src_id) or self._take_snap(src, src_id)
+        snap, snap_bytes = found
+        return _Source(snap, src_gb, depth, snap_bytes)
 
     def _clone_known(self, src_id: str, dst_id: str, size_gb: int, owner: str,
                      known: _Source) -> Volume | None:
@@ -262,28 +283,30 @@ class RbdStorage:
             rbd.RBD().clone(self._ioctx, src_id, source.snap, self._ioctx, dst_id,
                             features=rbd.RBD_FEATURE_LAYERING)
         try:
-            with self._errors(dst_id), self._open(dst_id) as clone:
-                # librbd copies the source's metadata, as it was when the clone was made, into
-                # the clone: its ivcache.snap tells whether the snapshot used was still the
-                # source's clone snapshot then (a write drops it), its owner that the source
-                # is a volume. Kept in the clone, the snap key names a snapshot only the
-                # source has (so it is ignored), and ivcache.written is right for its data.
-                inherited = dict(clone.metadata_list())
-                stale = inherited.get(SNAP_KEY) != source.snap or OWNER_KEY not in inherited
-                if not stale:
+            # One rados operation settles the clone: the snapshot it was made from is still
+            # the source's clone snapshot (a write of the source, or the source deleted and
+            # made again, would have dropped it), and then, atomically, its owner is set:
+            # the commit point. librbd copied the source's metadata into the clone: its
+            # ivcache.written is right for the clone's data.
+            with self._errors(dst_id):
+                settled = self._omap_write(set_keys={OWNER_PREFIX + dst_id: owner},
+                                           drop=(SNAP_PREFIX + dst_id,),
+                                           expect=(SNAP_PREFIX + src_id, source.snap))
+            if not settled:
+                with self._errors(dst_id):
+                    self._discard(dst_id)
+                return None
+            deep = source.depth + 1 > self.max_clone_depth
+            if size_gb * GIB != source.snap_bytes or deep:
+                with self._errors(dst_id), self._open(dst_id) as clone:
                     if size_gb * GIB != clone.size():
                         clone.resize(size_gb * GIB)
-                    if source.depth + 1 > self.max_clone_depth:
+                    if deep:
                         clone.flatten()
                         clone.metadata_set(WRITTEN_KEY, "1")
-                    clone.metadata_set(OWNER_KEY, owner)
-            if stale:
-                with self._errors(dst_id):
-                    self._remove(dst_id)
-                return None
         except BaseException:
             with contextlib.suppress(Exception):
-                self._remove(dst_id)
+                self._discard(dst_id)
             raise
         return self._volume(dst_id, size_gb, owner)
 
@@ -315,7 +338,11 @@ class RbdStorage:
         volumes = []
         with self._errors("(listing)"):
             names = self._rbd.RBD().list(self._ioctx)
+            owners = self._owners()
         for name in sorted(names):
+            known = owners.get(name)
+            if owner is not None and known is not None and known != owner:
+                continue  # not opened: its owner is known already
             try:
                 volume = self.get_volume(name)
             except (VolumeNotFound, InvalidIdentifier):
@@ -323,6 +350,45 @@ class RbdStorage:
             if owner is None or volume.owner == owner:
                 volumes.append(volume)
         return volumes
+
+    def can_fill_from(self, source: StorageBackend) -> bool:
+        """Another ``RbdStorage`` on the same Ceph cluster (another pool or namespace): the
+        copy runs inside the cluster (``rbd cp``), sparse, and no byte comes from the image
+        source."""
+        return isinstance(source, RbdStorage) and source is not self \
+            and source.fsid == self.fsid
+
+    def fill_from(self, source: StorageBackend, src_id: str, dst_id: str, size_gb: int,
+                  owner: str) -> Volume:
+        """A copy (``Image.copy``: the data objects the source has, nothing else), so the
+        new volume never depends on the source's pool."""
+        check_clone(src_id, dst_id, size_gb)
+        if not isinstance(source, RbdStorage) or not self.can_fill_from(source):
+            raise StorageError(f"pool {self.pool} cannot fill a volume from {source!r}: only "
+                               "from RBD storage on the same Ceph cluster")
+        rbd = self._rbd
+        with source._errors(src_id), source._open(src_id, read_only=True) as src:
+            source._owner(src, src_id)
+            check_grow(src_id, src.size() // GIB, size_gb, clone=True)
+            with self._reserving(size_gb), self._errors(src_id, exists=dst_id):
+                src.copy(self._ioctx, dst_id, features=rbd.RBD_FEATURE_LAYERING)
+        try:
+            with self._errors(dst_id), self._open(dst_id) as dst:
+                # The source's metadata came along; its snap record names a snapshot the
+                # copy does not have.
+                with contextlib.suppress(KeyError):
+                    dst.metadata_remove(SNAP_KEY)
+                dst.metadata_set(WRITTEN_KEY, "1")
+                if size_gb * GIB != dst.size():
+                    dst.resize(size_gb * GIB)
+            with self._errors(dst_id):
+                self._omap_write(set_keys={OWNER_PREFIX + dst_id: owner},
+                                 drop=(SNAP_PREFIX + dst_id,))
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self._discard(dst_id)
+            raise
+        return self._volume(dst_id, size_gb, owner)
 
     def read(self, volume_id: str, offset: int, length: int) -> bytes:
         """Bytes ``[offset, offset + length)`` of a volume, cut at its end (for tests)."""
@@ -354,11 +420,71 @@ class RbdStorage:
         return self._rbd.Image(self._ioctx, volume_id, read_only=read_only)
 
     def _owner(self, image: Any, volume_id: str) -> str:
+        """The owner of ``image`` (open, named ``volume_id``): VolumeNotFound if it is an
+        image but not a volume of ours."""
+        owner = self._omap_get(OWNER_PREFIX + volume_id)
+        if owner is not None:
+            return owner
         try:
-            owner: str = image.metadata_get(OWNER_KEY)
+            legacy: str = image.metadata_get(OWNER_KEY)
         except KeyError:
-            raise VolumeNotFound(volume_id) from None  # an image, but not a volume of ours
-        return owner
+            raise VolumeNotFound(volume_id) from None
+        return legacy
+
+    # -- the omap object ---------------------------------------------------------------
+
+    def _omap_get(self, key: str) -> str | None:
+        rados = self._rados
+        try:
+            with rados.ReadOpCtx() as op:
+                found, _ = self._ioctx.get_omap_vals_by_keys(op, (key,))
+                self._ioctx.operate_read_op(op, VOLUMES_OBJECT)
+                values = dict(found)
+        except rados.ObjectNotFound:
+            return None
+        value = values.get(key)
+        return value.decode() if value is not None else None
+
+    def _owners(self) -> dict[str, str]:
+        """Every volume's owner recorded in the omap object, by volume id."""
+        rados = self._rados
+        owners: dict[str, str] = {}
+        after = ""
+        while True:
+            try:
+                with rados.ReadOpCtx() as op:
+                    found, _ = self._ioctx.get_omap_vals(op, after, OWNER_PREFIX, _OMAP_PAGE)
+                    self._ioctx.operate_read_op(op, VOLUMES_OBJECT)
+                    page = [(str(k), bytes(v)) for k, v in found]
+            except rados.ObjectNotFound:
+                return owners
+            for key, value in page:
+                owners[key.removeprefix(OWNER_PREFIX)] = value.decode()
+            if len(page) < _OMAP_PAGE:
+                return owners
+            after = page[-1][0]
+
+    def _omap_write(self, *, set_keys: dict[str, str] | None = None,
+                    drop: tuple[str, ...] = (),
+                    expect: tuple[str, str] | None = None) -> bool:
+        """One atomic operation on the omap object: if ``expect`` (key, value) holds, set
+        ``set_keys`` and remove ``drop``; False if it did not hold (nothing changed)."""
+        rados = self._rados
+        with rados.WriteOpCtx() as op:
+            if expect is not None:
+                op.omap_cmp(*expect)
+            if set_keys:
+                self._ioctx.set_omap(op, tuple(set_keys),
+                                     tuple(v.encode() for v in set_keys.values()))
+            if drop:
+                self._ioctx.remove_omap_keys(op, drop)
+            try:
+                self._ioctx.operate_write_op(op, VOLUMES_OBJECT)
+            except rados.Error as exc:
+                if expect is not None and getattr(exc, "errno", None) == errno.ECANCELED:
+                    return False
+                raise
+        return True
 
     def _has_parent(self, image: Any) -> bool:
         try:
@@ -386,25 +512,44 @@ class RbdStorage:
                     return depth
             depth += 1
 
-    def _current_snap(self, src: Any) -> str | None:
-        """The protected snapshot clones of ``src`` are made from, if it has one."""
+    def _current_snap(self, src: Any, src_id: str) -> tuple[str, int] | None:
+        """The protected snapshot clones of ``src`` are made from, if it has one, and its
+        size in bytes."""
+        name = self._omap_get(SNAP_PREFIX + src_id)
+        legacy = name is None
+        if name is None:
+            try:
+                name = str(src.metadata_get(SNAP_KEY))  # recorded by an earlier version
+            except KeyError:
+                return None
+        sizes = {snap["name"]: int(snap["size"]) for snap in src.list_snaps()}
+        if name not in sizes:
+            return None
+        if legacy:
+            # Clones check the omap record: give them one.
+            self._omap_write(set_keys={SNAP_PREFIX + src_id: name})
+        return name, sizes[name]
+
+    def _current_snap_name(self, image: Any) -> str | None:
+        """The name recorded as the clone snapshot of the open ``image`` (not checked)."""
+        name = self._omap_get(SNAP_PREFIX + str(image.get_name()))
+        if name is not None:
+            return name
         try:
-            name: str = src.metadata_get(SNAP_KEY)
+            legacy: str = image.metadata_get(SNAP_KEY)
         except KeyError:
             return None
-        # A clone inherits its source's key, naming a snapshot that only the source has.
-        if any(snap["name"] == name for snap in src.list_snaps()):
-            return name
-        return None
+        return legacy
 
-    def _take_snap(self, src: Any) -> str:
+    def _take_snap(self, src: Any, src_id: str) -> tuple[str, int]:
         # Two workers cloning at once may each take a snapshot: the last one recorded is
         # used from then on, the other is dropped when its clones are gone.
         name = f"{_SNAP_PREFIX}{secrets.token_hex(6)}"
+        size = int(src.size())
         src.create_snap(name)
         src.protect_snap(name)
-        src.metadata_set(SNAP_KEY, name)
-        return name
+        self._omap_write(set_keys={SNAP_PREFIX + src_id: name})
+        return name, size
 
     def _drop_snap_if_unused(self, image: Any, name: str) -> None:
         """Remove snapshot ``name`` of ``image`` if no clone reads through it."""
@@ -424,11 +569,17 @@ class RbdStorage:
         with contextlib.suppress(rbd.ImageNotFound):
             image.remove_snap(name)
 
-    def _remove(self, volume_id: str) -> None:
-        """Delete a volume, or trash it while clones read it; then release its parent."""
+    def _remove(self, volume_id: str, *, check_owner: bool = True) -> None:
+        """Delete a volume, or trash it while clones read it; then release its parent.
+
+        The image goes before its omap record: a crash between the two leaves a record of
+        no image, which nothing lists and the next volume of that id overwrites.
+        ``check_owner`` False: an image not yet a volume (a clone being made).
+        """
         rbd = self._rbd
         with self._open(volume_id) as image:
-            self._owner(image, volume_id)
+            if check_owner:
+                self._owner(image, volume_id)
             parent = None
             if self._has_parent(image):
                 parent = (str(image.parent_id()), str(image.parent_info()[2]))
@@ -439,10 +590,15 @@ class RbdStorage:
         if keep:
             # Clones still read this image: hide it in the trash until the last one goes.
             rbd.RBD().trash_move(self._ioctx, volume_id, 0)
-            return
-        rbd.RBD().remove(self._ioctx, volume_id)
-        if parent is not None:
+        else:
+            rbd.RBD().remove(self._ioctx, volume_id)
+        self._omap_write(drop=(OWNER_PREFIX + volume_id, SNAP_PREFIX + volume_id))
+        if parent is not None and not keep:
             self._release(*parent)
+
+    def _discard(self, volume_id: str) -> None:
+        """Remove an image this instance just made that is not (or not yet) a volume."""
+        self._remove(volume_id, check_owner=False)
 
     def _release(self, parent_id: str, snap: str) -> None:
         """A clone of ``parent_id@snap`` is gone: drop what no clone reads any more."""
@@ -454,10 +610,7 @@ class RbdStorage:
                 trashed = False
             try:
                 with rbd.Image(self._ioctx, image_id=parent_id) as image:
-                    try:
-                        current = image.metadata_get(SNAP_KEY)
-                    except KeyError:
-                        current = None
+                    current = None if trashed else self._current_snap_name(image)
                     if trashed or snap != current:
                         self._drop_snap_if_unused(image, snap)
                     if not trashed or list(image.list_snaps()):
@@ -520,9 +673,13 @@ def _translate(exc: BaseException, what: str) -> StorageError:
 
 @attrs.frozen
 class _Source:
+    """What a clone needs of its source: the snapshot, the source's size (a clone is no
+    smaller), its depth, and the snapshot's size in bytes (a clone's size when made)."""
+
     snap: str
     size_gb: int
     depth: int
+    snap_bytes: int
 
 
 class _Writer:

@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import Engine
 
 from ivcache.adapters.sql import SqlUnitOfWork, make_engine, upgrade
-from ivcache.core.model import EntryState, HostTotals
+from ivcache.core.model import EntryState, ScopeTotals
 from tests.support.flight import (
     Result,
     Watcher,
@@ -28,6 +28,7 @@ from tests.support.flight import (
     run_threads,
     start_process,
 )
+from tests.support.scopes import scope_of
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -52,10 +53,10 @@ def world(db_url: str, tmp_path: Path) -> World:
     return World(url=db_url, root=tmp_path / "world")
 
 
-def totals(engine: Engine, host: str) -> HostTotals:
+def totals(engine: Engine, host: str) -> ScopeTotals:
     uow = SqlUnitOfWork(engine)
     with uow:
-        return uow.entries.totals(host)
+        return uow.entries.totals(scope_of(host))
 
 
 def outcomes_by_host(results: list[Result]) -> dict[str, list[str]]:
@@ -111,7 +112,7 @@ def test_a_claim_whose_owner_was_killed_mid_download_is_taken_over_after_its_lea
             assert time.monotonic() < deadline, "the owner never started its download"
             time.sleep(0.02)
         with uow:
-            claim = uow.entries.find("node-1", image)
+            claim = uow.entries.find(scope_of("node-1"), image)
         assert claim is not None and claim.state is EntryState.CREATING
     finally:
         owner.kill()  # SIGKILL: no cleanup of any kind
@@ -157,7 +158,7 @@ def test_with_max_count_3_twelve_concurrent_misses_across_processes_never_hold_m
     world = attrs.evolve(world, max_count=3, delay=0.02)
     images = add_tiny_images(world, [1] * 12)
     workers = [("node-1", [(i, 1) for i in images[n::4]]) for n in range(4)]
-    with Watcher(world.url, "node-1") as watcher:
+    with Watcher(world.url, scope_of("node-1")) as watcher:
         results = run_processes(world, workers)
     assert watcher.polls > 10
     assert watcher.max_entries <= 3 and watcher.max_total_count <= 3
@@ -182,7 +183,7 @@ def test_with_max_size_4_gb_twelve_concurrent_misses_never_hold_more_than_4_gb(
     images = add_tiny_images(world, sizes)
     jobs = list(zip(images, sizes, strict=True))
     workers = [("node-1", jobs[n::4]) for n in range(4)]
-    with Watcher(world.url, "node-1") as watcher:
+    with Watcher(world.url, scope_of("node-1")) as watcher:
         results = run_processes(world, workers)
     assert watcher.polls > 10
     assert watcher.max_size_gb <= 4 and watcher.max_total_size_gb <= 4

@@ -103,7 +103,7 @@ def test_events_are_added_to_the_current_span_with_their_payload(
         ("image_volume_cache.evict", {"image_id": "img-1", "host": "node-1",
                                       "reason": "stale", "entry_id": "e-1", "size_gb": 2}),
         ("image_volume_cache.miss", {"image_id": "img-1", "host": "node-1",
-                                     "outcome": "miss"}),
+                                     "outcome": "miss", "filled_from": "image-source"}),
         ("image_volume_cache.download", {"image_id": "img-1", "host": "node-1",
                                          "bytes": 4096, "seconds": 0.25}),
     ]

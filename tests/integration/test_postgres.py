@@ -19,10 +19,14 @@ from ivcache.adapters.sql import SqlUnitOfWork, make_engine, upgrade
 from ivcache.adapters.sql.tables import cache_entries
 from ivcache.core.errors import ConfigError
 from ivcache.core.model import CacheEntry, EntryState
+from tests.support.scopes import scope_of
 
 pytestmark = pytest.mark.postgres
 
 T0 = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
+NODE_1 = scope_of("node-1")
+NODE_2 = scope_of("node-2")
+NODE_3 = scope_of("node-3")
 
 
 @pytest.fixture
@@ -62,7 +66,8 @@ def test_a_server_that_cannot_be_reached_is_a_one_line_config_error_without_pass
 def test_the_lru_victim_queries_are_index_scans_without_a_sort_or_a_seq_scan(
         engine: Engine) -> None:
     hosts = [f"node-{n}" for n in range(20)]
-    rows = [{"id": f"e-{h}-{n:04}", "host": h, "image_id": f"img-{n:04}",
+    rows = [{"id": f"e-{h}-{n:04}", "host": h, "backend": "default", "pool": "default",
+             "scope": scope_of(h), "image_id": f"img-{n:04}",
              "volume_id": f"vol-{h}-{n:04}", "size_gb": 1, "state": "ready",
              "created_at": T0, "last_used": T0 + dt.timedelta(seconds=n % 700)}
             for h in hosts for n in range(500)]
@@ -79,7 +84,7 @@ def test_the_lru_victim_queries_are_index_scans_without_a_sort_or_a_seq_scan(
     small_batches = SqlUnitOfWork(engine, lru_batch=16)
     event.listen(engine, "before_cursor_execute", record)
     with small_batches:
-        victims = small_batches.entries.lru_victims("node-3", T0 + dt.timedelta(days=1))
+        victims = small_batches.entries.lru_victims(NODE_3, T0 + dt.timedelta(days=1))
         taken = [next(victims) for _ in range(40)]  # three pages: the first, two keyset pages
     event.remove(engine, "before_cursor_execute", record)
     assert [v.host for v in taken] == ["node-3"] * 40
@@ -87,12 +92,12 @@ def test_the_lru_victim_queries_are_index_scans_without_a_sort_or_a_seq_scan(
     with engine.connect() as conn:
         for sql, params in seen:
             plan = "\n".join(row[0] for row in conn.exec_driver_sql(f"EXPLAIN {sql}", params))
-            assert "ix_cache_entries_host_last_used_id" in plan, plan
+            assert "ix_cache_entries_scope_last_used_id" in plan, plan
             assert "Seq Scan" not in plan, plan
             assert "Sort" not in plan, plan  # the order comes straight off the index
 
 
-def test_lock_host_makes_a_second_transaction_wait_and_then_see_the_first_ones_work(
+def test_lock_scope_makes_a_second_transaction_wait_and_then_see_the_first_ones_work(
         engine: Engine) -> None:
     first, second = SqlUnitOfWork(engine), SqlUnitOfWork(engine)
     locked = threading.Event()
@@ -103,14 +108,14 @@ def test_lock_host_makes_a_second_transaction_wait_and_then_see_the_first_ones_w
         locked.wait(10)
         started = time.monotonic()
         with second:
-            seen.append(second.entries.lock_host("node-1").count)
+            seen.append(second.entries.lock_scope(NODE_1).count)
             waited.append(time.monotonic() - started)
             second.commit()
 
     thread = threading.Thread(target=other)
     thread.start()
     with first:
-        assert first.entries.lock_host("node-1").count == 0
+        assert first.entries.lock_scope(NODE_1).count == 0
         locked.set()
         time.sleep(0.5)  # the other transaction is now queued on the row lock
         assert seen == []
@@ -122,15 +127,15 @@ def test_lock_host_makes_a_second_transaction_wait_and_then_see_the_first_ones_w
     assert waited[0] >= 0.4
 
 
-def test_lock_host_on_one_host_does_not_hold_up_another_host(engine: Engine) -> None:
+def test_lock_scope_on_one_host_does_not_hold_up_another_host(engine: Engine) -> None:
     first, second = SqlUnitOfWork(engine), SqlUnitOfWork(engine)
     with first:
-        first.entries.lock_host("node-1")
+        first.entries.lock_scope(NODE_1)
         done = threading.Event()
 
         def other() -> None:
             with second:
-                second.entries.lock_host("node-2")
+                second.entries.lock_scope(NODE_2)
                 second.entries.add(make_entry("img-1", host="node-2"))
                 second.commit()
             done.set()

@@ -18,8 +18,9 @@ import pytest
 from ivcache.adapters.memory import InMemoryUnitOfWork
 from ivcache.adapters.sql import SqlUnitOfWork, make_engine, upgrade
 from ivcache.core.errors import AlreadyClaimed
-from ivcache.core.model import CacheEntry, EntryState, HostTotals
+from ivcache.core.model import CacheEntry, EntryState, ScopeTotals
 from ivcache.core.ports import UnitOfWork
+from tests.support.scopes import scope_of
 
 BACKENDS = [
     pytest.param("memory"),
@@ -28,6 +29,10 @@ BACKENDS = [
 ]
 
 T0 = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
+NODE_1 = scope_of("node-1")
+NODE_2 = scope_of("node-2")
+NODE_3 = scope_of("node-3")
+NODE_9 = scope_of("node-9")
 
 
 def at(seconds: float) -> dt.datetime:
@@ -98,10 +103,10 @@ def test_an_added_entry_can_be_found_by_id_by_host_and_image_and_by_volume(
     committed(uow, entry)
     with uow:
         assert uow.entries.get(entry.id) == entry
-        assert uow.entries.find("node-1", "img-1") == entry
+        assert uow.entries.find(NODE_1, "img-1") == entry
         assert uow.entries.find_by_volume(entry.volume_id) == entry
         assert uow.entries.get("nope") is None
-        assert uow.entries.find("node-2", "img-1") is None
+        assert uow.entries.find(NODE_2, "img-1") is None
         assert uow.entries.find_by_volume("nope") is None
 
 
@@ -122,10 +127,10 @@ def test_list_filters_by_host_and_orders_by_host_then_last_used_then_id(
 def test_an_entry_read_back_is_a_copy_that_changes_nothing_until_saved(uow: UnitOfWork) -> None:
     committed(uow, make_entry())
     with uow:
-        got = uow.entries.find("node-1", "img-1")
+        got = uow.entries.find(NODE_1, "img-1")
         assert got is not None
         got.hits = 99
-        again = uow.entries.find("node-1", "img-1")
+        again = uow.entries.find(NODE_1, "img-1")
         assert again is not None
         assert again.hits == 0
 
@@ -137,13 +142,13 @@ def test_add_and_remove_keep_the_host_totals_exact(uow: UnitOfWork) -> None:
     other_host = make_entry("img-1", "node-2", size_gb=7)
     committed(uow, one, two, other_host)
     with uow:
-        assert uow.entries.totals("node-1") == HostTotals("node-1", count=2, size_gb=8)
-        assert uow.entries.totals("node-2") == HostTotals("node-2", count=1, size_gb=7)
+        assert uow.entries.totals(NODE_1) == ScopeTotals(NODE_1, count=2, size_gb=8)
+        assert uow.entries.totals(NODE_2) == ScopeTotals(NODE_2, count=1, size_gb=7)
         assert uow.entries.remove(one) is True
-        assert uow.entries.totals("node-1") == HostTotals("node-1", count=1, size_gb=5)
+        assert uow.entries.totals(NODE_1) == ScopeTotals(NODE_1, count=1, size_gb=5)
         uow.commit()
     with uow:
-        assert uow.entries.totals("node-1") == HostTotals("node-1", count=1, size_gb=5)
+        assert uow.entries.totals(NODE_1) == ScopeTotals(NODE_1, count=1, size_gb=5)
         assert uow.entries.list(host="node-1") == [two]
 
 
@@ -153,7 +158,7 @@ def test_removing_moves_the_totals_by_the_stored_size_not_the_callers_copy(
     committed(uow, entry)
     with uow:
         assert uow.entries.remove(attrs.evolve(entry, size_gb=1)) is True
-        assert uow.entries.totals("node-1") == HostTotals("node-1", count=0, size_gb=0)
+        assert uow.entries.totals(NODE_1) == ScopeTotals(NODE_1, count=0, size_gb=0)
 
 
 def test_removing_an_entry_twice_returns_false_and_leaves_the_totals_alone(
@@ -163,37 +168,38 @@ def test_removing_an_entry_twice_returns_false_and_leaves_the_totals_alone(
     with uow:
         assert uow.entries.remove(entry) is True
         assert uow.entries.remove(entry) is False
-        assert uow.entries.totals("node-1") == HostTotals("node-1", count=1, size_gb=3)
+        assert uow.entries.totals(NODE_1) == ScopeTotals(NODE_1, count=1, size_gb=3)
 
 
 def test_count_stats_accumulate_and_a_host_never_seen_has_zero_totals(uow: UnitOfWork) -> None:
     with uow:
-        assert uow.entries.totals("node-9") == HostTotals("node-9")
-        uow.entries.count_stats("node-1", hits=2, misses=1)
-        uow.entries.count_stats("node-1", hits=1, evictions=4, downloads=1,
-                                bytes_downloaded=5 * 2**40)
+        assert uow.entries.totals(NODE_9) == ScopeTotals(NODE_9)
+        uow.entries.count_stats(NODE_1, hits=2, misses=1)
+        uow.entries.count_stats(NODE_1, hits=1, evictions=4, downloads=1,
+                                bytes_downloaded=5 * 2**40, neighbour_fills=2)
         uow.commit()
     with uow:
-        assert uow.entries.totals("node-1") == HostTotals(
-            "node-1", hits=3, misses=1, evictions=4, downloads=1, bytes_downloaded=5 * 2**40)
+        assert uow.entries.totals(NODE_1) == ScopeTotals(
+            NODE_1, hits=3, misses=1, evictions=4, downloads=1, bytes_downloaded=5 * 2**40,
+            neighbour_fills=2)
 
 
 def test_all_totals_lists_every_host_with_entries_or_stats_in_host_order(
         uow: UnitOfWork) -> None:
     committed(uow, make_entry("img-1", "node-b", size_gb=2))
     with uow:
-        uow.entries.count_stats("node-a", misses=1)
+        uow.entries.count_stats(scope_of("node-a"), misses=1)
         assert uow.entries.all_totals() == [
-            HostTotals("node-a", misses=1),
-            HostTotals("node-b", count=1, size_gb=2),
+            ScopeTotals(scope_of("node-a"), misses=1),
+            ScopeTotals(scope_of("node-b"), count=1, size_gb=2),
         ]
 
 
-def test_lock_host_returns_the_hosts_current_totals(uow: UnitOfWork) -> None:
+def test_lock_scope_returns_the_hosts_current_totals(uow: UnitOfWork) -> None:
     committed(uow, make_entry("img-1", size_gb=2), make_entry("img-2", size_gb=3))
     with uow:
-        assert uow.entries.lock_host("node-1") == HostTotals("node-1", count=2, size_gb=5)
-        assert uow.entries.lock_host("node-new") == HostTotals("node-new")
+        assert uow.entries.lock_scope(NODE_1) == ScopeTotals(NODE_1, count=2, size_gb=5)
+        assert uow.entries.lock_scope(scope_of("node-new")) == ScopeTotals(scope_of("node-new"))
 
 
 # -- claims ------------------------------------------------------------------------------------
@@ -206,14 +212,14 @@ def test_a_second_claim_of_a_host_and_image_raises_and_the_transaction_goes_on(
         rival = make_entry("img-1", entry_id="rival", size_gb=9, state=EntryState.CREATING)
         with pytest.raises(AlreadyClaimed) as raised:
             uow.entries.add(rival)
-        assert (raised.value.host, raised.value.image_id) == ("node-1", "img-1")
+        assert (raised.value.scope, raised.value.image_id) == (NODE_1, "img-1")
         uow.entries.add(make_entry("img-2", size_gb=3))
         uow.commit()
     with uow:
-        assert uow.entries.find("node-1", "img-1") == first
+        assert uow.entries.find(NODE_1, "img-1") == first
         assert uow.entries.get("rival") is None
-        assert uow.entries.find("node-1", "img-2") is not None
-        assert uow.entries.totals("node-1") == HostTotals("node-1", count=2, size_gb=5)
+        assert uow.entries.find(NODE_1, "img-2") is not None
+        assert uow.entries.totals(NODE_1) == ScopeTotals(NODE_1, count=2, size_gb=5)
 
 
 def test_the_same_image_may_be_claimed_on_two_hosts(uow: UnitOfWork) -> None:
@@ -238,7 +244,7 @@ def test_save_writes_back_every_mutable_field(uow: UnitOfWork) -> None:
         uow.commit()
     with uow:
         assert uow.entries.get(entry.id) == changed
-        assert uow.entries.totals("node-1") == HostTotals("node-1", count=1, size_gb=1)
+        assert uow.entries.totals(NODE_1) == ScopeTotals(NODE_1, count=1, size_gb=1)
 
 
 def test_a_save_never_moves_the_size_or_the_host_totals(uow: UnitOfWork) -> None:
@@ -248,7 +254,7 @@ def test_a_save_never_moves_the_size_or_the_host_totals(uow: UnitOfWork) -> None
     with uow:
         uow.entries.add(entry)
         uow.entries.save(attrs.evolve(entry, size_gb=5, hits=3))
-        assert uow.entries.totals("node-1") == HostTotals("node-1", count=1, size_gb=2)
+        assert uow.entries.totals(NODE_1) == ScopeTotals(NODE_1, count=1, size_gb=2)
         got = uow.entries.get(entry.id)
         assert got is not None
         assert (got.size_gb, got.hits) == (2, 3)
@@ -258,7 +264,7 @@ def test_saving_an_entry_that_is_gone_does_nothing(uow: UnitOfWork) -> None:
     with uow:
         uow.entries.save(make_entry())
         assert uow.entries.list() == []
-        assert uow.entries.totals("node-1") == HostTotals("node-1")
+        assert uow.entries.totals(NODE_1) == ScopeTotals(NODE_1)
 
 
 # -- the unit of work --------------------------------------------------------------------------
@@ -276,7 +282,7 @@ def test_leaving_without_commit_rolls_back_entries_and_totals(uow: UnitOfWork) -
     kept, doomed = make_entry("img-1", size_gb=2), make_entry("img-2", size_gb=3)
     committed(uow, kept, doomed)
     with uow:
-        uow.entries.count_stats("node-1", hits=1)
+        uow.entries.count_stats(NODE_1, hits=1)
         uow.commit()
     with uow:
         before = (uow.entries.list(), uow.entries.all_totals())
@@ -285,7 +291,7 @@ def test_leaving_without_commit_rolls_back_entries_and_totals(uow: UnitOfWork) -
         uow.entries.add(make_entry("img-1", "node-2", size_gb=1))
         uow.entries.remove(doomed)
         uow.entries.save(attrs.evolve(kept, hits=5))
-        uow.entries.count_stats("node-1", hits=10, misses=3)
+        uow.entries.count_stats(NODE_1, hits=10, misses=3)
     with uow:
         assert (uow.entries.list(), uow.entries.all_totals()) == before
 
@@ -293,11 +299,11 @@ def test_leaving_without_commit_rolls_back_entries_and_totals(uow: UnitOfWork) -
 def test_an_exception_in_the_block_rolls_back_and_propagates(uow: UnitOfWork) -> None:
     with pytest.raises(ZeroDivisionError), uow:
         uow.entries.add(make_entry())
-        uow.entries.count_stats("node-1", misses=1)
+        uow.entries.count_stats(NODE_1, misses=1)
         _ = 1 / 0
     with uow:
         assert uow.entries.list() == []
-        assert uow.entries.totals("node-1") == HostTotals("node-1")
+        assert uow.entries.totals(NODE_1) == ScopeTotals(NODE_1)
 
 
 def test_leaving_the_block_undoes_only_the_work_since_the_last_commit(
@@ -308,7 +314,7 @@ def test_leaving_the_block_undoes_only_the_work_since_the_last_commit(
         uow.entries.add(make_entry("img-2"))
     with uow:
         assert [e.image_id for e in uow.entries.list()] == ["img-1"]
-        assert uow.entries.totals("node-1").count == 1
+        assert uow.entries.totals(NODE_1).count == 1
 
 
 def test_entering_again_on_a_thread_already_inside_is_an_error(uow: UnitOfWork) -> None:
@@ -333,7 +339,7 @@ def test_lru_victims_come_least_recently_used_first_with_ties_broken_by_id(
     committed(uow, *entries)
     expected = sorted(entries, key=lambda e: (e.last_used, e.id))
     with uow:
-        assert list(uow.entries.lru_victims("node-1", at(100))) == expected
+        assert list(uow.entries.lru_victims(NODE_1, at(100))) == expected
 
 
 def test_lru_victims_skip_pinned_creating_and_leased_entries(uow: UnitOfWork) -> None:
@@ -348,7 +354,7 @@ def test_lru_victims_skip_pinned_creating_and_leased_entries(uow: UnitOfWork) ->
         make_entry("lease-ended", last_used=at(4), lease_until=now - dt.timedelta(hours=1)),
     )
     with uow:
-        victims = [e.image_id for e in uow.entries.lru_victims("node-1", now)]
+        victims = [e.image_id for e in uow.entries.lru_victims(NODE_1, now)]
     assert victims == ["lease-ends-now", "lease-ended", "ready"]
 
 
@@ -356,8 +362,8 @@ def test_lru_victims_are_taken_from_one_host_only(uow: UnitOfWork) -> None:
     committed(uow, make_entry("img-1", "node-1", last_used=at(2)),
               make_entry("img-2", "node-2", last_used=at(1)))
     with uow:
-        assert [e.image_id for e in uow.entries.lru_victims("node-1", at(9))] == ["img-1"]
-        assert list(uow.entries.lru_victims("node-3", at(9))) == []
+        assert [e.image_id for e in uow.entries.lru_victims(NODE_1, at(9))] == ["img-1"]
+        assert list(uow.entries.lru_victims(NODE_3, at(9))) == []
 
 
 def test_removing_victims_while_iterating_evicts_each_one_once(uow: UnitOfWork) -> None:
@@ -365,15 +371,15 @@ def test_removing_victims_while_iterating_evicts_each_one_once(uow: UnitOfWork) 
     committed(uow, *entries)
     evicted = []
     with uow:
-        for victim in uow.entries.lru_victims("node-1", at(100)):
-            if uow.entries.totals("node-1").count <= 10:
+        for victim in uow.entries.lru_victims(NODE_1, at(100)):
+            if uow.entries.totals(NODE_1).count <= 10:
                 break
             assert uow.entries.remove(victim)
             evicted.append(victim.image_id)
         uow.commit()
     assert evicted == [e.image_id for e in entries[:30]]
     with uow:
-        assert uow.entries.totals("node-1") == HostTotals("node-1", count=10, size_gb=10)
+        assert uow.entries.totals(NODE_1) == ScopeTotals(NODE_1, count=10, size_gb=10)
 
 
 # -- time --------------------------------------------------------------------------------------
@@ -405,12 +411,12 @@ def test_end_lease_clears_only_the_lease_it_is_given(uow: UnitOfWork) -> None:
         uow.entries.add(entry)
         uow.commit()
     with uow:
-        uow.entries.end_lease("e1", "h", mine)  # someone else's lease stands
+        uow.entries.end_lease("e1", scope_of("h"), mine)  # someone else's lease stands
         uow.commit()
     with uow:
         found = uow.entries.get("e1")
         assert found is not None and found.lease_until == theirs
-        uow.entries.end_lease("e1", "h", theirs)
+        uow.entries.end_lease("e1", scope_of("h"), theirs)
         uow.commit()
     with uow:
         found = uow.entries.get("e1")
@@ -422,14 +428,14 @@ def test_end_lease_of_a_hit_counts_it_on_the_entry_and_its_host(uow: UnitOfWork)
     mine, theirs = now + dt.timedelta(seconds=30), now + dt.timedelta(seconds=60)
     committed(uow, make_entry(lease_until=theirs))
     with uow:
-        uow.entries.lock_host("node-1")
+        uow.entries.lock_scope(NODE_1)
         uow.commit()
     with uow:
-        uow.entries.end_lease("entry-node-1-img-1", "node-1", mine, hit=True)
-        uow.entries.end_lease("entry-node-1-img-1", "node-1", theirs, hit=True)
-        uow.entries.end_lease("gone", "node-1", mine, hit=True)  # the hit still counts
+        uow.entries.end_lease("entry-node-1-img-1", NODE_1, mine, hit=True)
+        uow.entries.end_lease("entry-node-1-img-1", NODE_1, theirs, hit=True)
+        uow.entries.end_lease("gone", NODE_1, mine, hit=True)  # the hit still counts
         uow.commit()
     with uow:
         found = uow.entries.get("entry-node-1-img-1")
         assert found is not None and (found.hits, found.lease_until) == (2, None)
-        assert uow.entries.totals("node-1").hits == 3
+        assert uow.entries.totals(NODE_1).hits == 3

@@ -19,7 +19,7 @@ import attrs
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, event, insert, inspect
+from sqlalchemy import Engine, event, insert, inspect, text
 from sqlalchemy.exc import StatementError
 
 import ivcache.adapters.sql
@@ -34,10 +34,13 @@ from ivcache.adapters.sql import (
 from ivcache.adapters.sql.repository import LRU_BATCH
 from ivcache.adapters.sql.tables import cache_entries, metadata
 from ivcache.core.errors import AlreadyClaimed, ConfigError
-from ivcache.core.model import CacheEntry, EntryState, HostTotals
+from ivcache.core.model import CacheEntry, EntryState, ScopeTotals
 from ivcache.core.ports import CacheRepository, UnitOfWork
+from tests.support.scopes import scope_of
 
 T0 = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
+NODE_1 = scope_of("node-1")
+NODE_2 = scope_of("node-2")
 
 
 def make_entry(image_id: str = "img-1", host: str = "node-1", *, size_gb: int = 1,
@@ -111,7 +114,7 @@ def test_the_sql_classes_fit_the_ports(uow: SqlUnitOfWork) -> None:
     with port:
         repo: CacheRepository = port.entries
         assert isinstance(repo, SqlCacheRepository)
-        assert repo.totals("node-1") == HostTotals("node-1")
+        assert repo.totals(NODE_1) == ScopeTotals(NODE_1)
 
 
 # -- schema and migrations ---------------------------------------------------------------------
@@ -121,9 +124,42 @@ def test_upgrading_a_new_database_twice_leaves_it_at_the_newest_revision(url: st
     upgrade(url)
     engine = make_engine(url)
     try:
-        assert current_revision(engine) == head_revision() == "0001"
+        assert current_revision(engine) == head_revision() == "0002"
         assert set(inspect(engine).get_table_names()) == {
-            "alembic_version", "cache_entries", "host_totals"}
+            "alembic_version", "cache_entries", "scope_totals"}
+    finally:
+        engine.dispose()
+
+
+def test_entries_and_totals_of_a_database_made_before_scopes_move_to_the_default_scope(
+        url: str) -> None:
+    upgrade(url, "0001")
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:  # what ivcache 0001 wrote
+            conn.execute(text(
+                "INSERT INTO cache_entries (id, host, image_id, volume_id, size_gb, state, "
+                "created_at, last_used, hits, pinned) VALUES "
+                "('e1', 'node-1', 'img-1', 'vol-1', 2, 'ready', :t, :t, 3, false), "
+                "('e2', 'node-2', 'img-1', 'vol-2', 1, 'ready', :t, :t, 0, false)"),
+                {"t": T0.replace(tzinfo=None) if url.startswith("sqlite") else T0})
+            conn.execute(text(
+                "INSERT INTO host_totals (host, count, size_gb, hits, misses, evictions, "
+                "downloads, bytes_downloaded) VALUES ('node-1', 1, 2, 3, 1, 0, 1, 4096), "
+                "('node-2', 1, 1, 0, 1, 0, 1, 4096)"))
+        upgrade(engine)
+        uow = SqlUnitOfWork(engine)
+        with uow:
+            one = uow.entries.find(NODE_1, "img-1")
+            assert one is not None and (one.id, one.hits, one.size_gb) == ("e1", 3, 2)
+            assert (one.backend, one.pool, one.cluster) == ("default", "default", None)
+            assert uow.entries.totals(NODE_1) == ScopeTotals(
+                NODE_1, count=1, size_gb=2, hits=3, misses=1, downloads=1,
+                bytes_downloaded=4096)
+            assert [t.scope for t in uow.entries.all_totals()] == [NODE_1, NODE_2]
+            # The claim is per scope now: the same image again in node-1's is refused.
+            with pytest.raises(AlreadyClaimed):
+                uow.entries.add(make_entry("img-1"))
     finally:
         engine.dispose()
 
@@ -146,12 +182,13 @@ def test_the_schema_has_the_claim_constraint_and_the_lru_and_volume_indexes(
         engine: Engine) -> None:
     schema = inspect(engine)
     assert [u["column_names"] for u in schema.get_unique_constraints("cache_entries")] == [
-        ["host", "image_id"]]
+        ["scope", "image_id"]]
     # PostgreSQL also lists the index behind the unique constraint; it is not ours to count.
     indexes = {i["name"]: i["column_names"] for i in schema.get_indexes("cache_entries")
                if "duplicates_constraint" not in i}
-    assert indexes == {"ix_cache_entries_host_last_used_id": ["host", "last_used", "id"],
-                       "ix_cache_entries_volume_id": ["volume_id"]}
+    assert indexes == {"ix_cache_entries_scope_last_used_id": ["scope", "last_used", "id"],
+                       "ix_cache_entries_volume_id": ["volume_id"],
+                       "ix_cache_entries_host_backend_scope": ["host", "backend", "scope"]}
 
 
 # -- the engine --------------------------------------------------------------------------------
@@ -169,7 +206,7 @@ def test_every_sqlite_transaction_begins_immediate(sqlite_engine: Engine) -> Non
     statements = Statements(sqlite_engine)
     statements.recording = True
     with uow:
-        uow.entries.totals("node-1")
+        uow.entries.totals(NODE_1)
     assert statements.seen[0][0] == "BEGIN IMMEDIATE"
 
 
@@ -198,7 +235,7 @@ def test_times_in_other_zones_are_stored_as_utc_instants_and_ordered_as_such(
         uow.entries.add(early)
         uow.commit()
     with uow:
-        victims = list(uow.entries.lru_victims("node-1", T0))
+        victims = list(uow.entries.lru_victims(NODE_1, T0))
     assert [v.image_id for v in victims] == ["early", "late"]
     assert victims[0].last_used == early.last_used
     assert victims[0].last_used.tzinfo is dt.UTC
@@ -211,17 +248,17 @@ def test_a_naive_time_is_refused(uow: SqlUnitOfWork) -> None:
 
 # -- totals ------------------------------------------------------------------------------------
 
-def test_lock_host_creates_the_totals_row_it_locks(uow: SqlUnitOfWork) -> None:
+def test_lock_scope_creates_the_totals_row_it_locks(uow: SqlUnitOfWork) -> None:
     with uow:
-        assert uow.entries.lock_host("node-1") == HostTotals("node-1")
+        assert uow.entries.lock_scope(NODE_1) == ScopeTotals(NODE_1)
         uow.commit()
     with uow:
-        assert uow.entries.all_totals() == [HostTotals("node-1")]
+        assert uow.entries.all_totals() == [ScopeTotals(NODE_1)]
 
 
 # -- LRU victims: the index, and bounded reads ------------------------------------------------
 
-def test_the_lru_victim_queries_search_the_host_last_used_index_on_sqlite(
+def test_the_lru_victim_queries_search_the_scope_last_used_index_on_sqlite(
         sqlite_engine: Engine) -> None:
     engine = sqlite_engine
     small_batches = SqlUnitOfWork(engine, lru_batch=2)
@@ -232,7 +269,7 @@ def test_the_lru_victim_queries_search_the_host_last_used_index_on_sqlite(
     statements = Statements(engine)
     with small_batches:
         statements.recording = True
-        assert len(list(small_batches.entries.lru_victims("node-1", T0))) == 5
+        assert len(list(small_batches.entries.lru_victims(NODE_1, T0))) == 5
         statements.recording = False
     queries = statements.selects_from_entries()
     assert len(queries) == 3  # the first page, then two keyset pages
@@ -240,20 +277,21 @@ def test_the_lru_victim_queries_search_the_host_last_used_index_on_sqlite(
         for sql, params in queries:
             plan = " ".join(row[3] for row in
                             conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}", params))
-            assert "USING INDEX ix_cache_entries_host_last_used_id" in plan
+            assert "USING INDEX ix_cache_entries_scope_last_used_id" in plan
             assert "TEMP B-TREE" not in plan  # the order comes from the index too
 
 
 def test_taking_one_victim_among_two_thousand_entries_reads_one_small_batch(
         engine: Engine, uow: SqlUnitOfWork) -> None:
-    rows = [{"id": f"e-{n:04}", "host": "node-1", "image_id": f"img-{n:04}",
+    rows = [{"id": f"e-{n:04}", "host": "node-1", "backend": "default", "pool": "default",
+             "scope": NODE_1, "image_id": f"img-{n:04}",
              "volume_id": f"vol-{n:04}", "size_gb": 1, "state": "ready", "created_at": T0,
              "last_used": T0 + dt.timedelta(seconds=n)} for n in range(2000)]
     with engine.begin() as conn:  # seeded in bulk: only the reads are under test
         conn.execute(insert(cache_entries), rows)
     statements = Statements(engine)
     with uow:
-        victims = uow.entries.lru_victims("node-1", T0 + dt.timedelta(days=1))
+        victims = uow.entries.lru_victims(NODE_1, T0 + dt.timedelta(days=1))
         statements.recording = True
         first = next(victims)
         statements.recording = False
@@ -277,7 +315,7 @@ def test_a_unit_of_work_is_reusable_and_refuses_use_outside_a_with_block(
             uow.commit()
         assert uow.committed
     with uow:
-        assert uow.entries.totals("node-1").count == 3
+        assert uow.entries.totals(NODE_1).count == 3
         with pytest.raises(RuntimeError, match="already inside"):
             uow.__enter__()
 
@@ -301,7 +339,7 @@ def test_concurrent_claims_from_eight_threads_let_exactly_one_win(
     assert sorted(outcomes) == ["lost"] * 7 + ["won"]
     with uow:
         assert len(uow.entries.list()) == 1
-        assert uow.entries.totals("node-1") == HostTotals("node-1", count=1, size_gb=4)
+        assert uow.entries.totals(NODE_1) == ScopeTotals(NODE_1, count=1, size_gb=4)
 
 
 def _add_while_under_three(url: str, worker: int, attempts: int, start: Any) -> None:
@@ -311,13 +349,13 @@ def _add_while_under_three(url: str, worker: int, attempts: int, start: Any) -> 
     start.wait()
     for n in range(attempts):
         with uow:
-            if uow.entries.lock_host("node-1").count < 3:
+            if uow.entries.lock_scope(NODE_1).count < 3:
                 uow.entries.add(make_entry(f"img-{worker}-{n}"))
             uow.commit()
     engine.dispose()
 
 
-def test_two_processes_checking_a_limit_under_lock_host_never_exceed_it(
+def test_two_processes_checking_a_limit_under_lock_scope_never_exceed_it(
         url: str, engine: Engine, uow: SqlUnitOfWork) -> None:
     spawn = multiprocessing.get_context("spawn")
     start = spawn.Barrier(2)  # both ready, then both go: their transactions interleave
@@ -330,4 +368,4 @@ def test_two_processes_checking_a_limit_under_lock_host_never_exceed_it(
     assert [w.exitcode for w in workers] == [0, 0]
     with uow:
         assert len(uow.entries.list()) == 3
-        assert uow.entries.totals("node-1") == HostTotals("node-1", count=3, size_gb=3)
+        assert uow.entries.totals(NODE_1) == ScopeTotals(NODE_1, count=3, size_gb=3)

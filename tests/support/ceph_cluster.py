@@ -108,6 +108,12 @@ class CephCluster:
         return self._run("ceph", "-c", str(self.conf), "--connect-timeout", "30", *args,
                          timeout=timeout)
 
+    def create_pool(self, name: str) -> str:
+        """Make another pool, initialised for RBD (a no-op if it exists); its name."""
+        self.ceph("osd", "pool", "create", name, "8", "8")
+        self._run("rbd", "-c", str(self.conf), "pool", "init", name, timeout=120)
+        return name
+
     def stop(self) -> None:
         """End the daemons started here (OSD first), then remove the directory."""
         for proc in reversed(self._procs):

@@ -1,7 +1,8 @@
 """Many workers on one database: helpers for the concurrency tests and the benchmarks.
 
 Each worker is a real ``CacheService`` on real parts: the SQL repository (SQLite file or
-PostgreSQL), ``FileStorage`` (one directory per host, shared by that host's workers) and
+PostgreSQL), ``FileStorage`` (one directory per host, shared by that host's workers; one per
+cluster, shared by its hosts, when the world has a ``cluster``) and
 ``LocalImageSource`` behind ``SlowImages``, which trickles the bytes out so that concurrent
 requests really overlap a download. ``SlowImages`` also appends one line per download to a
 log file, so downloads are counted by what happened, not by what the database says.
@@ -31,7 +32,7 @@ from ivcache.adapters.images.local import LocalImageSource
 from ivcache.adapters.memory import RecordingNotifier
 from ivcache.adapters.sql import SqlUnitOfWork, make_engine
 from ivcache.adapters.storage.file import FileStorage
-from ivcache.core.model import GIB, Image, RequestContext
+from ivcache.core.model import GIB, Image, RequestContext, Scope
 from ivcache.core.policy import CachePolicy
 from ivcache.core.service import CacheService
 
@@ -95,6 +96,8 @@ class World:
     max_size_gb: int = 0
     claim_wait_seconds: float = 60.0
     claim_lease_seconds: float = 60.0
+    #: hosts of one cluster share its scope and one storage directory
+    cluster: str | None = None
 
     @property
     def images_path(self) -> Path:
@@ -104,8 +107,11 @@ class World:
     def downloads_log(self) -> Path:
         return self.root / "downloads.log"
 
+    def scope(self, host: str) -> Scope:
+        return Scope(host, cluster=self.cluster)
+
     def storage(self, host: str) -> FileStorage:
-        return FileStorage(self.root / "volumes" / host, host=host)
+        return FileStorage(self.root / "volumes" / (self.cluster or host), host=host)
 
     def service(self, host: str, engine: Engine) -> CacheService:
         images = SlowImages(LocalImageSource(self.images_path), delay=self.delay,
@@ -113,9 +119,9 @@ class World:
         policy = CachePolicy(max_count=self.max_count, max_size_gb=self.max_size_gb,
                              claim_wait_seconds=self.claim_wait_seconds,
                              claim_lease_seconds=self.claim_lease_seconds)
-        return CacheService(host=host, storage=self.storage(host), images=images,
-                            uow=SqlUnitOfWork(engine), notifier=RecordingNotifier(),
-                            policy=policy)
+        return CacheService(scope=self.scope(host), storage=self.storage(host),
+                            images=images, uow=SqlUnitOfWork(engine),
+                            notifier=RecordingNotifier(), policy=policy)
 
     def downloads(self) -> list[tuple[int, str]]:
         """(pid, image id) of every download so far."""
@@ -257,16 +263,16 @@ def run_processes(world: World, workers: Sequence[tuple[str, Sequence[tuple[str,
 
 
 class Watcher:
-    """Polls a host's entries and totals row while others work; keeps the largest seen.
+    """Polls a scope's entries and totals row while others work; keeps the largest seen.
 
     One statement per poll, so the entries and the totals come from one snapshot.
     """
 
-    def __init__(self, url: str, host: str) -> None:
+    def __init__(self, url: str, scope: str) -> None:
         # A plain engine: its reads take no write lock (ivcache's SQLite engine begins
         # IMMEDIATE), so watching does not slow the workers down.
         self._engine = create_engine(url)
-        self.host = host
+        self.scope = scope
         self.max_entries = self.max_size_gb = 0
         self.max_total_count = self.max_total_size_gb = 0
         self.polls = 0
@@ -284,14 +290,14 @@ class Watcher:
 
     def _run(self) -> None:
         query = text(
-            "SELECT (SELECT count(*) FROM cache_entries WHERE host = :h),"
-            " (SELECT coalesce(sum(size_gb), 0) FROM cache_entries WHERE host = :h),"
-            " (SELECT coalesce(max(count), 0) FROM host_totals WHERE host = :h),"
-            " (SELECT coalesce(max(size_gb), 0) FROM host_totals WHERE host = :h)")
+            "SELECT (SELECT count(*) FROM cache_entries WHERE scope = :s),"
+            " (SELECT coalesce(sum(size_gb), 0) FROM cache_entries WHERE scope = :s),"
+            " (SELECT coalesce(max(count), 0) FROM scope_totals WHERE scope = :s),"
+            " (SELECT coalesce(max(size_gb), 0) FROM scope_totals WHERE scope = :s)")
         with self._engine.connect() as conn:
             while not self._stop.is_set():
                 entries, size, total_count, total_size = conn.execute(
-                    query, {"h": self.host}).one()
+                    query, {"s": self.scope}).one()
                 conn.rollback()  # a fresh snapshot next time
                 self.max_entries = max(self.max_entries, entries)
                 self.max_size_gb = max(self.max_size_gb, size)

@@ -20,10 +20,14 @@ from ivcache.core.model import (
     Image,
     InternalTenant,
     RequestContext,
+    Scope,
 )
 from ivcache.core.policy import CachePolicy
 from ivcache.core.ports import ImageConverter
 from ivcache.core.service import CacheService
+
+#: The scope of host node-1 on the default backend: what ``World.service()`` speaks for.
+NODE_1 = Scope("node-1").key
 
 
 class World:
@@ -98,7 +102,7 @@ def claim(world: World, image_id: str, expires_in: float) -> CacheEntry:
 def lease(world: World, image_id: str, seconds: float) -> None:
     """As if a clone of the entry's volume were in progress for ``seconds`` more."""
     with world.uow as uow:
-        entry = uow.entries.find("node-1", image_id)
+        entry = uow.entries.find(NODE_1, image_id)
         assert entry is not None
         entry.lease_until = world.clock.now() + dt.timedelta(seconds=seconds)
         uow.entries.save(entry)

@@ -41,7 +41,7 @@ def _words(error: pytest.ExceptionInfo[ConfigError]) -> set[str]:
 
 def test_an_unknown_storage_is_refused_naming_every_backend(config: Config) -> None:
     with pytest.raises(ConfigError, match="storage = 'tape'") as raised:
-        build_storage(attrs.evolve(config, storage="tape"))
+        build_storage(attrs.evolve(config.backend(), storage="tape"))
     assert {"file", "qcow2", "rbd", "fake-lvm", "fake-rbd"} <= _words(raised)
 
 

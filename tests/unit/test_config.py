@@ -35,16 +35,17 @@ def test_without_a_file_everything_lives_under_ivcache_home(tmp_path: Path) -> N
     config = load_config(env={"IVCACHE_HOME": str(tmp_path)})
     assert config.home == tmp_path and config.source is None
     assert config.database_url.render_as_string() == f"sqlite:///{tmp_path / 'ivcache.db'}"
-    assert config.storage_path == tmp_path / "volumes"
+    assert config.backend().storage_path == tmp_path / "volumes"
     assert config.images_path == tmp_path / "images"
     assert config.host == socket.gethostname()
-    assert (config.storage, config.image_source, config.notifier) == ("file", "local", "log")
-    assert config.storage_capacity_gb == 1000
-    assert config.policy == CachePolicy()
+    backend = config.backend()
+    assert (backend.storage, config.image_source, config.notifier) == ("file", "local", "log")
+    assert backend.storage_capacity_gb == 1000
+    assert backend.policy == CachePolicy()
     assert config.tenant == InternalTenant()
     assert config.glance == GlanceConfig()
-    assert (config.rbd_pool, config.rbd_conf, config.rbd_user,
-            config.rbd_max_clone_depth) == ("rbd", "/etc/ceph/ceph.conf", "", 5)
+    assert (config.backend().rbd_pool, config.backend().rbd_conf, config.backend().rbd_user,
+            config.backend().rbd_max_clone_depth) == ("rbd", "/etc/ceph/ceph.conf", "", 5)
 
 
 def test_ivcache_config_names_the_file_when_no_path_is_given(tmp_path: Path) -> None:
@@ -71,7 +72,7 @@ claim_wait_seconds = 1.5
 claim_lease_seconds = 90
 """)
     assert config.host == "node-1"
-    assert config.policy == CachePolicy(enabled=False, max_size_gb=200, max_count=50,
+    assert config.backend().policy == CachePolicy(enabled=False, max_size_gb=200, max_count=50,
                                         claim_wait_seconds=1.5, claim_lease_seconds=90.0)
     assert config.tenant == InternalTenant("svc-project", "svc-user", quota_gb=300,
                                            quota_volumes=60)
@@ -79,9 +80,9 @@ claim_lease_seconds = 90
 
 def test_max_size_count_is_read_as_max_count_and_max_count_wins(tmp_path: Path) -> None:
     alias = "[DEFAULT]\nimage_volume_cache_max_size_count = 7\n"
-    assert _load(tmp_path, alias).policy.max_count == 7
+    assert _load(tmp_path, alias).backend().policy.max_count == 7
     both = alias + "image_volume_cache_max_count = 3\n"
-    assert _load(tmp_path, both).policy.max_count == 3
+    assert _load(tmp_path, both).backend().policy.max_count == 3
 
 
 def test_the_cache_options_come_from_the_backend_section_when_one_is_named(
@@ -96,7 +97,7 @@ volume_backend_name = LVM
 image_volume_cache_max_count = 4
 """)
     # The backend's own value wins; what it does not set falls back to [DEFAULT].
-    assert (config.policy.max_count, config.policy.max_size_gb) == (4, 10)
+    assert (config.backend().policy.max_count, config.backend().policy.max_size_gb) == (4, 10)
     message = _refused(tmp_path, "[ivcache]\nbackend = lvm-2\n")
     assert "backend = 'lvm-2' names no section" in message
 
@@ -108,11 +109,11 @@ images_path = ../images
 database_url = sqlite:///db/cache.db
 """)
     etc = tmp_path / "etc"
-    assert config.storage_path == etc / "vols"
+    assert config.backend().storage_path == etc / "vols"
     assert config.images_path == etc / ".." / "images"
     assert config.database_url.database == str(etc / "db" / "cache.db")
     default = _load(tmp_path, "[ivcache]\n")
-    assert default.storage_path == etc / "volumes"
+    assert default.backend().storage_path == etc / "volumes"
     assert default.database_url.database == str(etc / "ivcache.db")
 
 
@@ -146,8 +147,9 @@ def test_the_sqlite_file_is_known_once_parsed(tmp_path: Path) -> None:
 def test_an_empty_value_means_the_default(tmp_path: Path) -> None:
     config = _load(tmp_path, "[DEFAULT]\nhost =\nimage_volume_cache_max_count =\n"
                              "[ivcache]\nstorage =\nstorage_path =\n")
-    assert config.host == socket.gethostname() and config.policy.max_count == 0
-    assert config.storage == "file" and config.storage_path == tmp_path / "etc" / "volumes"
+    assert config.host == socket.gethostname() and config.backend().policy.max_count == 0
+    backend = config.backend()
+    assert backend.storage == "file" and backend.storage_path == tmp_path / "etc" / "volumes"
 
 
 def test_glance_options(tmp_path: Path) -> None:
@@ -179,10 +181,11 @@ rbd_conf = /etc/ceph/other.conf
 rbd_user = cinder
 rbd_max_clone_depth = 2
 """)
-    assert (config.storage, config.storage_capacity_gb, config.notifier) == (
+    assert (config.backend().storage, config.backend().storage_capacity_gb, config.notifier) == (
         "fake-rbd", 20, "none")
-    assert (config.rbd_pool, config.rbd_conf, config.rbd_user,
-            config.rbd_max_clone_depth) == ("volumes", "/etc/ceph/other.conf", "cinder", 2)
+    backend = config.backend()
+    assert (backend.rbd_pool, backend.rbd_conf, backend.rbd_user,
+            backend.rbd_max_clone_depth) == ("volumes", "/etc/ceph/other.conf", "cinder", 2)
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -221,7 +224,7 @@ def test_an_unknown_option_is_refused_in_ivcache_and_glance_only(tmp_path: Path)
     # Cinder's own options in [DEFAULT] or a backend section are the driver's business.
     config = _load(tmp_path, "[DEFAULT]\nvolume_driver = x\nenabled_backends = lvm\n"
                              "[ivcache]\nbackend = lvm\n[lvm]\nvolume_group = vg\n")
-    assert config.storage == "file"
+    assert config.backend().storage == "file"
 
 
 def test_an_unreadable_or_invalid_file_is_one_clear_line(tmp_path: Path) -> None:
@@ -242,7 +245,100 @@ def test_every_option_is_named_once_and_its_default_has_its_type() -> None:
 
 
 def test_the_unknown_option_check_knows_every_option_of_the_table(tmp_path: Path) -> None:
-    sections = {Where.IVCACHE: "ivcache", Where.GLANCE: "glance"}
+    # Without enabled_backends, the storage options are [ivcache]'s too.
+    sections = {Where.IVCACHE: "ivcache", Where.STORAGE: "ivcache", Where.GLANCE: "glance"}
     for where, section in sections.items():
         lines = [f"{o.name} =" for o in OPTIONS if o.where is where]
         _load(tmp_path, f"[{section}]\n" + "\n".join(lines) + "\n")
+
+
+# -- several backends (enabled_backends) --------------------------------------------------------
+
+MULTI = """[DEFAULT]
+host = node-1
+cluster = ceph-a                    ; optional: hosts with the same cluster share entries
+enabled_backends = fast, bulk
+cinder_internal_tenant_project_id = internal
+cinder_internal_tenant_user_id = internal
+image_volume_cache_max_size_gb = 100
+
+[fast]
+volume_backend_name = fast
+volume_driver = cinder.volume.drivers.lvm.LVMVolumeDriver
+storage = file
+storage_path = /srv/fast
+image_volume_cache_enabled = true
+image_volume_cache_max_count = 20
+
+[bulk]
+volume_backend_name = bulk
+storage = rbd
+rbd_pool = volumes
+rbd_ceph_conf = /etc/ceph/cinder.conf
+image_volume_cache_max_size_gb = 500
+"""
+
+
+def test_each_backend_section_has_its_own_cache_and_storage_options(tmp_path: Path) -> None:
+    config = _load(tmp_path, MULTI)
+    assert config.backend_names == ["fast", "bulk"] and config.default_backend == ""
+    fast, bulk = config.backend("fast"), config.backend("bulk")
+    assert (fast.storage, fast.storage_path, fast.pool) == ("file", Path("/srv/fast"), "fast")
+    assert (fast.policy.max_count, fast.policy.max_size_gb) == (20, 100)  # [DEFAULT]'s
+    assert (bulk.storage, bulk.rbd_pool, bulk.pool) == ("rbd", "volumes", "volumes")
+    assert bulk.rbd_conf == "/etc/ceph/cinder.conf"  # Cinder's name, rbd_ceph_conf
+    assert (bulk.policy.max_count, bulk.policy.max_size_gb) == (0, 500)
+    assert config.cluster == "ceph-a"
+    assert config.scope(fast).key == "ceph-a@fast#fast"
+    assert config.scope(bulk).key == "ceph-a@bulk#volumes"
+    with pytest.raises(ConfigError, match=r"several backends are enabled \(fast, bulk\)"):
+        config.backend()
+
+
+def test_without_enabled_backends_there_is_one_implicit_backend_named_default(
+        tmp_path: Path) -> None:
+    config = _load(tmp_path, "[DEFAULT]\nhost = node-1\n")
+    assert config.backend_names == ["default"] and config.backend().name == "default"
+    assert config.scope(config.backend()).key == "node-1@default#default"
+    rbd = _load(tmp_path, "[ivcache]\nstorage = rbd\nrbd_pool = volumes\n")
+    assert rbd.backend().pool == "volumes"
+    named = _load(tmp_path, "[DEFAULT]\npool_name = gold\n[ivcache]\n")
+    assert named.backend().pool == "gold"
+
+
+def test_a_backend_without_storage_path_gets_its_own_directory(tmp_path: Path) -> None:
+    config = _load(tmp_path, "[DEFAULT]\nenabled_backends = a, b\n[ivcache]\nbackend = b\n"
+                             "[a]\n[b]\n")
+    etc = tmp_path / "etc"
+    assert [b.storage_path for b in config.backends] == [etc / "volumes" / "a",
+                                                         etc / "volumes" / "b"]
+    assert config.backend().name == "b"
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("[DEFAULT]\nenabled_backends = fast, bulk\n[fast]\n",
+     "enabled_backends names [bulk], which is not a section of the file"),
+    ("[DEFAULT]\nenabled_backends = a, b\n[a]\nstorage_path = /srv/x\n[b]\nstorage_path = /srv/x\n",
+     "backends a and b both claim storage_path = /srv/x"),
+    ("[DEFAULT]\nenabled_backends = a, b\nstorage_path = /srv/x\n[a]\n[b]\n",
+     "backends a and b both claim storage_path = /srv/x"),
+    ("[DEFAULT]\ncluster = ceph@a\n", "cluster name 'ceph@a' cannot be part of a scope"),
+    ("[DEFAULT]\ncluster = ceph#a\nenabled_backends = a\n[a]\n",
+     "cluster name 'ceph#a' cannot be part of a scope"),
+    ("[DEFAULT]\nenabled_backends = a\n[a]\ndatabase_url = sqlite:///x.db\n",
+     "option database_url in [a] is global, not a backend's: put it in [ivcache]"),
+    ("[DEFAULT]\nenabled_backends = a\n[a]\nhost = node-2\n",
+     "option host in [a] is global, not a backend's: put it in [DEFAULT]"),
+    ("[DEFAULT]\nenabled_backends = a\n[ivcache]\nstorage_path = /srv/x\n[a]\n",
+     "option storage_path does not belong in [ivcache]: put it in a backend section"),
+    ("[ivcache]\nimage_volume_cache_max_count = 3\n",
+     "option image_volume_cache_max_count does not belong in [ivcache]: put it in [DEFAULT]"),
+    ("[DEFAULT]\nenabled_backends = a\n[ivcache]\nbackend = b\n[a]\n",
+     "option backend = 'b' in [ivcache] is not one of enabled_backends (a)"),
+    ("[DEFAULT]\nenabled_backends = a, a\n[a]\n", "enabled_backends names [a] twice"),
+])
+def test_a_bad_backend_configuration_is_refused_naming_what_is_wrong(
+        tmp_path: Path, text: str, expected: str) -> None:
+    message = _refused(tmp_path, text)
+    assert expected in message, message
+    assert not (tmp_path / "etc" / "volumes").exists()  # nothing made

@@ -36,7 +36,8 @@ def test_every_payload_field_is_logged_with_enums_by_their_value(
     assert caplog.messages == [
         "event=image_volume_cache.evict image_id=img-1 host=node-1 reason=image-deleted "
         "entry_id=e-1 size_gb=3",
-        "event=image_volume_cache.miss image_id=img-2 host=node-1 outcome=miss-uncached",
+        "event=image_volume_cache.miss image_id=img-2 host=node-1 outcome=miss-uncached "
+        "filled_from=image-source",
         "event=image_volume_cache.download image_id=img-2 host=node-1 bytes=1024 seconds=0.5",
     ]
 

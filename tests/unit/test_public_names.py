@@ -14,13 +14,17 @@ from ivcache.entrypoints.library import ImageVolumeCache
 
 CORE = {
     # model
-    "GIB", "CacheEntry", "CreateResult", "EntryState", "HostTotals", "Image", "InternalTenant",
+    "GIB", "CacheEntry", "CreateResult", "EntryState", "Image", "InternalTenant",
     "Outcome", "RequestContext", "Volume", "check_id", "new_id",
+    # model: scopes (issue 11)
+    "DEFAULT_BACKEND", "Scope", "ScopeTotals",
     # policy, service
     "CachePolicy", "CacheService", "Finding", "NullTracer", "SystemClock",
+    # service: neighbours and adoption (issue 11)
+    "Adoption", "Neighbour",
     # events
     "CacheEntryCreated", "CacheEvict", "CacheHit", "CacheMiss", "Event", "EvictReason",
-    "ImageDownloaded",
+    "ImageDownloaded", "IMAGE_SOURCE",
     # ports
     "CacheRepository", "Clock", "DiskImage", "FileChunks", "ImageConverter", "ImageData",
     "ImageSource", "Notifier", "Span", "StorageBackend", "Tracer", "UnitOfWork",
@@ -38,6 +42,7 @@ FACADE = {
     "add_image", "list_images",
     "create_volume", "get_volume", "delete_volume", "list_volumes",
     "entries", "get_entry", "evict", "prune", "warm", "pin", "unpin", "reconcile", "stats",
+    "adopt",
 }
 
 

@@ -23,7 +23,7 @@ from ivcache.core.errors import (
 from ivcache.core.model import EntryState, InternalTenant, Outcome, RequestContext, Volume
 from ivcache.core.policy import CachePolicy
 from ivcache.core.service import CacheService, SystemClock
-from tests.unit.conftest import World, claim, evictions, lease, outcomes_announced
+from tests.unit.conftest import NODE_1, World, claim, evictions, lease, outcomes_announced
 
 # ---------------------------------------------------------------- miss, hit, ownership
 
@@ -169,8 +169,8 @@ def test_pinned_and_leased_entries_are_never_victims(world: World) -> None:
         service.create_volume(world.alice, name, 1)
         world.clock.advance(1)
     with world.uow as uow:
-        a = uow.entries.find("node-1", "a")
-        b = uow.entries.find("node-1", "b")
+        a = uow.entries.find(NODE_1, "a")
+        b = uow.entries.find(NODE_1, "b")
         assert a is not None and b is not None
         a.pinned = True
         b.lease_until = world.clock.now() + dt.timedelta(seconds=60)
