@@ -59,15 +59,18 @@ def test_a_pasted_multi_backend_config_serves_each_backend_and_fills_from_a_neig
     with open(on_fast["path"], "rb") as fh:
         assert fh.read(4096) == b"boot" * 1024
 
-    listed = cli.ok("cache", "list", "--backend", "fast", "--config", config, "--json").json()
+    listed = cli.ok("cache", "--admin", "list", "--backend", "fast", "--config", config,
+                    "--json").json()
     assert [(e["scope"], e["host"], e["cluster"], e["backend"], e["pool"]) for e in listed] == [
         ("node-1@fast#fast", "node-1", None, "fast", "fast")]
-    assert cli.ok("cache", "list", "--backend", "bulk", "--config", config,
+    assert cli.ok("cache", "--admin", "list", "--backend", "bulk", "--config", config,
                   "--json").json() == []
-    shown = cli.ok("cache", "show", listed[0]["id"], "--backend", "fast", "--config", config,
+    shown = cli.ok("cache", "--admin", "show", listed[0]["id"], "--backend", "fast",
+                   "--config", config,
                    "--json").json()
     assert shown["scope"] == "node-1@fast#fast"
-    stats = cli.ok("cache", "stats", "--backend", "fast", "--config", config, "--json").json()
+    stats = cli.ok("cache", "--admin", "stats", "--backend", "fast", "--config", config,
+                   "--json").json()
     assert (stats["scope"], stats["backend"], stats["pool"], stats["downloads"],
             stats["neighbour_fills"]) == ("node-1@fast#fast", "fast", "fast", 1, 0)
 
@@ -76,8 +79,9 @@ def test_without_backend_among_several_or_with_an_unknown_one_is_a_usage_error(
         cli: Cli, tmp_path: Path) -> None:
     config = str(write_config(tmp_path))
     for args in (("volume", "create", "--image", "x", "--size", "1"), ("volume", "list"),
-                 ("cache", "list"), ("cache", "stats"), ("cache", "adopt"),
-                 ("cache", "evict", "--all")):
+                 ("cache", "--admin", "list"), ("cache", "--admin", "stats"), ("cache",
+                 "--admin", "adopt"),
+                 ("cache", "--admin", "evict", "--all")):
         run = cli.fails(*args, "--config", config, code=2)
         assert "several backends are enabled (fast, bulk)" in run.err, run.err
         assert "--backend" in run.err
@@ -111,11 +115,13 @@ def test_a_host_that_joins_a_cluster_adopts_its_entries_on_its_next_run(
            "--config", str(config))
 
     joined = str(write_config(tmp_path, cluster="cluster = ceph-a"))
-    done = cli.ok("cache", "adopt", "--backend", "bulk", "--config", joined, "--json").json()
+    done = cli.ok("cache", "--admin", "adopt", "--backend", "bulk", "--config", joined,
+                  "--json").json()
     assert done["scope"] == "ceph-a@bulk#bulk"
     assert [e["scope"] for e in done["adopted"]] == ["ceph-a@bulk#bulk"]
     assert done["merged"] == [] and done["left"] == []
-    listed = cli.ok("cache", "list", "--backend", "bulk", "--config", joined, "--json").json()
+    listed = cli.ok("cache", "--admin", "list", "--backend", "bulk", "--config", joined,
+                    "--json").json()
     assert [(e["scope"], e["host"], e["cluster"]) for e in listed] == [
         ("ceph-a@bulk#bulk", "node-1", "ceph-a")]
     # Another host of the cluster is served from the adopted entry.
