@@ -36,7 +36,9 @@ class Event:
     name = "image_volume_cache.event"
 
     def payload(self) -> dict[str, object]:
-        return attrs.asdict(self, value_serializer=_plain)
+        """The fields by name, enums by their value; a field that is None is left out."""
+        return attrs.asdict(self, value_serializer=_plain,
+                            filter=lambda _field, value: value is not None)
 
 
 def _plain(_inst: object, _field: object, value: object) -> object:
@@ -53,6 +55,8 @@ class CacheHit(Event):
 class CacheMiss(Event):
     #: the request's outcome: ``miss`` (cached now) or ``miss-uncached``
     outcome: str = "miss"
+    #: the entry made for it (None, and left out of the payload, when served uncached)
+    entry_id: str | None = None
     name = "image_volume_cache.miss"
 
 

@@ -355,4 +355,4 @@ class CacheService(OperatorCommands):
             with self.uow as uow:
                 uow.entries.count_stats(self.host, misses=1)
                 uow.commit()
-            self.notifier.publish(CacheMiss(image.id, self.host, outcome.value))
+            self.notifier.publish(CacheMiss(image.id, self.host, outcome.value, entry_id))

@@ -9,7 +9,7 @@ import attrs
 from sqlalchemy import Engine
 
 from ivcache.adapters.images.local import LocalImageSource
-from ivcache.adapters.notify import NullNotifier
+from ivcache.adapters.notify import MultiNotifier, NullNotifier
 from ivcache.adapters.notify.log import LogNotifier
 from ivcache.adapters.sql.engine import make_engine, upgrade
 from ivcache.adapters.sql.repository import SqlUnitOfWork
@@ -17,14 +17,16 @@ from ivcache.core.errors import ConfigError
 from ivcache.core.model import Image, RequestContext
 from ivcache.core.ports import ImageSource, Notifier, StorageBackend, Tracer
 from ivcache.core.service import CacheService, SystemClock
-from ivcache.entrypoints.config import IMAGE_SOURCES, STORAGE_KINDS, Config
+from ivcache.entrypoints.config import IMAGE_SOURCES, NOTIFIERS, STORAGE_KINDS, Config
 
 __all__ = [
     "Wiring",
     "build_glance",
     "build_images",
+    "build_messaging",
     "build_notifier",
     "build_storage",
+    "close_notifier",
     "open_database",
     "wire",
 ]
@@ -40,6 +42,10 @@ class Wiring:
     service: CacheService
     images: ImageSource
     storage: StorageBackend
+
+    def close(self) -> None:
+        """Deliver what the notifiers hold (bounded by ``events_drain_seconds``)."""
+        close_notifier(self.service.notifier)
 
     @property
     def local_images(self) -> LocalImageSource:
@@ -105,13 +111,47 @@ def build_glance(config: Config) -> ImageSource:
 
 
 def build_notifier(config: Config) -> tuple[Notifier, Tracer | None]:
-    if config.notifier == "otel":
-        from ivcache.adapters.notify.otel import OtelNotifier
-        otel = OtelNotifier()
-        return otel, otel
-    if config.notifier == "none":
+    """The notifiers ``config.notifiers`` names (one, several combined, or none), and the
+    tracer (OpenTelemetry's, when it is one of them)."""
+    built: list[Notifier] = []
+    tracer: Tracer | None = None
+    for name in config.notifiers:
+        if name == "log":
+            built.append(LogNotifier())
+        elif name == "otel":
+            from ivcache.adapters.notify.otel import OtelNotifier
+            otel = OtelNotifier()
+            built.append(otel)
+            tracer = otel
+        elif name == "messaging":
+            built.append(build_messaging(config))
+        else:
+            raise ConfigError(f"notifier = {name!r} is not one of {', '.join(NOTIFIERS)}")
+    if not built:
         return NullNotifier(), None
-    return LogNotifier(), None
+    return (built[0] if len(built) == 1 else MultiNotifier(*built)), tracer
+
+
+def build_messaging(config: Config) -> Notifier:
+    """Cinder's notifications on the bus ([oslo_messaging_notifications])."""
+    try:
+        from ivcache.adapters.notify.messaging import MessagingNotifier
+    except ImportError as exc:
+        raise ConfigError("notifier = messaging needs oslo.messaging: pip install "
+                          f"'ivcache[messaging]' ({exc})") from exc
+    m = config.messaging
+    # notifier = messaging with the default driver noop still means "to the bus".
+    driver = m.driver if m.enabled else ("messagingv2",)
+    return MessagingNotifier.connect(transport_url=m.transport_url, host=config.host,
+                                     driver=driver, topics=m.topics,
+                                     drain_seconds=config.events_drain_seconds)
+
+
+def close_notifier(notifier: Notifier) -> None:
+    """Let notifiers that send in the background deliver what they hold (bounded)."""
+    close = getattr(notifier, "close", None)
+    if callable(close):
+        close()
 
 
 class ProgressImages:
@@ -152,10 +192,11 @@ def open_database(config: Config) -> Engine:
 
 def wire(config: Config, *, progress: Progress | None = None) -> Wiring:
     """Build the service for ``config``: the database schema is created or upgraded here."""
+    # The notifiers first: a bad bus option fails before anything is created.
+    notifier, tracer = build_notifier(config)
     engine = open_database(config)
     images = build_images(config)
     storage = build_storage(config)
-    notifier, tracer = build_notifier(config)
     service = CacheService(
         host=config.host,
         storage=storage,

@@ -99,7 +99,10 @@ def _progress(label: str, total: int) -> Callable[[int], None]:
 
 def _wiring(host: str | None = None) -> Wiring:
     config = load_config(_state().config_path).with_host(host)
-    return wire(config, progress=_progress)
+    wiring = wire(config, progress=_progress)
+    # Once the command is done: the bus notifier delivers what it holds (bounded).
+    click.get_current_context().call_on_close(wiring.close)
+    return wiring
 
 
 def _emit(document: object, human: Callable[[], None]) -> None:

@@ -31,11 +31,13 @@ from ivcache.core.policy import CachePolicy
 
 __all__ = [
     "IMAGE_SOURCES",
+    "NOTIFICATION_DRIVERS",
     "NOTIFIERS",
     "OPTIONS",
     "STORAGE_KINDS",
     "Config",
     "GlanceConfig",
+    "MessagingConfig",
     "Option",
     "Where",
     "default_home",
@@ -45,7 +47,9 @@ __all__ = [
 
 STORAGE_KINDS = ("file", "qcow2", "rbd", "fake-lvm", "fake-rbd")
 IMAGE_SOURCES = ("local", "glance")
-NOTIFIERS = ("log", "otel", "none")
+NOTIFIERS = ("log", "otel", "messaging", "none")
+#: oslo.messaging's notification drivers (its entry points), Cinder's values of ``driver``
+NOTIFICATION_DRIVERS = ("noop", "messagingv2", "messaging", "log", "routing", "test")
 GLANCE_AUTH = ("keystone", "trusted-headers")
 
 
@@ -57,6 +61,9 @@ class Where(enum.Enum):
     BACKEND = "backend"
     IVCACHE = "ivcache"
     GLANCE = "glance"
+    #: oslo.messaging's section, as Cinder reads it; its ``transport_url`` falls back to
+    #: [DEFAULT]'s, as in Cinder
+    NOTIFICATIONS = "oslo_messaging_notifications"
 
 
 @attrs.frozen
@@ -66,7 +73,8 @@ class Option:
     ``type`` is ``str``, ``int``, ``float``, ``bool``, ``Path`` (relative to the file) or
     ``URL`` (a database URL; a relative SQLite path is relative to the file). Numbers must
     be 0 or more. An empty value means the default. ``aliases`` are other names read when
-    the option itself is not set.
+    the option itself is not set. ``multiple``: a comma-separated list (each item one of
+    ``choices``, if any), read as a tuple.
     """
 
     where: Where
@@ -76,13 +84,14 @@ class Option:
     help: str
     choices: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
+    multiple: bool = False
 
     @property
     def names(self) -> tuple[str, ...]:
         return (self.name, *self.aliases)
 
 
-_B, _I, _G = Where.BACKEND, Where.IVCACHE, Where.GLANCE
+_B, _I, _G, _N = Where.BACKEND, Where.IVCACHE, Where.GLANCE, Where.NOTIFICATIONS
 
 OPTIONS: tuple[Option, ...] = (
     Option(_B, "host", str, "",
@@ -120,8 +129,12 @@ OPTIONS: tuple[Option, ...] = (
            choices=IMAGE_SOURCES),
     Option(_I, "images_path", Path, Path("images"), "The local image source's directory."),
     Option(_I, "notifier", str, "log",
-           "Where events go: log lines (logger `ivcache.events`), OpenTelemetry, or nowhere.",
-           choices=NOTIFIERS),
+           "Where events go, a list: log lines (logger `ivcache.events`), OpenTelemetry, the "
+           "OpenStack bus ([oslo_messaging_notifications]; implied when its driver is not "
+           "noop), or nowhere.", choices=NOTIFIERS, multiple=True),
+    Option(_I, "events_drain_seconds", float, 3.0,
+           "At exit, how long a process waits for its events to reach the bus; a request "
+           "itself never waits for the bus."),
     Option(_I, "internal_tenant_quota_gb", int, 0,
            "The internal tenant's quota in GiB (0: unlimited), checked before anything is "
            "evicted."),
@@ -153,6 +166,15 @@ OPTIONS: tuple[Option, ...] = (
     Option(_G, "retries", int, 3,
            "Retries of connection errors and 5xx responses (with backoff), and resumptions "
            "of a cut download."),
+    Option(_N, "driver", str, "noop",
+           "oslo.messaging's notification driver, as in Cinder: noop sends nothing; "
+           "messagingv2 sends Cinder's notifications to the bus.",
+           choices=NOTIFICATION_DRIVERS, multiple=True),
+    Option(_N, "transport_url", str, "",
+           "The bus for notifications (`rabbit://USER:PASSWORD@HOST:5672/`); empty: "
+           "[DEFAULT] transport_url, as in Cinder."),
+    Option(_N, "topics", str, "notifications", "The topics notifications are sent to.",
+           multiple=True),
 )
 
 
@@ -169,6 +191,24 @@ class GlanceConfig:
 
 
 @attrs.frozen
+class MessagingConfig:
+    """``[oslo_messaging_notifications]`` (and ``[DEFAULT] transport_url``)."""
+
+    driver: tuple[str, ...] = ("noop",)
+    transport_url: str = ""
+    topics: tuple[str, ...] = ("notifications",)
+
+    @property
+    def enabled(self) -> bool:
+        return any(d != "noop" for d in self.driver)
+
+
+def _list_text(value: str | Sequence[str]) -> str:
+    items = value.split(",") if isinstance(value, str) else value
+    return ", ".join(i.strip() for i in items if i.strip())
+
+
+@attrs.frozen
 class Config:
     home: Path
     host: str
@@ -180,13 +220,25 @@ class Config:
     storage_capacity_gb: int
     image_source: str
     images_path: Path
-    notifier: str = "log"
+    #: the notifiers, comma-separated (``notifiers`` is the list)
+    notifier: str = attrs.field(default="log", converter=_list_text)
     glance: GlanceConfig = GlanceConfig()
+    messaging: MessagingConfig = MessagingConfig()
+    events_drain_seconds: float = 3.0
     rbd_pool: str = "rbd"
     rbd_conf: str = "/etc/ceph/ceph.conf"
     rbd_user: str = ""
     rbd_max_clone_depth: int = 5
     source: Path | None = None
+
+    @property
+    def notifiers(self) -> tuple[str, ...]:
+        """The notifiers to build: ``notifier``'s, plus ``messaging`` when the
+        notification driver is not noop; ``none`` alone means none."""
+        names = [n.strip() for n in self.notifier.split(",") if n.strip()]
+        if self.messaging.enabled and "messaging" not in names:
+            names.append("messaging")
+        return tuple(n for n in names if n != "none")
 
     def with_host(self, host: str | None) -> Config:
         return attrs.evolve(self, host=host) if host else self
@@ -251,6 +303,7 @@ class _Reader:
             raise ConfigError(f"{self.where}: option backend = {backend!r} names no section")
         cache = self.section_values(Where.BACKEND, backend or self.parser.default_section)
         glance = self.section_values(Where.GLANCE, "glance")
+        messaging = self.section_values(Where.NOTIFICATIONS, Where.NOTIFICATIONS.value)
         policy = CachePolicy(
             enabled=cache["image_volume_cache_enabled"],
             max_size_gb=cache["image_volume_cache_max_size_gb"],
@@ -268,6 +321,7 @@ class _Reader:
         same = {f.name: ivc[f.name] for f in attrs.fields(Config) if f.name in ivc}
         return Config(home=self.home, host=cache["host"] or socket.gethostname(),
                       tenant=tenant, policy=policy, glance=GlanceConfig(**glance),
+                      messaging=MessagingConfig(**messaging),
                       source=self.source, **same)
 
     def section_values(self, where: Where, section: str) -> dict[str, Any]:
@@ -294,12 +348,21 @@ class _Reader:
         parser = self.parser
         name = next((n for n in option.names if parser.get(section, n, fallback="")), None)
         if name is None:
+            if option.multiple:
+                return tuple(i.strip() for i in option.default.split(","))
             return self.resolve(option, option.default)
         raw = parser.get(section, name)
         bad = f"{self.where}: option {name} = {raw!r}"
         getters: dict[type, Callable[[str, str], Any]] = {
             int: parser.getint, float: parser.getfloat, bool: parser.getboolean}
         getter = getters.get(option.type)
+        if option.multiple:
+            items = tuple(i.strip() for i in raw.split(",") if i.strip())
+            wrong = [i for i in items if option.choices and i not in option.choices]
+            if wrong:
+                what = bad if items == (raw.strip(),) else f"{bad}: {wrong[0]!r}"
+                raise ConfigError(f"{what} is not one of {', '.join(option.choices)}")
+            return items
         if getter is None:
             if option.choices and raw not in option.choices:
                 raise ConfigError(f"{bad} is not one of {', '.join(option.choices)}")
@@ -351,6 +414,11 @@ _SECTIONS = {
     Where.IVCACHE: ("`[ivcache]`", "An unknown option here is an error."),
     Where.GLANCE: ("`[glance]`", "For `image_source = glance` (`pip install "
                                  "'ivcache[glance]'`). An unknown option here is an error."),
+    Where.NOTIFICATIONS: ("`[oslo_messaging_notifications]`",
+                          "Cinder's notifications on the OpenStack bus, through oslo.messaging "
+                          "(`pip install 'ivcache[messaging]'`): priority INFO, publisher "
+                          "`volume.<host>`, events `image_volume_cache.hit`, `.miss`, "
+                          "`.evict`. An unknown option here is an error."),
 }
 _TYPE_NAMES: dict[type, str] = {str: "text", int: "whole number", float: "number",
                                 bool: "true/false", Path: "path", URL: "database URL"}
@@ -361,6 +429,8 @@ def _cell(text: str) -> str:
 
 
 def _type_text(option: Option) -> str:
+    if option.multiple:
+        return "list of choices" if option.choices else "list"
     return "choice" if option.choices else _TYPE_NAMES[option.type]
 
 

@@ -13,6 +13,7 @@ from tests.support.pg import PostgresServer, PostgresUnavailable
 
 if TYPE_CHECKING:
     from tests.support.glance_server import GlanceServer
+    from tests.support.rabbitmq_server import RabbitServer
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -70,3 +71,24 @@ def postgres_url(postgres_server: PostgresServer) -> Generator[str, None, None]:
     if postgres_server.directory is None:
         # Someone else's server: leave it as it was. Our own is thrown away whole.
         postgres_server.drop_database(url)
+
+
+# -- RabbitMQ --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def rabbitmq() -> Iterator[RabbitServer]:
+    """A throwaway RabbitMQ node on 127.0.0.1 for the session (a skip, so a failure under CI,
+    where rabbitmq-server is not installed)."""
+    from tests.support.rabbitmq_server import RabbitServer, RabbitUnavailable, rabbit_missing
+
+    reason = rabbit_missing()
+    if reason:
+        pytest.skip(reason)
+    try:
+        server = RabbitServer.start()
+    except RabbitUnavailable as exc:
+        pytest.fail(f"the test RabbitMQ did not start: {exc}")
+    try:
+        yield server
+    finally:
+        server.close()

@@ -36,6 +36,7 @@ FACADE = {
     "add_image", "list_images",
     "create_volume", "get_volume", "delete_volume", "list_volumes",
     "entries", "get_entry", "evict", "prune", "warm", "pin", "unpin", "reconcile", "stats",
+    "close",
 }
 
 
