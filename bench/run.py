@@ -37,7 +37,7 @@ from ivcache.adapters.storage.fake_lvm import FakeLvmStorage
 from ivcache.adapters.storage.file import FileStorage
 from ivcache.adapters.storage.qcow2 import Qcow2Storage
 from ivcache.core.model import GIB, Image, Outcome, RequestContext
-from ivcache.core.ports import StorageBackend
+from ivcache.core.ports import Notifier, StorageBackend
 from ivcache.core.service import CacheService
 from ivcache.entrypoints.demo import make_sparse_image
 
@@ -383,6 +383,84 @@ def hit_vs_miss_rbd(work: Path) -> Figures:
     return {"hit_vs_miss_speedup_rbd": miss.seconds / hit_s,
             "miss_seconds_rbd": miss.seconds, "hit_seconds_rbd": hit_s,
             "clone_ms_p50_rbd": statistics.median(clones) * 1000}
+
+
+def _hit_service(work: Path, notifier: Notifier, name: str) -> CacheService:
+    """A service whose hits cost little but the bookkeeping: fake LVM, SQLite, one image."""
+    engine = make_engine(f"sqlite:///{work / f'{name}.db'}")
+    upgrade(engine)
+    images = InMemoryImageSource()
+    images.add(Image(id="hot", name="hot", virtual_size=GIB,
+                     updated_at=dt.datetime.now(dt.UTC)), b"x" * 4096)
+    return CacheService(host="bench", storage=FakeLvmStorage(10**7), images=images,
+                        uow=SqlUnitOfWork(engine), notifier=notifier)
+
+
+@bench("notify_overhead_ratio", "events_lost_broker_down")
+def bus_notifier(work: Path) -> Figures:
+    """The bus notifier against a throwaway RabbitMQ: hit latency with it over notifier
+    none (hits on fakes and SQLite, the worst case for the ratio; runs interleaved), and
+    the events a listener never got after a broker outage (20 s; quick: 5 s) during 50
+    requests of one process."""
+    _repo_on_path()
+    try:
+        from ivcache.adapters.notify.messaging import MessagingNotifier
+    except ImportError as exc:
+        raise Unavailable(f"no oslo.messaging (pip install 'ivcache[messaging]'): {exc}"
+                          ) from exc
+    from ivcache.adapters.notify import NullNotifier
+    from tests.support.rabbitmq_server import (
+        BusListener,
+        RabbitServer,
+        RabbitUnavailable,
+        rabbit_missing,
+    )
+    reason = rabbit_missing()
+    if reason:
+        raise Unavailable(reason)
+    try:
+        server = RabbitServer.start()
+    except RabbitUnavailable as exc:
+        raise Unavailable(f"RabbitMQ did not start: {exc}") from exc
+    listener = BusListener(server.url, "bench")
+    try:
+        bus = MessagingNotifier.connect(transport_url=server.url, host="bench",
+                                        topics=["bench"], drain_seconds=120)
+        on, off = _hit_service(work, bus, "on"), _hit_service(work, NullNotifier(), "off")
+        for service in (on, off):
+            service.create_volume(CTX, "hot", 1)
+        times: dict[str, list[float]] = {"on": [], "off": []}
+        # Blocks, each ended by a flush: the sender thread's work for one block's events
+        # falls within that block (the GIL is shared), not on the next block's hits.
+        for _ in range(10 if not QUICK else 3):
+            for name, service in (("on", on), ("off", off)):
+                for _ in range(20):
+                    started = time.perf_counter()
+                    assert service.create_volume(CTX, "hot", 1).outcome is Outcome.HIT
+                    times[name].append(time.perf_counter() - started)
+                bus.flush(60)
+        ratio = statistics.median(times["on"]) / statistics.median(times["off"])
+        before = len(listener.wait_for(1 + len(times["on"]), timeout=60))
+        outage = 5.0 if QUICK else 20.0
+        for n in range(50):
+            if n == 10:
+                server.stop()
+                down_at = time.monotonic()
+            if n == 40:
+                time.sleep(max(0.0, outage - (time.monotonic() - down_at)))
+                server.restart()
+            on.create_volume(CTX, "hot", 1)
+            time.sleep(outage / 30 if 10 <= n < 40 else 0)
+        bus.close()
+        got = listener.wait_for(before + 50, timeout=60)
+        print(f"# bus_notifier: hit p50 {statistics.median(times['on']) * 1000:.2f} ms with "
+              f"the bus, {statistics.median(times['off']) * 1000:.2f} ms without; "
+              f"{len(got) - before} of 50 events after the outage", file=sys.stderr)
+        return {"notify_overhead_ratio": ratio,
+                "events_lost_broker_down": float(before + 50 - len(got))}
+    finally:
+        listener.close()
+        server.close()
 
 
 def _many_workers(db: str) -> Bench:
