@@ -18,7 +18,8 @@ import click
 from ivcache.core.errors import IvcacheError
 from ivcache.core.model import CacheEntry, HostTotals, Image, RequestContext, Volume
 from ivcache.entrypoints.bootstrap import Wiring, open_database, wire
-from ivcache.entrypoints.config import load_config
+from ivcache.entrypoints.config import Config, load_config
+from ivcache.entrypoints.logs import setup_logging
 
 __all__ = ["cli", "main"]
 
@@ -31,6 +32,7 @@ class _State:
     def __init__(self) -> None:
         self.config_path: str | None = None
         self.json = False
+        self.verbose = False
 
 
 def _state() -> _State:
@@ -51,8 +53,17 @@ def _set_json(ctx: click.Context, param: click.Parameter, value: bool) -> None:
         _state().json = True
 
 
+def _set_verbose(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        _state().verbose = True
+
+
 def common(func: F) -> F:
-    """``--config`` and ``--json``, accepted on the group and on every command."""
+    """``--config``, ``--json`` and ``--verbose``, accepted on the group and on every
+    command."""
+    func = click.option("--verbose", "-v", is_flag=True, expose_value=False,
+                        callback=_set_verbose, is_eager=True,
+                        help="Log INFO (the cache's events among it) to stderr.")(func)
     func = click.option("--json", "as_json", is_flag=True, expose_value=False,
                         callback=_set_json, is_eager=True,
                         help="Print one JSON document on stdout.")(func)
@@ -97,9 +108,15 @@ def _progress(label: str, total: int) -> Callable[[int], None]:
     return update
 
 
+def _config() -> Config:
+    """The configuration, and this process's logging set up from it."""
+    config = load_config(_state().config_path)
+    setup_logging(config, verbose=_state().verbose)
+    return config
+
+
 def _wiring(host: str | None = None) -> Wiring:
-    config = load_config(_state().config_path).with_host(host)
-    wiring = wire(config, progress=_progress)
+    wiring = wire(_config().with_host(host), progress=_progress)
     # Once the command is done: the bus notifier delivers what it holds (bounded).
     click.get_current_context().call_on_close(wiring.close)
     return wiring
@@ -193,7 +210,7 @@ def db() -> None:
 def db_upgrade() -> None:
     """Create or upgrade the database schema."""
     from ivcache.adapters.sql.engine import current_revision
-    engine = open_database(load_config(_state().config_path))
+    engine = open_database(_config())
     revision = current_revision(engine)
     _emit({"database_url": engine.url.render_as_string(hide_password=True),
            "revision": revision},

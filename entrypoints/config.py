@@ -61,6 +61,8 @@ class Where(enum.Enum):
     BACKEND = "backend"
     IVCACHE = "ivcache"
     GLANCE = "glance"
+    #: [DEFAULT] alone: Cinder's service options (logging, the bus)
+    DEFAULT = "DEFAULT"
     #: oslo.messaging's section, as Cinder reads it; its ``transport_url`` falls back to
     #: [DEFAULT]'s, as in Cinder
     NOTIFICATIONS = "oslo_messaging_notifications"
@@ -92,6 +94,7 @@ class Option:
 
 
 _B, _I, _G, _N = Where.BACKEND, Where.IVCACHE, Where.GLANCE, Where.NOTIFICATIONS
+_D = Where.DEFAULT
 
 OPTIONS: tuple[Option, ...] = (
     Option(_B, "host", str, "",
@@ -132,7 +135,7 @@ OPTIONS: tuple[Option, ...] = (
            "Where events go, a list: log lines (logger `ivcache.events`), OpenTelemetry, the "
            "OpenStack bus ([oslo_messaging_notifications]; implied when its driver is not "
            "noop), or nowhere.", choices=NOTIFIERS, multiple=True),
-    Option(_I, "events_drain_seconds", float, 3.0,
+    Option(_I, "events_drain_seconds", float, 2.0,
            "At exit, how long a process waits for its events to reach the bus; a request "
            "itself never waits for the bus."),
     Option(_I, "internal_tenant_quota_gb", int, 0,
@@ -166,13 +169,21 @@ OPTIONS: tuple[Option, ...] = (
     Option(_G, "retries", int, 3,
            "Retries of connection errors and 5xx responses (with backoff), and resumptions "
            "of a cut download."),
+    Option(_D, "log_file", str, "",
+           "The CLI's log file, as oslo.log's: INFO and up (the event lines of `notifier = "
+           "log` included); relative to log_dir when that is set, else to the file's "
+           "folder. Empty: no file (warnings on stderr; `--verbose` adds INFO there)."),
+    Option(_D, "log_dir", str, "",
+           "The folder of log_file; alone, the log file is `ivcache.log` there."),
+    Option(_D, "debug", bool, False, "Log DEBUG instead of INFO."),
     Option(_N, "driver", str, "noop",
            "oslo.messaging's notification driver, as in Cinder: noop sends nothing; "
            "messagingv2 sends Cinder's notifications to the bus.",
            choices=NOTIFICATION_DRIVERS, multiple=True),
     Option(_N, "transport_url", str, "",
-           "The bus for notifications (`rabbit://USER:PASSWORD@HOST:5672/`); empty: "
-           "[DEFAULT] transport_url, as in Cinder."),
+           "The bus for notifications (`rabbit://USER:PASSWORD@HOST:5672/`). Set in "
+           "[DEFAULT], as Cinder's transport_url, it serves here too; set here, it overrides "
+           "[DEFAULT]'s for notifications."),
     Option(_N, "topics", str, "notifications", "The topics notifications are sent to.",
            multiple=True),
 )
@@ -224,7 +235,10 @@ class Config:
     notifier: str = attrs.field(default="log", converter=_list_text)
     glance: GlanceConfig = GlanceConfig()
     messaging: MessagingConfig = MessagingConfig()
-    events_drain_seconds: float = 3.0
+    events_drain_seconds: float = 2.0
+    log_file: str = ""
+    log_dir: str = ""
+    debug: bool = False
     rbd_pool: str = "rbd"
     rbd_conf: str = "/etc/ceph/ceph.conf"
     rbd_user: str = ""
@@ -304,6 +318,7 @@ class _Reader:
         cache = self.section_values(Where.BACKEND, backend or self.parser.default_section)
         glance = self.section_values(Where.GLANCE, "glance")
         messaging = self.section_values(Where.NOTIFICATIONS, Where.NOTIFICATIONS.value)
+        service = self.section_values(Where.DEFAULT, self.parser.default_section)
         policy = CachePolicy(
             enabled=cache["image_volume_cache_enabled"],
             max_size_gb=cache["image_volume_cache_max_size_gb"],
@@ -321,14 +336,14 @@ class _Reader:
         same = {f.name: ivc[f.name] for f in attrs.fields(Config) if f.name in ivc}
         return Config(home=self.home, host=cache["host"] or socket.gethostname(),
                       tenant=tenant, policy=policy, glance=GlanceConfig(**glance),
-                      messaging=MessagingConfig(**messaging),
+                      messaging=MessagingConfig(**messaging), **service,
                       source=self.source, **same)
 
     def section_values(self, where: Where, section: str) -> dict[str, Any]:
         """The value of every ``where`` option, read from ``section`` (which falls back to
         [DEFAULT], as configparser does; a missing section reads [DEFAULT] alone)."""
         options = [o for o in OPTIONS if o.where is where]
-        if where is not Where.BACKEND:
+        if where not in (Where.BACKEND, Where.DEFAULT):
             self.check_known(section, options)
         if not self.parser.has_section(section):
             section = self.parser.default_section
@@ -414,6 +429,8 @@ _SECTIONS = {
     Where.IVCACHE: ("`[ivcache]`", "An unknown option here is an error."),
     Where.GLANCE: ("`[glance]`", "For `image_source = glance` (`pip install "
                                  "'ivcache[glance]'`). An unknown option here is an error."),
+    Where.DEFAULT: ("Service options: `[DEFAULT]`",
+                    "Cinder's (oslo.log's, oslo.messaging's) names for logging and the bus."),
     Where.NOTIFICATIONS: ("`[oslo_messaging_notifications]`",
                           "Cinder's notifications on the OpenStack bus, through oslo.messaging "
                           "(`pip install 'ivcache[messaging]'`): priority INFO, publisher "

@@ -73,7 +73,7 @@ class MessagingNotifier:
     """Publishes the cache's events to the bus, in order, from a sender thread."""
 
     def __init__(self, notifier: oslo_messaging.Notifier, *,
-                 drain_seconds: float = 3.0) -> None:
+                 drain_seconds: float = 2.0) -> None:
         self._notifier = notifier
         self.drain_seconds = drain_seconds
         self._queue: queue.Queue[Event | None] = queue.Queue()
@@ -84,7 +84,7 @@ class MessagingNotifier:
     @classmethod
     def connect(cls, *, transport_url: str, host: str, driver: Sequence[str] = ("messagingv2",),
                 topics: Sequence[str] = ("notifications",),
-                drain_seconds: float = 3.0) -> MessagingNotifier:
+                drain_seconds: float = 2.0) -> MessagingNotifier:
         """A notifier on the bus ``transport_url`` names, checked now: a bad URL, driver or
         credentials raise ``ConfigError``; an unreachable broker is logged and waited for."""
         known = {e.name for e in entry_points(group="oslo.messaging.notify.drivers")}
