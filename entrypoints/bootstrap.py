@@ -11,6 +11,7 @@ from sqlalchemy import Engine
 from ivcache.adapters.images.local import LocalImageSource
 from ivcache.adapters.notify import MultiNotifier, NullNotifier
 from ivcache.adapters.notify.log import LogNotifier
+from ivcache.adapters.notify.otel import MeteredStorage, OtelNotifier
 from ivcache.adapters.sql.engine import make_engine, upgrade
 from ivcache.adapters.sql.repository import SqlUnitOfWork
 from ivcache.core.errors import ConfigError
@@ -25,6 +26,7 @@ __all__ = [
     "build_images",
     "build_messaging",
     "build_notifier",
+    "build_otel",
     "build_storage",
     "close_notifier",
     "open_database",
@@ -119,8 +121,7 @@ def build_notifier(config: Config) -> tuple[Notifier, Tracer | None]:
         if name == "log":
             built.append(LogNotifier())
         elif name == "otel":
-            from ivcache.adapters.notify.otel import OtelNotifier
-            otel = OtelNotifier()
+            otel = build_otel(config)
             built.append(otel)
             tracer = otel
         elif name == "messaging":
@@ -130,6 +131,16 @@ def build_notifier(config: Config) -> tuple[Notifier, Tracer | None]:
     if not built:
         return NullNotifier(), None
     return (built[0] if len(built) == 1 else MultiNotifier(*built)), tracer
+
+
+def build_otel(config: Config) -> OtelNotifier:
+    """OpenTelemetry: on the API's globals, or on an SDK set up for ``otel_exporter``."""
+    if config.otel_exporter == "none":
+        return OtelNotifier()
+    from ivcache.adapters.notify.otel_sdk import build_providers
+    tracer_provider, meter_provider, shutdown = build_providers(
+        config.otel_exporter, config.otel_endpoint, host=config.host)
+    return OtelNotifier(tracer_provider, meter_provider, on_close=shutdown)
 
 
 def build_messaging(config: Config) -> Notifier:
@@ -197,9 +208,12 @@ def wire(config: Config, *, progress: Progress | None = None) -> Wiring:
     engine = open_database(config)
     images = build_images(config)
     storage = build_storage(config)
+    metered: StorageBackend = storage
+    if isinstance(tracer, OtelNotifier):
+        metered = MeteredStorage(storage, tracer, config.host)
     service = CacheService(
         host=config.host,
-        storage=storage,
+        storage=metered,
         images=ProgressImages(images, progress) if progress else images,
         uow=SqlUnitOfWork(engine),
         notifier=notifier,
@@ -208,4 +222,7 @@ def wire(config: Config, *, progress: Progress | None = None) -> Wiring:
         clock=SystemClock(),
         tracer=tracer,
     )
+    if isinstance(tracer, OtelNotifier):
+        # The gauges read this host's totals when the metrics are collected.
+        tracer.totals = lambda: [service.stats()]
     return Wiring(config, service, images, storage)

@@ -34,6 +34,7 @@ __all__ = [
     "NOTIFICATION_DRIVERS",
     "NOTIFIERS",
     "OPTIONS",
+    "OTEL_EXPORTERS",
     "STORAGE_KINDS",
     "Config",
     "GlanceConfig",
@@ -48,6 +49,7 @@ __all__ = [
 STORAGE_KINDS = ("file", "qcow2", "rbd", "fake-lvm", "fake-rbd")
 IMAGE_SOURCES = ("local", "glance")
 NOTIFIERS = ("log", "otel", "messaging", "none")
+OTEL_EXPORTERS = ("none", "console", "otlp")
 #: oslo.messaging's notification drivers (its entry points), Cinder's values of ``driver``
 NOTIFICATION_DRIVERS = ("noop", "messagingv2", "messaging", "log", "routing", "test")
 GLANCE_AUTH = ("keystone", "trusted-headers")
@@ -135,6 +137,14 @@ OPTIONS: tuple[Option, ...] = (
            "Where events go, a list: log lines (logger `ivcache.events`), OpenTelemetry, the "
            "OpenStack bus ([oslo_messaging_notifications]; implied when its driver is not "
            "noop), or nowhere.", choices=NOTIFIERS, multiple=True),
+    Option(_I, "otel_exporter", str, "none",
+           "Set up the OpenTelemetry SDK (`pip install 'ivcache[otel]'`) and export spans and "
+           "metrics: on stderr (console) or over OTLP/HTTP (otlp, to otel_endpoint); implies "
+           "`notifier = otel`. none: the application's own SDK set-up, if any, decides.",
+           choices=OTEL_EXPORTERS),
+    Option(_I, "otel_endpoint", str, "",
+           "The OTLP/HTTP collector, e.g. `http://collector:4318`; empty: the exporter's "
+           "default and the OTEL_EXPORTER_OTLP_* environment variables."),
     Option(_I, "events_drain_seconds", float, 2.0,
            "At exit, how long a process waits for its events to reach the bus; a request "
            "itself never waits for the bus."),
@@ -236,6 +246,8 @@ class Config:
     glance: GlanceConfig = GlanceConfig()
     messaging: MessagingConfig = MessagingConfig()
     events_drain_seconds: float = 2.0
+    otel_exporter: str = "none"
+    otel_endpoint: str = ""
     log_file: str = ""
     log_dir: str = ""
     debug: bool = False
@@ -248,8 +260,11 @@ class Config:
     @property
     def notifiers(self) -> tuple[str, ...]:
         """The notifiers to build: ``notifier``'s, plus ``messaging`` when the
-        notification driver is not noop; ``none`` alone means none."""
+        notification driver is not noop and ``otel`` when an exporter is set; ``none``
+        alone means none."""
         names = [n.strip() for n in self.notifier.split(",") if n.strip()]
+        if self.otel_exporter != "none" and "otel" not in names:
+            names.append("otel")
         if self.messaging.enabled and "messaging" not in names:
             names.append("messaging")
         return tuple(n for n in names if n != "none")
