@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import attrs
 from sqlalchemy import Engine
@@ -13,6 +14,7 @@ from ivcache.adapters.notify import MultiNotifier, NullNotifier
 from ivcache.adapters.notify.log import LogNotifier
 from ivcache.adapters.notify.otel import MeteredStorage, OtelNotifier
 from ivcache.adapters.sql.engine import make_engine, upgrade
+from ivcache.adapters.sql.outbox import SqlOutbox
 from ivcache.adapters.sql.repository import SqlUnitOfWork
 from ivcache.core.errors import ConfigError
 from ivcache.core.model import Image, RequestContext
@@ -44,6 +46,10 @@ class Wiring:
     service: CacheService
     images: ImageSource
     storage: StorageBackend
+    #: the events waiting for the bus, in the cache's database
+    outbox: SqlOutbox | None = None
+    #: the bus notifier, when there is one (a MessagingNotifier)
+    bus: Any = None
 
     def close(self) -> None:
         """Deliver what the notifiers hold (bounded by ``events_drain_seconds``)."""
@@ -225,4 +231,9 @@ def wire(config: Config, *, progress: Progress | None = None) -> Wiring:
     if isinstance(tracer, OtelNotifier):
         # The gauges read this host's totals when the metrics are collected.
         tracer.totals = lambda: [service.stats()]
-    return Wiring(config, service, images, storage)
+    outbox = SqlOutbox(engine)
+    bus = next((n for n in getattr(notifier, "notifiers", (notifier,))
+                if hasattr(n, "attach_outbox")), None)
+    if bus is not None:
+        bus.attach_outbox(outbox)
+    return Wiring(config, service, images, storage, outbox, bus)

@@ -9,17 +9,19 @@ definitions, any oslo.messaging notification listener) sees, as Cinder sends it:
 - payload ``image_id`` and ``host`` as Cinder's, plus ivcache's ``entry_id``, ``outcome``
   (``miss`` or ``miss-uncached``) on a miss, ``reason`` and ``size_gb`` on an evict.
 
-Never blocking: ``publish`` only queues the event; one sender thread per notifier delivers
-the queue in order, so a request never waits for the broker. The retry is decided here, not
-left to oslo.messaging's default: its ``Notifier`` retries on a connection it has (``retry =
--1``: until the broker is back), but logs and drops an event when it cannot make a new
-connection, and raises nothing. The sender notices that (the driver's error record, from
-its own thread) and sends the same event again with a backoff of up to ``MAX_BACKOFF``
-seconds, before anything behind it: a broker outage delays events and never reorders or
-drops them while the process lives. With several topics, a resend may repeat the event on
-a topic that had it (at least once). ``close`` (called at exit) waits at most
-``drain_seconds`` for the queue to empty, then logs how many events were left undelivered:
-those are lost with the process.
+Never blocking, never lost: ``publish`` only keeps the event in an outbox (``SqlOutbox``,
+a table of the cache's database, as wired by the CLI and the library; else ``MemoryOutbox``,
+this process's memory) and wakes one sender thread, which delivers the outbox in order, so
+a request never waits for the broker. The retry is decided here, not left to oslo.messaging:
+its ``Notifier`` runs with ``retry = 0`` (its own retries would block the sender for as
+long as the broker is down), and it logs and drops a message it could not send, raising
+nothing. The sender notices that (the driver's error record, from its own thread), keeps
+the message in the outbox and tries again with a backoff of up to ``MAX_BACKOFF`` seconds,
+before anything behind it: a broker outage delays events and never reorders them. ``close``
+(called at exit) waits at most ``drain_seconds``; what is left stays in the database for
+the next ivcache process or ``ivcache events flush`` (in memory, it is lost, and logged).
+At least once: an event may be sent twice (a sender that died between the send and the
+delete; with several topics, a resend to all); its payload's ``event_id`` is then the same.
 
 Bad configuration fails at construction (``connect``), naming the option: a malformed
 ``transport_url``, an unknown driver, a broker that refuses the credentials. A broker that
@@ -29,15 +31,17 @@ is merely unreachable then is not an error: the events wait for it.
 from __future__ import annotations
 
 import atexit
+import collections
 import logging
-import queue
 import threading
 import time
+import uuid
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
-from typing import Any
+from typing import Any, Protocol
 
+from ivcache.adapters.sql.outbox import OutboxMessage
 from ivcache.core.errors import ConfigError
 from ivcache.core.events import CacheEvict, CacheHit, CacheMiss, Event
 
@@ -48,7 +52,8 @@ with warnings.catch_warnings():
     import oslo_messaging  # type: ignore[import-untyped]  # no stubs, no py.typed
     from oslo_config import cfg
 
-__all__ = ["BUS_EVENTS", "MessagingNotifier", "publisher_id"]
+__all__ = ["BUS_EVENTS", "MemoryOutbox", "MessagingNotifier", "NotDelivered", "Outbox",
+           "publisher_id"]
 
 LOG = logging.getLogger(__name__)
 
@@ -69,22 +74,82 @@ def publisher_id(host: str) -> str:
     return f"volume.{host}"
 
 
+class Outbox(Protocol):
+    """Where events wait for the bus: ``SqlOutbox`` (the database), or ``MemoryOutbox``."""
+
+    def add(self, event: Event) -> str: ...
+
+    def pending(self) -> int: ...
+
+    def deliver(self, send: Callable[[OutboxMessage], None]) -> int: ...
+
+
+class MemoryOutbox:
+    """Events waiting in this process only (lost with it): for a notifier without a
+    database."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiting: collections.deque[OutboxMessage] = collections.deque()
+        self._claimed = 0
+
+    def add(self, event: Event) -> str:
+        message_id = str(uuid.uuid4())
+        with self._lock:
+            self._waiting.append(OutboxMessage(message_id, event.name, event.payload()))
+        return message_id
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._waiting) + self._claimed
+
+    def deliver(self, send: Callable[[OutboxMessage], None]) -> int:
+        sent = 0
+        while True:
+            with self._lock:
+                if not self._waiting:
+                    return sent
+                message = self._waiting.popleft()
+                self._claimed += 1
+            try:
+                send(message)
+            except BaseException:
+                with self._lock:
+                    self._waiting.appendleft(message)
+                raise
+            finally:
+                with self._lock:
+                    self._claimed -= 1
+            sent += 1
+
+
+class NotDelivered(Exception):
+    """oslo.messaging logged that it could not send a message (it raises nothing)."""
+
+
 class MessagingNotifier:
     """Publishes the cache's events to the bus, in order, from a sender thread."""
 
-    def __init__(self, notifier: oslo_messaging.Notifier, *,
-                 drain_seconds: float = 2.0) -> None:
+    def __init__(self, notifier: oslo_messaging.Notifier, *, drain_seconds: float = 2.0,
+                 outbox: Outbox | None = None) -> None:
         self._notifier = notifier
         self.drain_seconds = drain_seconds
-        self._queue: queue.Queue[Event | None] = queue.Queue()
+        self.outbox: Outbox = outbox if outbox is not None else MemoryOutbox()
+        self._durable = outbox is not None
+        self._wake = threading.Event()
         self._sender: threading.Thread | None = None
         self._lock = threading.Lock()
         self._closed = False
+        self._failures = _Failures()
+        logging.getLogger("oslo_messaging.notify").addHandler(self._failures)
+        if outbox is not None:
+            # What an earlier process left is delivered by this one.
+            self.attach_outbox(outbox)
 
     @classmethod
     def connect(cls, *, transport_url: str, host: str, driver: Sequence[str] = ("messagingv2",),
-                topics: Sequence[str] = ("notifications",),
-                drain_seconds: float = 2.0) -> MessagingNotifier:
+                topics: Sequence[str] = ("notifications",), drain_seconds: float = 2.0,
+                outbox: Outbox | None = None) -> MessagingNotifier:
         """A notifier on the bus ``transport_url`` names, checked now: a bad URL, driver or
         credentials raise ``ConfigError``; an unreachable broker is logged and waited for."""
         known = {e.name for e in entry_points(group="oslo.messaging.notify.drivers")}
@@ -114,101 +179,126 @@ class MessagingNotifier:
         conf.set_override("topics", list(topics), group=group)
         notifier = oslo_messaging.Notifier(
             transport, publisher_id=publisher_id(host),
-            # Deliberate: retry until the broker is back. This runs in the sender thread
-            # only, so a request never waits for it; close() bounds the wait at exit.
-            retry=-1)
-        return cls(notifier, drain_seconds=drain_seconds)
+            # Deliberate: no retry inside oslo.messaging, whose retries block the sender
+            # (with -1, for as long as the broker is down). The sender retries itself, with
+            # a backoff, and a request never waits for either.
+            retry=0)
+        return cls(notifier, drain_seconds=drain_seconds, outbox=outbox)
+
+    def attach_outbox(self, outbox: Outbox) -> None:
+        """Keep events in ``outbox`` (the database's) from now on; send what it holds."""
+        self.outbox, self._durable = outbox, True
+        if outbox.pending():
+            self._start()
 
     def publish(self, event: Event) -> None:
-        """Queue ``event`` for the bus if Cinder sends its kind; never waits for the bus."""
+        """Keep ``event`` for the bus if Cinder sends its kind (in the outbox, so in the
+        database when there is one) and wake the sender; never waits for the bus."""
         if not isinstance(event, BUS_EVENTS):
             return
         with self._lock:
             if self._closed:
                 raise RuntimeError("publish after close")
-            if self._sender is None:
+        self.outbox.add(event)
+        self._start()
+
+    @property
+    def pending(self) -> int:
+        """Events waiting or being sent."""
+        return self.outbox.pending()
+
+    def flush(self, timeout: float) -> int:
+        """Wait up to ``timeout`` seconds for the sender to send every waiting event; return
+        how many still wait."""
+        deadline = time.monotonic() + timeout
+        self._start()
+        while (left := self.pending) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return left
+
+    def send_now(self) -> tuple[int, int]:
+        """Send what waits from this thread, until done or the bus fails: (sent, left)."""
+        sent = 0
+        try:
+            while batch := self.outbox.deliver(self._send):
+                sent += batch
+        except NotDelivered:
+            pass
+        return sent, self.pending
+
+    def close(self) -> int:
+        """Stop taking events, wait up to ``drain_seconds`` for the sender; return (and log)
+        how many were left undelivered."""
+        with self._lock:
+            self._closed = True
+            sender = self._sender
+        left = self.flush(self.drain_seconds) if sender is not None else self.pending
+        if sender is not None:
+            atexit.unregister(self.close)
+        if left and self._durable:
+            LOG.warning("%d cache event(s) wait in the outbox: the bus did not take them "
+                        "within %g s; the next ivcache process or `ivcache events flush` "
+                        "sends them", left, self.drain_seconds)
+        elif left:
+            LOG.warning("%d cache event(s) not delivered to the bus within %g s: the broker "
+                        "is unreachable; they are lost", left, self.drain_seconds)
+        logging.getLogger("oslo_messaging.notify").removeHandler(self._failures)
+        self._wake.set()
+        return left
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._sender is None and not self._closed:
                 self._sender = threading.Thread(target=self._send_all, daemon=True,
                                                 name="ivcache-bus-sender")
                 self._sender.start()
                 # A library user who never calls close() still gets the drain at exit.
                 atexit.register(self.close)
-            self._queue.put(event)
-
-    @property
-    def pending(self) -> int:
-        """Events queued or being sent."""
-        return self._queue.unfinished_tasks
-
-    def flush(self, timeout: float) -> int:
-        """Wait up to ``timeout`` seconds for every queued event to be sent; return how many
-        still wait."""
-        deadline = time.monotonic() + timeout
-        while self.pending and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return self.pending
-
-    def close(self) -> int:
-        """Stop taking events, wait up to ``drain_seconds`` for the queue to be sent; return
-        (and log) how many were left undelivered."""
-        with self._lock:
-            self._closed = True
-            sender = self._sender
-        if sender is None:
-            return 0
-        atexit.unregister(self.close)
-        left = self.flush(self.drain_seconds)
-        if left:
-            LOG.warning("%d cache event(s) not delivered to the bus within %g s: the broker "
-                        "is unreachable; they are lost", left, self.drain_seconds)
-        else:
-            self._queue.put(None)
-            sender.join(timeout=1)
-        return left
+        self._wake.set()
 
     def _send_all(self) -> None:
-        failures = _Failures(threading.get_ident())
-        logging.getLogger("oslo_messaging.notify").addHandler(failures)
-        try:
-            while True:
-                event = self._queue.get()
-                try:
-                    if event is None:
-                        return
-                    self._send(event, failures)
-                finally:
-                    self._queue.task_done()
-        finally:
-            logging.getLogger("oslo_messaging.notify").removeHandler(failures)
-
-    def _send(self, event: Event, failures: _Failures) -> None:
-        """Send ``event`` until oslo.messaging reports no failure (it raises none)."""
         backoff = 0.05
         while True:
-            failures.failed = False
+            self._wake.wait(timeout=1.0)
+            self._wake.clear()
             try:
-                self._notifier.info({}, event.name, event.payload())
+                while self.outbox.deliver(self._send):
+                    pass
+                backoff = 0.05
+            except NotDelivered:
+                time.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+                self._wake.set()
             except Exception:
-                # One event that cannot be serialised must not stop those behind it.
-                LOG.exception("could not send %s to the bus", event.name)
+                LOG.exception("the bus sender failed; it tries again")
+                time.sleep(MAX_BACKOFF)
+                self._wake.set()
+            if self._closed and not self.outbox.pending():
                 return
-            if not failures.failed:
-                return
-            time.sleep(backoff)
-            backoff = min(backoff * 2, MAX_BACKOFF)
+
+    def _send(self, message: OutboxMessage) -> None:
+        """One message to the bus; ``NotDelivered`` when oslo.messaging dropped it."""
+        me = threading.get_ident()
+        self._failures.failed.discard(me)
+        # event_id: the outbox's id, the same if the event is ever sent twice (oslo.messaging
+        # gives each send its own envelope message_id).
+        self._notifier.info({}, message.event_type, {**message.payload,
+                                                     "event_id": message.message_id})
+        if me in self._failures.failed:
+            raise NotDelivered(message.event_type)
 
 
 class _Failures(logging.Handler):
-    """Notes an error that oslo.messaging's notify drivers log from one thread: the only
-    sign that they dropped an event."""
+    """Notes the threads from which oslo.messaging's notify drivers logged an error: the
+    only sign that they dropped a message."""
 
-    def __init__(self, thread: int) -> None:
+    def __init__(self) -> None:
         super().__init__(logging.ERROR)
-        self.thread = thread
-        self.failed = False
+        self.failed: set[int] = set()
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.thread == self.thread:
-            self.failed = True
+        if record.thread is not None:
+            self.failed.add(record.thread)
 
 
 def _reason(exc: BaseException) -> str:

@@ -63,6 +63,8 @@ def test_every_create_and_evict_reaches_the_bus_once_in_cinders_format(
     assert {(priority, publisher) for priority, publisher, _, _, _ in got} == {
         ("info", "volume.node-7")}
     first_entry, second_entry = outcomes[0][1], outcomes[3][1]
+    event_ids = [payload.pop("event_id") for _, _, _, payload, _ in got]
+    assert len(set(event_ids)) == 6
     assert [(kind, payload) for _, _, kind, payload, _ in got] == [
         ("image_volume_cache.miss", {"image_id": first["id"], "host": "node-7",
                                      "outcome": "miss", "entry_id": first_entry}),

@@ -58,6 +58,8 @@ def test_the_bus_sees_cinders_three_events_with_ivcaches_fields(
         ("info", f"volume.{host}", "image_volume_cache.miss"),
         ("info", f"volume.{host}", "image_volume_cache.evict"),
     ]
+    event_ids = [payload.pop("event_id") for _, _, _, payload, _ in got]
+    assert len(set(event_ids)) == 4
     assert [payload for _, _, _, payload, _ in got] == [
         {"image_id": "img-1", "host": host, "outcome": "miss", "entry_id": "e-1"},
         {"image_id": "img-1", "host": host, "entry_id": "e-1"},
