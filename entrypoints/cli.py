@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import click
 
-from ivcache.core.errors import IvcacheError
+from ivcache.core.errors import ConfigError, IvcacheError
 from ivcache.core.model import CacheEntry, HostTotals, Image, RequestContext, Volume
 from ivcache.entrypoints.bootstrap import Wiring, open_database, wire
 from ivcache.entrypoints.config import Config, load_config
@@ -360,7 +360,9 @@ def cache_prune(host: str | None) -> None:
 @_host_option
 def cache_stats(host: str | None) -> None:
     """Hits, misses, evictions and downloads of a host."""
-    doc = _stats_doc(_wiring(host).service.stats())
+    wiring = _wiring(host)
+    doc = _stats_doc(wiring.service.stats())
+    doc["events_pending"] = wiring.outbox.pending() if wiring.outbox else 0
     _emit(doc, lambda: _fields(doc))
 
 
@@ -409,6 +411,26 @@ def cache_reconcile(host: str | None, fix: bool) -> None:
         {"kind": f.kind, "volume_id": f.volume_id, "entry_id": f.entry_id,
          "image_id": f.image_id, "fixed": f.fixed} for f in findings]
     _emit(docs, lambda: _table(docs, ["kind", "volume_id", "entry_id", "fixed"]))
+
+
+@cli.group()
+@common
+def events() -> None:
+    """The cache's events waiting for the bus (the outbox)."""
+
+
+@events.command("flush")
+@common
+def events_flush() -> None:
+    """Send the events that wait for the bus now; print how many were sent and wait."""
+    wiring = _wiring()
+    if wiring.bus is None:
+        raise ConfigError("no bus to send to: set [oslo_messaging_notifications] driver = "
+                          "messagingv2 and transport_url (or notifier = messaging)")
+    sent, pending = wiring.bus.send_now()
+    doc = {"sent": sent, "pending": pending}
+    _emit(doc, lambda: click.echo(f"sent {sent} event{'' if sent == 1 else 's'}, "
+                                  f"{pending} wait{'s' if pending == 1 else ''}"))
 
 
 # ------------------------------------------------------------------ entry point

@@ -140,6 +140,9 @@ class MessagingNotifier:
         self._sender: threading.Thread | None = None
         self._lock = threading.Lock()
         self._closed = False
+        # One delivery at a time in this process (the sender, or send_now): batches go out
+        # in order.
+        self._delivering = threading.Lock()
         self._failures = _Failures()
         logging.getLogger("oslo_messaging.notify").addHandler(self._failures)
         if outbox is not None:
@@ -220,8 +223,9 @@ class MessagingNotifier:
         """Send what waits from this thread, until done or the bus fails: (sent, left)."""
         sent = 0
         try:
-            while batch := self.outbox.deliver(self._send):
-                sent += batch
+            with self._delivering:
+                while batch := self.outbox.deliver(self._send):
+                    sent += batch
         except NotDelivered:
             pass
         return sent, self.pending
@@ -262,8 +266,9 @@ class MessagingNotifier:
             self._wake.wait(timeout=1.0)
             self._wake.clear()
             try:
-                while self.outbox.deliver(self._send):
-                    pass
+                with self._delivering:
+                    while self.outbox.deliver(self._send):
+                        pass
                 backoff = 0.05
             except NotDelivered:
                 time.sleep(backoff)

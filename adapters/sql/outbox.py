@@ -7,7 +7,8 @@ in ``id`` order outside any transaction (a slow broker never holds the database)
 deletes what was sent. Several workers on one PostgreSQL claim disjoint batches (``FOR
 UPDATE SKIP LOCKED``); on SQLite every transaction takes the write lock, so claims queue.
 A claim expires after ``claim_seconds``: a sender that died has its batch sent again by
-another, with the same ``message_id`` (at least once).
+another, with the same ``message_id`` (at least once). Each batch goes out in order; the
+batches of several workers may interleave.
 """
 
 from __future__ import annotations

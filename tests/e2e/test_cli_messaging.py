@@ -141,3 +141,39 @@ def test_an_unreachable_broker_never_fails_a_create_and_costs_a_few_seconds_at_m
                      "--config", config, "--json").json()
     assert created["outcome"] == "miss"
     assert time.monotonic() - started < 8
+
+
+def test_events_of_creates_during_a_broker_outage_wait_and_are_flushed_in_order_once(
+        cli: Cli, image_file: Path, rabbitmq: RabbitServer, topic: str,
+        listener: BusListener) -> None:
+    config = _config(cli, rabbitmq.url, topic, extra="events_drain_seconds = 0.5")
+    image = cli.ok("image", "add", str(image_file), "--config", config, "--json").json()
+    cli.ok("volume", "create", "--image", image["id"], "--size", "1", "--config", config)
+    assert [kind for _, _, kind, _, _ in listener.wait_for(1)] == ["image_volume_cache.miss"]
+    rabbitmq.stop()
+    try:
+        for _ in range(3):
+            started = time.monotonic()
+            created = cli.ok("volume", "create", "--image", image["id"], "--size", "1",
+                             "--config", config, "--json").json()
+            assert created["outcome"] == "hit"
+            assert time.monotonic() - started < 10
+        stats = cli.ok("cache", "stats", "--config", config, "--json").json()
+        assert stats["events_pending"] == 3
+        down = cli.ok("events", "flush", "--config", config, "--json").json()
+        assert down == {"sent": 0, "pending": 3}
+    finally:
+        rabbitmq.restart()
+    flushed = cli.ok("events", "flush", "--config", config, "--json").json()
+    assert flushed["pending"] == 0
+    assert cli.ok("cache", "stats", "--config", config, "--json").json()["events_pending"] == 0
+    got = listener.wait_for(4, timeout=30)
+    assert [kind for _, _, kind, _, _ in got] == ["image_volume_cache.miss"] + [
+        "image_volume_cache.hit"] * 3
+    assert len({payload["event_id"] for _, _, _, payload, _ in got}) == 4
+
+
+def test_events_flush_without_a_bus_says_how_to_configure_one(cli: Cli) -> None:
+    run = cli.fails("events", "flush")
+    assert "[oslo_messaging_notifications] driver" in run.err
+    assert cli.ok("cache", "stats", "--json").json()["events_pending"] == 0
