@@ -2,13 +2,14 @@
 
 ``add`` writes an event in its own short transaction, before the request returns, so an
 event announced while the broker is down is not lost with the process: the next ivcache
-process (or ``ivcache events flush``) sends it. ``deliver`` claims the oldest batch, sends it
-in ``id`` order outside any transaction (a slow broker never holds the database), and
-deletes what was sent. Several workers on one PostgreSQL claim disjoint batches (``FOR
-UPDATE SKIP LOCKED``); on SQLite every transaction takes the write lock, so claims queue.
-A claim expires after ``claim_seconds``: a sender that died has its batch sent again by
-another, with the same ``message_id`` (at least once). Each batch goes out in order; the
-batches of several workers may interleave.
+process (or ``ivcache events flush``) sends it. (Not yet in the transaction of the change
+it announces: a crash between the two loses that one event.) ``deliver`` claims the oldest
+batch, sends it in ``id`` order outside any transaction (a slow broker never holds the
+database), then deletes what was sent in one transaction. Several workers on one
+PostgreSQL claim disjoint batches (``FOR UPDATE SKIP LOCKED``); on SQLite every transaction
+takes the write lock, so claims queue. A claim expires after ``claim_seconds``: a batch whose
+sender died is sent again by another, with the same ``message_id`` (at least once). Each
+batch goes out in order; the batches of several workers may interleave.
 """
 
 from __future__ import annotations
@@ -81,13 +82,14 @@ class SqlOutbox:
         try:
             for row in rows:
                 send(OutboxMessage(row.message_id, row.event_type, json.loads(row.payload)))
-                with self.engine.begin() as conn:
-                    conn.execute(delete(event_outbox).where(event_outbox.c.id == row.id))
                 sent += 1
         finally:
-            left = [r.id for r in rows[sent:]]
-            if left:
-                with self.engine.begin() as conn:
+            # One transaction for the batch: what was sent goes, the rest is released.
+            done, left = [r.id for r in rows[:sent]], [r.id for r in rows[sent:]]
+            with self.engine.begin() as conn:
+                if done:
+                    conn.execute(delete(event_outbox).where(event_outbox.c.id.in_(done)))
+                if left:
                     conn.execute(update(event_outbox).where(event_outbox.c.id.in_(left))
                                  .values(claimed_until=None))
         return sent
