@@ -163,7 +163,11 @@ def _entry_doc(entry: CacheEntry) -> dict[str, object]:
 def _stats_doc(totals: HostTotals) -> dict[str, object]:
     return {"host": totals.host, "hits": totals.hits, "misses": totals.misses,
             "evictions": totals.evictions, "entries": totals.count, "size_gb": totals.size_gb,
-            "downloads": totals.downloads, "bytes_downloaded": totals.bytes_downloaded}
+            "downloads": totals.downloads, "bytes_downloaded": totals.bytes_downloaded,
+            # requests served by a clone of a cached volume, of those that went through
+            # the cache (a disabled cache's requests count in neither)
+            "hit_ratio": round(totals.hits / (totals.hits + totals.misses), 4)
+            if totals.hits + totals.misses else 0.0}
 
 
 def _table(rows: list[dict[str, object]], columns: list[str]) -> None:

@@ -160,6 +160,7 @@ def test_events_of_creates_during_a_broker_outage_wait_and_are_flushed_in_order_
             assert time.monotonic() - started < 10
         stats = cli.ok("cache", "stats", "--config", config, "--json").json()
         assert stats["events_pending"] == 3
+        assert (stats["hits"], stats["misses"], stats["hit_ratio"]) == (3, 1, 0.75)
         down = cli.ok("events", "flush", "--config", config, "--json").json()
         assert down == {"sent": 0, "pending": 3}
     finally:
