@@ -4,6 +4,7 @@ PostgreSQL, Glance, files, qemu-img, Ceph), tests/e2e (the CLI as a user runs it
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Generator, Iterator
 from typing import TYPE_CHECKING
 
@@ -13,7 +14,7 @@ from tests.support.pg import PostgresServer, PostgresUnavailable
 
 if TYPE_CHECKING:
     from tests.support.glance_server import GlanceServer
-    from tests.support.rabbitmq_server import RabbitServer
+    from tests.support.rabbitmq_server import BusListener, RabbitServer
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -92,3 +93,19 @@ def rabbitmq() -> Iterator[RabbitServer]:
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture
+def topic() -> str:
+    """A notification topic of this test alone."""
+    return f"notifications-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def listener(rabbitmq: RabbitServer, topic: str) -> Iterator[BusListener]:
+    """An oslo.messaging notification listener on ``topic``."""
+    from tests.support.rabbitmq_server import BusListener
+
+    bus = BusListener(rabbitmq.url, topic)
+    yield bus
+    bus.close()

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,18 +11,6 @@ from tests.e2e.conftest import Cli
 from tests.support.rabbitmq_server import BusListener, RabbitServer
 
 pytestmark = pytest.mark.rabbitmq
-
-
-@pytest.fixture
-def topic() -> str:
-    return f"notifications-{uuid.uuid4().hex[:8]}"
-
-
-@pytest.fixture
-def listener(rabbitmq: RabbitServer, topic: str) -> Iterator[BusListener]:
-    bus = BusListener(rabbitmq.url, topic)
-    yield bus
-    bus.close()
 
 
 def _config(cli: Cli, transport_url: str, topic: str, extra: str = "") -> str:

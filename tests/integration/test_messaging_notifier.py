@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import time
-import uuid
-from collections.abc import Iterator
 
 import pytest
 
@@ -22,18 +20,6 @@ from ivcache.core.ports import Notifier
 from tests.support.rabbitmq_server import BusListener, RabbitServer
 
 pytestmark = pytest.mark.rabbitmq
-
-
-@pytest.fixture
-def topic() -> str:
-    return f"notifications-{uuid.uuid4().hex[:8]}"
-
-
-@pytest.fixture
-def listener(rabbitmq: RabbitServer, topic: str) -> Iterator[BusListener]:
-    bus = BusListener(rabbitmq.url, topic)
-    yield bus
-    bus.close()
 
 
 def _notifier(rabbitmq: RabbitServer, topic: str, **kw: object) -> MessagingNotifier:
