@@ -33,13 +33,14 @@ from ivcache.adapters.convert import ImagePipeline
 from ivcache.adapters.images.local import LocalImageSource
 from ivcache.adapters.memory import InMemoryImageSource, RecordingNotifier
 from ivcache.adapters.sql.engine import make_engine, upgrade
+from ivcache.adapters.sql.outbox import SqlOutbox
 from ivcache.adapters.sql.repository import SqlUnitOfWork
 from ivcache.adapters.sql.tables import cache_entries, scope_totals
 from ivcache.adapters.storage.fake_lvm import FakeLvmStorage
 from ivcache.adapters.storage.file import FileStorage
 from ivcache.adapters.storage.qcow2 import Qcow2Storage
 from ivcache.core.model import GIB, Image, Outcome, RequestContext, Scope
-from ivcache.core.ports import StorageBackend
+from ivcache.core.ports import Notifier, StorageBackend
 from ivcache.core.service import CacheService, Neighbour
 from ivcache.entrypoints.demo import make_sparse_image
 
@@ -623,6 +624,109 @@ def trace_lru(work: Path) -> Figures:
     result = replay(zipf_trace(requests, images, alpha=0.9, seed=1), cache_fraction=0.15)
     return {"trace_hit_ratio_lru": result.hit_ratio,
             "trace_gb_downloaded_lru": float(result.gb_downloaded)}
+
+
+def _hit_service(work: Path, notifier: Notifier, name: str,
+                 storage: StorageBackend) -> CacheService:
+    """A service on ``storage`` and SQLite with one 1 GiB image "hot" of 4 KiB of data."""
+    engine = make_engine(f"sqlite:///{work / f'{name}.db'}")
+    upgrade(engine)
+    images = InMemoryImageSource()
+    images.add(Image(id="hot", name="hot", virtual_size=GIB,
+                     updated_at=dt.datetime.now(dt.UTC)), b"x" * 4096)
+    return CacheService(host="bench", storage=storage, images=images,
+                        uow=SqlUnitOfWork(engine), notifier=notifier)
+
+
+def _hit_ratio_with(bus: Any, on: CacheService, off: CacheService) -> tuple[float, float, float]:
+    """Median hit seconds with the bus and without, and their ratio. In blocks, each ended by
+    a flush: the sender thread's work for one block's events falls within that block (the
+    GIL is shared), not on the next block's hits."""
+    for service in (on, off):
+        service.create_volume(CTX, "hot", 1)
+    times: dict[str, list[float]] = {"on": [], "off": []}
+    for _ in range(10 if not QUICK else 3):
+        for name, service in (("on", on), ("off", off)):
+            for _ in range(20):
+                started = time.perf_counter()
+                result = service.create_volume(CTX, "hot", 1)
+                times[name].append(time.perf_counter() - started)
+                assert result.outcome is Outcome.HIT
+                service.delete_volume(CTX, result.volume.id)
+            bus.flush(60)
+    on_s, off_s = statistics.median(times["on"]), statistics.median(times["off"])
+    return on_s / off_s, on_s, off_s
+
+
+@bench("notify_overhead_ratio", "notify_overhead_ratio_fakes", "events_lost_broker_down")
+def bus_notifier(work: Path) -> Figures:
+    """The bus notifier against a throwaway RabbitMQ, each event kept in the SQLite outbox as
+    wired: hit latency with it over notifier none on the default storage (file), and on
+    fake LVM (hits that cost only the bookkeeping: the worst case for the ratio); then the
+    events a listener never got after a broker outage (20 s; quick: 5 s) during 50
+    requests of one process."""
+    _repo_on_path()
+    try:
+        from ivcache.adapters.notify.messaging import MessagingNotifier
+    except ImportError as exc:
+        raise Unavailable(f"no oslo.messaging (pip install 'ivcache[messaging]'): {exc}"
+                          ) from exc
+    from ivcache.adapters.notify import NullNotifier
+    from tests.support.rabbitmq_server import (
+        BusListener,
+        RabbitServer,
+        RabbitUnavailable,
+        rabbit_missing,
+    )
+    reason = rabbit_missing()
+    if reason:
+        raise Unavailable(reason)
+    try:
+        server = RabbitServer.start()
+    except RabbitUnavailable as exc:
+        raise Unavailable(f"RabbitMQ did not start: {exc}") from exc
+    listener = BusListener(server.url, "bench")
+    try:
+        figures: Figures = {}
+        received = 0
+        for kind, make in (("file", lambda d: FileStorage(work / d)),
+                           ("fakes", lambda d: FakeLvmStorage(10**7))):
+            bus = MessagingNotifier.connect(transport_url=server.url, host="bench",
+                                            topics=["bench"], drain_seconds=120)
+            on = _hit_service(work, bus, f"on-{kind}", make(f"on-{kind}"))
+            off = _hit_service(work, NullNotifier(), f"off-{kind}", make(f"off-{kind}"))
+            bus.attach_outbox(SqlOutbox(make_engine(f"sqlite:///{work / f'on-{kind}.db'}")))
+            ratio, on_s, off_s = _hit_ratio_with(bus, on, off)
+            bus.close()
+            received += 1 + (200 if not QUICK else 60)
+            name = "notify_overhead_ratio" + ("" if kind == "file" else "_fakes")
+            figures[name] = ratio
+            print(f"# bus_notifier ({kind}): hit p50 {on_s * 1000:.2f} ms with the bus, "
+                  f"{off_s * 1000:.2f} ms without", file=sys.stderr)
+        before = len(listener.wait_for(received, timeout=60))
+        bus = MessagingNotifier.connect(transport_url=server.url, host="bench",
+                                        topics=["bench"], drain_seconds=120)
+        service = _hit_service(work, bus, "outage", FakeLvmStorage(10**7))
+        bus.attach_outbox(SqlOutbox(make_engine(f"sqlite:///{work / 'outage.db'}")))
+        outage = 5.0 if QUICK else 20.0
+        for n in range(50):
+            if n == 10:
+                server.stop()
+                down_at = time.monotonic()
+            if n == 40:
+                time.sleep(max(0.0, outage - (time.monotonic() - down_at)))
+                server.restart()
+            service.create_volume(CTX, "hot", 1)
+            time.sleep(outage / 30 if 10 <= n < 40 else 0)
+        bus.close()
+        got = listener.wait_for(before + 50, timeout=60)
+        print(f"# bus_notifier: {len(got) - before} of 50 events after the outage",
+              file=sys.stderr)
+        figures["events_lost_broker_down"] = float(before + 50 - len(got))
+        return figures
+    finally:
+        listener.close()
+        server.close()
 
 
 def _many_workers(db: str) -> Bench:

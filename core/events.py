@@ -45,10 +45,12 @@ class Event:
     name = "image_volume_cache.event"
 
     def payload(self) -> dict[str, object]:
-        """The fields, enums as their values; ``scope`` only when it is known."""
-        fields = attrs.asdict(self, value_serializer=_plain)
+        """The fields by name, enums by their value; a field that is None is left out,
+        and ``scope`` when it is not known."""
+        fields = attrs.asdict(self, value_serializer=_plain,
+                              filter=lambda _field, value: value is not None)
         if not self.scope:
-            del fields["scope"]
+            fields.pop("scope", None)
         return fields
 
 
@@ -69,6 +71,8 @@ class CacheMiss(Event):
     #: where the bytes came from: ``image-source``, or the scope of the neighbour's entry
     #: that filled the new cache volume
     filled_from: str = IMAGE_SOURCE
+    #: the entry made for it (None, and left out of the payload, when served uncached)
+    entry_id: str | None = None
     name = "image_volume_cache.miss"
 
 

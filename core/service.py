@@ -474,7 +474,8 @@ class CacheService(OperatorCommands):
                 uow.entries.count_stats(scope, misses=1)
                 uow.commit()
             self.notifier.publish(CacheMiss(image.id, self.host, served.outcome.value,
-                                            served.filled_from or IMAGE_SOURCE, scope=scope))
+                                            served.filled_from or IMAGE_SOURCE,
+                                            served.entry_id, scope=scope))
 
 
 class _Verified:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from sqlalchemy import Engine
@@ -19,15 +19,23 @@ from sqlalchemy import Engine
 from ivcache.adapters.convert import FormatPolicy, ImagePipeline, QemuImg
 from ivcache.adapters.convert.formats import ACCEPTED, CONTAINERS
 from ivcache.adapters.images.local import LocalImageSource
-from ivcache.adapters.notify import NullNotifier
+from ivcache.adapters.notify import MultiNotifier, NullNotifier
 from ivcache.adapters.notify.log import LogNotifier
+from ivcache.adapters.notify.otel import MeteredStorage, OtelNotifier
 from ivcache.adapters.sql.engine import make_engine, upgrade
+from ivcache.adapters.sql.outbox import SqlOutbox
 from ivcache.adapters.sql.repository import SqlUnitOfWork
 from ivcache.core.errors import ConfigError
 from ivcache.core.model import Image, RequestContext
 from ivcache.core.ports import FileChunks, ImageSource, Notifier, StorageBackend, Tracer
 from ivcache.core.service import CacheService, Neighbour, SystemClock
-from ivcache.entrypoints.config import IMAGE_SOURCES, STORAGE_KINDS, BackendConfig, Config
+from ivcache.entrypoints.config import (
+    IMAGE_SOURCES,
+    NOTIFIERS,
+    STORAGE_KINDS,
+    BackendConfig,
+    Config,
+)
 
 if TYPE_CHECKING:
     from ivcache.adapters.identity.keystone import KeystoneIdentity
@@ -40,8 +48,11 @@ __all__ = [
     "build_glance",
     "build_identity",
     "build_images",
+    "build_messaging",
     "build_notifier",
+    "build_otel",
     "build_storage",
+    "close_notifier",
     "local_images",
     "open_database",
     "wire",
@@ -64,6 +75,15 @@ class Wiring:
     storage: StorageBackend
     backend: BackendConfig
     identity: KeystoneIdentity | None = None
+
+    #: the events waiting for the bus, in the cache's database
+    outbox: SqlOutbox | None = None
+    #: the bus notifier, when there is one (a MessagingNotifier)
+    bus: Any = None
+
+    def close(self) -> None:
+        """Deliver what the notifiers hold (bounded by ``events_drain_seconds``)."""
+        close_notifier(self.service.notifier)
 
     def context_for_token(self, token: str) -> RequestContext:
         """The caller a Keystone token belongs to, as Keystone says (keystone mode only)."""
@@ -178,13 +198,56 @@ def build_converter(config: Config) -> ImagePipeline:
 
 
 def build_notifier(config: Config) -> tuple[Notifier, Tracer | None]:
-    if config.notifier == "otel":
-        from ivcache.adapters.notify.otel import OtelNotifier
-        otel = OtelNotifier()
-        return otel, otel
-    if config.notifier == "none":
+    """The notifiers ``config.notifiers`` names (one, several combined, or none), and the
+    tracer (OpenTelemetry's, when it is one of them)."""
+    built: list[Notifier] = []
+    tracer: Tracer | None = None
+    for name in config.notifiers:
+        if name == "log":
+            built.append(LogNotifier())
+        elif name == "otel":
+            otel = build_otel(config)
+            built.append(otel)
+            tracer = otel
+        elif name == "messaging":
+            built.append(build_messaging(config))
+        else:
+            raise ConfigError(f"notifier = {name!r} is not one of {', '.join(NOTIFIERS)}")
+    if not built:
         return NullNotifier(), None
-    return LogNotifier(), None
+    return (built[0] if len(built) == 1 else MultiNotifier(*built)), tracer
+
+
+def build_otel(config: Config) -> OtelNotifier:
+    """OpenTelemetry: on the API's globals, or on an SDK set up for ``otel_exporter``."""
+    if config.otel_exporter == "none":
+        return OtelNotifier()
+    from ivcache.adapters.notify.otel_sdk import build_providers
+    tracer_provider, meter_provider, shutdown = build_providers(
+        config.otel_exporter, config.otel_endpoint, host=config.host)
+    return OtelNotifier(tracer_provider, meter_provider, on_close=shutdown)
+
+
+def build_messaging(config: Config) -> Notifier:
+    """Cinder's notifications on the bus ([oslo_messaging_notifications])."""
+    try:
+        from ivcache.adapters.notify.messaging import MessagingNotifier
+    except ImportError as exc:
+        raise ConfigError("notifier = messaging needs oslo.messaging: pip install "
+                          f"'ivcache[messaging]' ({exc})") from exc
+    m = config.messaging
+    # notifier = messaging with the default driver noop still means "to the bus".
+    driver = m.driver if m.enabled else ("messagingv2",)
+    return MessagingNotifier.connect(transport_url=m.transport_url, host=config.host,
+                                     driver=driver, topics=m.topics,
+                                     drain_seconds=config.events_drain_seconds)
+
+
+def close_notifier(notifier: Notifier) -> None:
+    """Let notifiers that send in the background deliver what they hold (bounded)."""
+    close = getattr(notifier, "close", None)
+    if callable(close):
+        close()
 
 
 class ProgressImages:
@@ -255,15 +318,19 @@ def wire(config: Config, *, backend: str | None = None, progress: Progress | Non
     run (``adopt`` False: not now, for a caller that adopts itself and reports it).
     """
     chosen = config.backend(backend)
+    # The notifiers first: a bad bus option fails before anything is created.
+    notifier, tracer = build_notifier(config)
     engine = open_database(config)
     images = build_images(config)
     storage = build_storage(chosen, config.host)
-    notifier, tracer = build_notifier(config)
+    metered: StorageBackend = storage
+    if isinstance(tracer, OtelNotifier):
+        metered = MeteredStorage(storage, tracer, config.host)
     neighbours = [Neighbour(config.scope(other), _storage_when_needed(other, config.host))
                   for other in config.backends if other is not chosen]
     service = CacheService(
         scope=config.scope(chosen),
-        storage=storage,
+        storage=metered,
         images=ProgressImages(images, progress) if progress else images,
         uow=SqlUnitOfWork(engine),
         notifier=notifier,
@@ -276,4 +343,13 @@ def wire(config: Config, *, backend: str | None = None, progress: Progress | Non
     )
     if adopt:
         service.adopt()
-    return Wiring(config, service, images, storage, chosen, build_identity(config))
+    if isinstance(tracer, OtelNotifier):
+        # The gauges read this scope's totals when the metrics are collected.
+        tracer.totals = lambda: [service.stats()]
+    outbox = SqlOutbox(engine)
+    bus = next((n for n in getattr(notifier, "notifiers", (notifier,))
+                if hasattr(n, "attach_outbox")), None)
+    if bus is not None:
+        bus.attach_outbox(outbox)
+    return Wiring(config, service, images, storage, chosen, build_identity(config),
+                  outbox, bus)

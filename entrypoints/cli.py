@@ -32,6 +32,7 @@ from ivcache.entrypoints.bootstrap import (
     wire,
 )
 from ivcache.entrypoints.config import Config, load_config
+from ivcache.entrypoints.logs import setup_logging
 
 if TYPE_CHECKING:
     from ivcache.adapters.identity.keystone import KeystoneIdentity
@@ -48,6 +49,7 @@ class _State:
         self.config_path: str | None = None
         self.json = False
         self.admin = False
+        self.verbose = False
 
 
 def _state() -> _State:
@@ -80,8 +82,17 @@ def admin_flag(func: F) -> F:
                         help="Act as an operator: cache commands are operator commands.")(func)
 
 
+def _set_verbose(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        _state().verbose = True
+
+
 def common(func: F) -> F:
-    """``--config`` and ``--json``, accepted on the group and on every command."""
+    """``--config``, ``--json`` and ``--verbose``, accepted on the group and on every
+    command."""
+    func = click.option("--verbose", "-v", is_flag=True, expose_value=False,
+                        callback=_set_verbose, is_eager=True,
+                        help="Log INFO (the cache's events among it) to stderr.")(func)
     func = click.option("--json", "as_json", is_flag=True, expose_value=False,
                         callback=_set_json, is_eager=True,
                         help="Print one JSON document on stdout.")(func)
@@ -219,7 +230,10 @@ def _progress(label: str, total: int) -> Callable[[int], None]:
 
 
 def _config() -> Config:
-    return load_config(_state().config_path)
+    """The configuration, and this process's logging set up from it."""
+    config = load_config(_state().config_path)
+    setup_logging(config, verbose=_state().verbose)
+    return config
 
 
 def _wiring(host: str | None = None, backend: str | None = None, *,
@@ -235,7 +249,10 @@ def _wiring(host: str | None = None, backend: str | None = None, *,
     if backend is not None and backend not in names:
         raise click.UsageError(f"--backend {backend!r} names no enabled backend; enabled: "
                                f"{listed}")
-    return wire(config, backend=backend, progress=_progress, adopt=adopt)
+    wiring = wire(config, backend=backend, progress=_progress, adopt=adopt)
+    # Once the command is done: the bus notifier delivers what it holds (bounded).
+    click.get_current_context().call_on_close(wiring.close)
+    return wiring
 
 
 def _operator_wiring(host: str | None = None, backend: str | None = None, *,
@@ -294,7 +311,11 @@ def _stats_doc(totals: ScopeTotals, scope: Scope) -> dict[str, object]:
     return {**_scope_doc(scope), "hits": totals.hits, "misses": totals.misses,
             "evictions": totals.evictions, "entries": totals.count, "size_gb": totals.size_gb,
             "downloads": totals.downloads, "bytes_downloaded": totals.bytes_downloaded,
-            "neighbour_fills": totals.neighbour_fills}
+            "neighbour_fills": totals.neighbour_fills,
+            # requests served by a clone of a cached volume, of those that went through
+            # the cache (a disabled cache's requests count in neither)
+            "hit_ratio": round(totals.hits / (totals.hits + totals.misses), 4)
+            if totals.hits + totals.misses else 0.0}
 
 
 def _table(rows: list[dict[str, object]], columns: list[str]) -> None:
@@ -341,7 +362,7 @@ def db() -> None:
 def db_upgrade() -> None:
     """Create or upgrade the database schema."""
     from ivcache.adapters.sql.engine import current_revision
-    engine = open_database(load_config(_state().config_path))
+    engine = open_database(_config())
     revision = current_revision(engine)
     _emit({"database_url": engine.url.render_as_string(hide_password=True),
            "revision": revision},
@@ -519,8 +540,9 @@ def cache_prune(host: str | None, backend: str | None) -> None:
 @_host_option
 def cache_stats(host: str | None, backend: str | None) -> None:
     """Hits, misses, evictions, downloads and neighbour fills of a host's scope."""
-    service = _operator_wiring(host, backend).service
-    doc = _stats_doc(service.stats(), service.scope)
+    wiring = _operator_wiring(host, backend)
+    doc = _stats_doc(wiring.service.stats(), wiring.service.scope)
+    doc["events_pending"] = wiring.outbox.pending() if wiring.outbox else 0
     _emit(doc, lambda: _fields(doc))
 
 
@@ -593,6 +615,26 @@ def cache_reconcile(host: str | None, backend: str | None, fix: bool) -> None:
          "image_id": f.image_id, "fixed": f.fixed, "path": f.path, "size": f.size}
         for f in findings]
     _emit(docs, lambda: _table(docs, ["kind", "volume_id", "entry_id", "fixed", "path"]))
+
+
+@cli.group()
+@common
+def events() -> None:
+    """The cache's events waiting for the bus (the outbox)."""
+
+
+@events.command("flush")
+@common
+def events_flush() -> None:
+    """Send the events that wait for the bus now; print how many were sent and wait."""
+    wiring = _wiring()
+    if wiring.bus is None:
+        raise ConfigError("no bus to send to: set [oslo_messaging_notifications] driver = "
+                          "messagingv2 and transport_url (or notifier = messaging)")
+    sent, pending = wiring.bus.send_now()
+    doc = {"sent": sent, "pending": pending}
+    _emit(doc, lambda: click.echo(f"sent {sent} event{'' if sent == 1 else 's'}, "
+                                  f"{pending} wait{'s' if pending == 1 else ''}"))
 
 
 # ------------------------------------------------------------------ entry point

@@ -41,13 +41,16 @@ from ivcache.core.policy import CachePolicy
 
 __all__ = [
     "IMAGE_SOURCES",
+    "NOTIFICATION_DRIVERS",
     "NOTIFIERS",
     "OPTIONS",
+    "OTEL_EXPORTERS",
     "STORAGE_KINDS",
     "BackendConfig",
     "Config",
     "ConversionConfig",
     "GlanceConfig",
+    "MessagingConfig",
     "Option",
     "Where",
     "default_home",
@@ -57,7 +60,10 @@ __all__ = [
 
 STORAGE_KINDS = ("file", "qcow2", "rbd", "fake-lvm", "fake-rbd")
 IMAGE_SOURCES = ("local", "glance")
-NOTIFIERS = ("log", "otel", "none")
+NOTIFIERS = ("log", "otel", "messaging", "none")
+OTEL_EXPORTERS = ("none", "console", "otlp")
+#: oslo.messaging's notification drivers (its entry points), Cinder's values of ``driver``
+NOTIFICATION_DRIVERS = ("noop", "messagingv2", "messaging", "log", "routing", "test")
 GLANCE_AUTH = ("keystone", "trusted-headers")
 # Storage kinds that keep their volumes (or state) under storage_path.
 _PATH_STORAGES = ("file", "qcow2", "fake-lvm", "fake-rbd")
@@ -78,6 +84,9 @@ class Where(enum.Enum):
     STORAGE = "storage"
     IVCACHE = "ivcache"
     GLANCE = "glance"
+    #: oslo.messaging's section, as Cinder reads it; its ``transport_url`` falls back to
+    #: [DEFAULT]'s, as in Cinder
+    NOTIFICATIONS = "oslo_messaging_notifications"
 
 
 @attrs.frozen
@@ -88,7 +97,8 @@ class Option:
     ``URL`` (a database URL; a relative SQLite path is relative to the file). Numbers must
     be from ``minimum`` to ``maximum`` (finite: seconds past 1e9 would overflow a date). An
     empty value means the default. ``aliases`` are other names read when the option itself
-    is not set.
+    is not set. ``multiple``: a comma-separated list (each item one of
+    ``choices``, if any), read as a tuple.
     """
 
     where: Where
@@ -100,6 +110,7 @@ class Option:
     aliases: tuple[str, ...] = ()
     minimum: float = 0
     maximum: float = 1e9
+    multiple: bool = False
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -107,6 +118,7 @@ class Option:
 
 
 _D, _B, _S, _I, _G = Where.DEFAULT, Where.BACKEND, Where.STORAGE, Where.IVCACHE, Where.GLANCE
+_N = Where.NOTIFICATIONS
 
 OPTIONS: tuple[Option, ...] = (
     Option(_D, "host", str, "",
@@ -183,8 +195,20 @@ OPTIONS: tuple[Option, ...] = (
            choices=IMAGE_SOURCES),
     Option(_I, "images_path", Path, Path("images"), "The local image source's directory."),
     Option(_I, "notifier", str, "log",
-           "Where events go: log lines (logger `ivcache.events`), OpenTelemetry, or nowhere.",
-           choices=NOTIFIERS),
+           "Where events go, a list: log lines (logger `ivcache.events`), OpenTelemetry, the "
+           "OpenStack bus ([oslo_messaging_notifications]; implied when its driver is not "
+           "noop), or nowhere.", choices=NOTIFIERS, multiple=True),
+    Option(_I, "otel_exporter", str, "none",
+           "Set up the OpenTelemetry SDK (`pip install 'ivcache[otel]'`) and export spans and "
+           "metrics: on stderr (console) or over OTLP/HTTP (otlp, to otel_endpoint); implies "
+           "`notifier = otel`. none: the application's own SDK set-up, if any, decides.",
+           choices=OTEL_EXPORTERS),
+    Option(_I, "otel_endpoint", str, "",
+           "The OTLP/HTTP collector, e.g. `http://collector:4318`; empty: the exporter's "
+           "default and the OTEL_EXPORTER_OTLP_* environment variables."),
+    Option(_I, "events_drain_seconds", float, 2.0,
+           "At exit, how long a process waits for its events to reach the bus; a request "
+           "itself never waits for the bus."),
     Option(_I, "internal_tenant_quota_gb", int, 0,
            "The internal tenant's quota in GiB (0: unlimited), checked before anything is "
            "evicted; it spans every backend and scope."),
@@ -226,6 +250,23 @@ OPTIONS: tuple[Option, ...] = (
     Option(_G, "retries", int, 3,
            "Retries of connection errors and 5xx responses (with backoff), and resumptions "
            "of a cut download."),
+    Option(_D, "log_file", str, "",
+           "The CLI's log file, as oslo.log's: INFO and up (the event lines of `notifier = "
+           "log` included); relative to log_dir when that is set, else to the file's "
+           "folder. Empty: no file (warnings on stderr; `--verbose` adds INFO there)."),
+    Option(_D, "log_dir", str, "",
+           "The folder of log_file; alone, the log file is `ivcache.log` there."),
+    Option(_D, "debug", bool, False, "Log DEBUG instead of INFO."),
+    Option(_N, "driver", str, "noop",
+           "oslo.messaging's notification driver, as in Cinder: noop sends nothing; "
+           "messagingv2 sends Cinder's notifications to the bus.",
+           choices=NOTIFICATION_DRIVERS, multiple=True),
+    Option(_N, "transport_url", str, "",
+           "The bus for notifications (`rabbit://USER:PASSWORD@HOST:5672/`). Set in "
+           "[DEFAULT], as Cinder's transport_url, it serves here too; set here, it overrides "
+           "[DEFAULT]'s for notifications."),
+    Option(_N, "topics", str, "notifications", "The topics notifications are sent to.",
+           multiple=True),
 )
 
 
@@ -258,6 +299,24 @@ class GlanceConfig:
     connect_timeout: float = 10.0
     read_timeout: float = 300.0
     retries: int = 3
+
+
+@attrs.frozen
+class MessagingConfig:
+    """``[oslo_messaging_notifications]`` (and ``[DEFAULT] transport_url``)."""
+
+    driver: tuple[str, ...] = ("noop",)
+    transport_url: str = ""
+    topics: tuple[str, ...] = ("notifications",)
+
+    @property
+    def enabled(self) -> bool:
+        return any(d != "noop" for d in self.driver)
+
+
+def _list_text(value: str | Sequence[str]) -> str:
+    items = value.split(",") if isinstance(value, str) else value
+    return ", ".join(i.strip() for i in items if i.strip())
 
 
 @attrs.frozen
@@ -298,12 +357,32 @@ class Config:
     backends: tuple[BackendConfig, ...]
     cluster: str | None = None
     default_backend: str = DEFAULT_BACKEND
-    notifier: str = "log"
+    #: the notifiers, comma-separated (``notifiers`` is the list)
+    notifier: str = attrs.field(default="log", converter=_list_text)
     keystone_cloud: str = ""
     token_cache_seconds: float = 300.0
     glance: GlanceConfig = GlanceConfig()
     conversion: ConversionConfig = ConversionConfig()
+    messaging: MessagingConfig = MessagingConfig()
+    events_drain_seconds: float = 2.0
+    otel_exporter: str = "none"
+    otel_endpoint: str = ""
+    log_file: str = ""
+    log_dir: str = ""
+    debug: bool = False
     source: Path | None = None
+
+    @property
+    def notifiers(self) -> tuple[str, ...]:
+        """The notifiers to build: ``notifier``'s, plus ``messaging`` when the
+        notification driver is not noop and ``otel`` when an exporter is set; ``none``
+        alone means none."""
+        names = [n.strip() for n in self.notifier.split(",") if n.strip()]
+        if self.otel_exporter != "none" and "otel" not in names:
+            names.append("otel")
+        if self.messaging.enabled and "messaging" not in names:
+            names.append("messaging")
+        return tuple(n for n in names if n != "none")
 
     def with_host(self, host: str | None) -> Config:
         return attrs.evolve(self, host=host) if host else self
@@ -431,6 +510,7 @@ class _Reader:
         names = [n.strip() for n in enabled.split(",") if n.strip()]
         ivc = self.section_values(Where.IVCACHE, "ivcache", storage_here=not names)
         glance = self.section_values(Where.GLANCE, "glance")
+        messaging = self.section_values(Where.NOTIFICATIONS, Where.NOTIFICATIONS.value)
         backend = ivc["backend"]
         if names:
             globals_ = self.section_values(Where.DEFAULT, default)
@@ -460,10 +540,12 @@ class _Reader:
         same = {f.name: ivc[f.name] for f in attrs.fields(Config) if f.name in ivc}
         conversion = ConversionConfig(**{f.name: globals_[f.name]
                                          for f in attrs.fields(ConversionConfig)})
+        service = {name: globals_[name] for name in ("log_file", "log_dir", "debug")}
         config = Config(home=self.home, host=host, tenant=tenant,
                         glance=GlanceConfig(**glance), conversion=conversion,
-                        source=self.source, backends=backends, cluster=cluster,
-                        default_backend=default_backend, **same)
+                        messaging=MessagingConfig(**messaging), source=self.source,
+                        backends=backends, cluster=cluster,
+                        default_backend=default_backend, **service, **same)
         for b in backends:
             try:
                 config.scope(b)
@@ -538,7 +620,7 @@ class _Reader:
         [ivcache] and [glance] are checked for unknown and misplaced options; in [ivcache]
         the storage options belong too when ``storage_here`` (no ``enabled_backends``)."""
         options = [o for o in OPTIONS if o.where is where]
-        if where in (Where.IVCACHE, Where.GLANCE):
+        if where in (Where.IVCACHE, Where.GLANCE, Where.NOTIFICATIONS):
             allowed = [*options, *(o for o in OPTIONS if storage_here and o.where is _S)]
             self.check_known(section, allowed, storage_here=storage_here)
         if not self.parser.has_section(section):
@@ -568,12 +650,21 @@ class _Reader:
         parser = self.parser
         name = next((n for n in option.names if parser.get(section, n, fallback="")), None)
         if name is None:
+            if option.multiple:
+                return tuple(i.strip() for i in option.default.split(","))
             return self.resolve(option, option.default)
         raw = parser.get(section, name)
         bad = f"{self.where}: option {name} = {raw!r}"
         getters: dict[type, Callable[[str, str], Any]] = {
             int: parser.getint, float: parser.getfloat, bool: parser.getboolean}
         getter = getters.get(option.type)
+        if option.multiple:
+            items = tuple(i.strip() for i in raw.split(",") if i.strip())
+            wrong = [i for i in items if option.choices and i not in option.choices]
+            if wrong:
+                what = bad if items == (raw.strip(),) else f"{bad}: {wrong[0]!r}"
+                raise ConfigError(f"{what} is not one of {', '.join(option.choices)}")
+            return items
         if getter is None:
             if option.choices and raw not in option.choices:
                 raise ConfigError(f"{bad} is not one of {', '.join(option.choices)}")
@@ -636,7 +727,7 @@ _SECTIONS = {
                     "Cinder's names and meanings. Without `enabled_backends` they may also be "
                     "set in the section `[ivcache] backend` names; in a backend section of "
                     "`enabled_backends` they are an error. Cinder's other options are "
-                    "ignored."),
+                    "ignored. The logging options are oslo.log's."),
     Where.BACKEND: ("Cache options: a backend section, `[DEFAULT]`, or the section `backend` "
                     "names",
                     "Cinder's names and meanings, per backend: each section of "
@@ -653,6 +744,11 @@ _SECTIONS = {
     Where.IVCACHE: ("`[ivcache]`", "An unknown option here is an error."),
     Where.GLANCE: ("`[glance]`", "For `image_source = glance` (`pip install "
                                  "'ivcache[glance]'`). An unknown option here is an error."),
+    Where.NOTIFICATIONS: ("`[oslo_messaging_notifications]`",
+                          "Cinder's notifications on the OpenStack bus, through oslo.messaging "
+                          "(`pip install 'ivcache[messaging]'`): priority INFO, publisher "
+                          "`volume.<host>`, events `image_volume_cache.hit`, `.miss`, "
+                          "`.evict`. An unknown option here is an error."),
 }
 _TYPE_NAMES: dict[type, str] = {str: "text", int: "whole number", float: "number",
                                 bool: "true/false", Path: "path", URL: "database URL"}
@@ -663,6 +759,8 @@ def _cell(text: str) -> str:
 
 
 def _type_text(option: Option) -> str:
+    if option.multiple:
+        return "list of choices" if option.choices else "list"
     return "choice" if option.choices else _TYPE_NAMES[option.type]
 
 

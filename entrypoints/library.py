@@ -23,6 +23,7 @@ several ``enabled_backends``).
 from __future__ import annotations
 
 from pathlib import Path
+from types import TracebackType
 
 from ivcache.core.model import (
     CacheEntry,
@@ -88,6 +89,19 @@ class ImageVolumeCache:
         return cls(CacheService(host=host, storage=storage, images=images, uow=uow,
                                 notifier=notifier, policy=policy, tenant=tenant, clock=clock,
                                 tracer=tracer, converter=converter))
+
+    def close(self) -> None:
+        """Let the notifiers deliver what they hold (the bus notifier waits at most
+        ``events_drain_seconds``); also done at exit."""
+        if self._wiring is not None:
+            self._wiring.close()
+
+    def __enter__(self) -> ImageVolumeCache:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
 
     @property
     def config(self) -> Config | None:

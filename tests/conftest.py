@@ -4,6 +4,7 @@ PostgreSQL, Glance, files, qemu-img, Ceph), tests/e2e (the CLI as a user runs it
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Generator, Iterator
 from typing import TYPE_CHECKING
 
@@ -14,6 +15,7 @@ from tests.support.pg import PostgresServer, PostgresUnavailable
 if TYPE_CHECKING:
     from tests.support.glance_server import GlanceServer
     from tests.support.keystone_server import OpenStack
+    from tests.support.rabbitmq_server import BusListener, RabbitServer
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -87,3 +89,40 @@ def postgres_url(postgres_server: PostgresServer) -> Generator[str, None, None]:
     if postgres_server.directory is None:
         # Someone else's server: leave it as it was. Our own is thrown away whole.
         postgres_server.drop_database(url)
+
+
+# -- RabbitMQ --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def rabbitmq() -> Iterator[RabbitServer]:
+    """A throwaway RabbitMQ node on 127.0.0.1 for the session (a skip, so a failure under CI,
+    where rabbitmq-server is not installed)."""
+    from tests.support.rabbitmq_server import RabbitServer, RabbitUnavailable, rabbit_missing
+
+    reason = rabbit_missing()
+    if reason:
+        pytest.skip(reason)
+    try:
+        server = RabbitServer.start()
+    except RabbitUnavailable as exc:
+        pytest.fail(f"the test RabbitMQ did not start: {exc}")
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def topic() -> str:
+    """A notification topic of this test alone."""
+    return f"notifications-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def listener(rabbitmq: RabbitServer, topic: str) -> Iterator[BusListener]:
+    """An oslo.messaging notification listener on ``topic``."""
+    from tests.support.rabbitmq_server import BusListener
+
+    bus = BusListener(rabbitmq.url, topic)
+    yield bus
+    bus.close()

@@ -29,3 +29,10 @@ class MultiNotifier:
                     first = e
         if first is not None:
             raise first
+
+    def close(self) -> None:
+        """Close the notifiers that hold events to send (the bus notifier's queue)."""
+        for notifier in self.notifiers:
+            close = getattr(notifier, "close", None)
+            if callable(close):
+                close()

@@ -20,6 +20,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
     UniqueConstraint,
     false,
     text,
@@ -31,6 +32,7 @@ __all__ = [
     "SCOPE_LENGTH",
     "UTCDateTime",
     "cache_entries",
+    "event_outbox",
     "metadata",
     "scope_totals",
 ]
@@ -122,4 +124,20 @@ scope_totals = Table(
     Column("downloads", Integer, nullable=False, server_default=_ZERO),
     Column("bytes_downloaded", BigInteger, nullable=False, server_default=_ZERO),
     Column("neighbour_fills", Integer, nullable=False, server_default=_ZERO),
+)
+
+#: Events waiting for the bus, in ``id`` order. A sender claims a batch (``claimed_until``),
+#: sends it, then deletes it; a claim that expired (its sender died) is taken again, so an
+#: event may be sent twice, with the same ``message_id``.
+event_outbox = Table(
+    "event_outbox",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("message_id", String(36), nullable=False),
+    Column("host", String(255), nullable=False),
+    Column("event_type", String(64), nullable=False),
+    Column("payload", Text, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("claimed_until", UTCDateTime, nullable=True),
+    UniqueConstraint("message_id"),
 )

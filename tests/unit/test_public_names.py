@@ -43,6 +43,7 @@ FACADE = {
     "create_volume", "get_volume", "delete_volume", "list_volumes",
     "entries", "get_entry", "evict", "prune", "warm", "pin", "unpin", "reconcile", "stats",
     "adopt",
+    "close",
 }
 
 
