@@ -10,9 +10,9 @@ EDITABLE = --config-settings editable_mode=strict
 # source folders is invisible until reinstalled, so the install depends on every file there.
 SRC := $(shell find core adapters entrypoints -type f ! -path '*/__pycache__/*' ! -name '*.py[co]' 2>/dev/null)
 
-.PHONY: install demo docs lint ruff mypy imports bare-imports test unit integration e2e wheel-test bench clean
+.PHONY: install ceph-bindings demo docs lint ruff mypy imports bare-imports test unit integration e2e wheel-test bench clean
 
-install: $(VENV)/.installed $(VENV)/.ceph-bindings
+install: $(VENV)/.installed ceph-bindings
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -22,13 +22,12 @@ $(VENV)/.installed: pyproject.toml $(SRC) | $(PY)
 	$(PY) -m pip install -q -e '.[test]' $(EDITABLE)
 	touch $@
 
-# Debian's Ceph bindings (python3-rbd, python3-rados) linked into the venv when installed;
-# redone when they appear or change.
-CEPH_BINDINGS := $(wildcard /usr/lib/python3/dist-packages/rados.*.so \
-                            /usr/lib/python3/dist-packages/rbd.*.so)
-$(VENV)/.ceph-bindings: tools/link_ceph_bindings.py $(CEPH_BINDINGS) | $(VENV)/.installed
-	$(PY) tools/link_ceph_bindings.py
-	touch $@
+# Debian's Ceph bindings (python3-rbd, python3-rados) linked into the venv whenever they are
+# installed. The script looks at the links themselves (are they there, do they point at the
+# installed modules), so bindings installed after the venv are linked by the next make; an
+# mtime rule would miss them, as Debian's files keep their build date.
+ceph-bindings: | $(VENV)/.installed
+	@$(PY) tools/link_ceph_bindings.py --if-needed
 
 demo: install
 	$(VENV)/bin/ivcache demo

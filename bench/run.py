@@ -1,12 +1,20 @@
 """``make bench``: the figures the issues ask for, as ratios measured in one run.
 
-Prints a table and writes ``.bench/results.json`` as ``{"figures": {name: number}}``.
+Prints a table and writes ``.bench/results.json`` as ``{"figures": {name: number},
+"skipped": {name: reason}, "failed": {name: reason}, "quick": bool}``.
 ``BENCH_QUICK=1`` shrinks every workload so the whole run takes under a minute.
+
+Every bench is registered with the figures it gives (``@bench(...)``). One that cannot be
+measured on this machine (no qemu-img, no Ceph bindings, not root for a loop mount, no
+PostgreSQL, no Glance venv) raises ``Unavailable``: one line says why and the run goes on;
+one that breaks is reported with its traceback and the run goes on too. The exit code is 1
+if anything failed, or if anything was skipped while ``CI`` is set.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import importlib.util
 import json
 import os
 import shutil
@@ -15,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +46,34 @@ QUICK = bool(os.environ.get("BENCH_QUICK"))
 MIB = 1 << 20
 CTX = RequestContext.for_project("bench")
 Figures = dict[str, float]
+Bench = Callable[[Path], Figures]
+
+
+class Unavailable(Exception):
+    """This machine lacks what a bench needs; the message says what, and how to get it."""
+
+
+#: Every bench, in the order they run, with the figures it gives.
+BENCHES: list[tuple[Bench, tuple[str, ...]]] = []
+
+
+def bench(*figures: str) -> Callable[[Bench], Bench]:
+    def register(fn: Bench) -> Bench:
+        BENCHES.append((fn, figures))
+        return fn
+    return register
+
+
+def need_tool(name: str, package: str) -> None:
+    if shutil.which(name) is None:
+        raise Unavailable(f"no {name} (apt-get install -y {package})")
+
+
+def _repo_on_path() -> None:
+    # Some benches use the tests' helpers (tests/support/): they are not part of the package.
+    root = str(Path(__file__).resolve().parent.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
 
 
 def _median_time(fn: Callable[[], object], runs: int) -> float:
@@ -48,6 +85,8 @@ def _median_time(fn: Callable[[], object], runs: int) -> float:
     return statistics.median(times)
 
 
+@bench("hit_vs_miss_speedup_file", "miss_seconds_file", "hit_seconds_file",
+       "clone_ms_p50_file")
 def hit_vs_miss_file(work: Path) -> Figures:
     """File storage on this filesystem (ext4 here: a clone is a sparse copy)."""
     storage = FileStorage(work / "volumes")
@@ -56,6 +95,7 @@ def hit_vs_miss_file(work: Path) -> Figures:
     return figures
 
 
+@bench("bookkeeping_ms_p50")
 def bookkeeping(work: Path) -> Figures:
     """Service overhead per hit with fakes for storage and images, SQLite holding N entries."""
     entries = 10_000 if not QUICK else 2_000
@@ -122,6 +162,8 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
+@bench("rss_ratio_2g_vs_200m", "rss_peak_mib_big", "rss_ratio_2g_vs_200m_qcow2",
+       "rss_peak_mib_big_qcow2")
 def rss(work: Path) -> Figures:
     """Peak RSS of caching a big image over a small one (2 GiB vs 200 MiB; quick: 600 MiB,
     and 300 vs 100 MiB for qcow2), raw and qcow2 (ivcache's own process: qemu-img runs
@@ -145,13 +187,25 @@ def rss(work: Path) -> Figures:
 
 def _glance_server_module() -> Any:
     # The glance-api the tests run (tests/support/glance_server.py): not part of the package.
-    root = str(Path(__file__).resolve().parent.parent)
-    if root not in sys.path:
-        sys.path.insert(0, root)
+    _repo_on_path()
     import tests.support.glance_server
     return tests.support.glance_server
 
 
+def _glance_venv(server_module: Any) -> Path:
+    if importlib.util.find_spec("openstack") is None:
+        raise Unavailable("no openstacksdk in the venv (pip install 'ivcache[glance]')")
+    try:
+        venv: Path = server_module.ensure_glance_venv()
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise Unavailable(f"cannot install Glance into its venv ({exc}): PyPI unreachable?"
+                          ) from exc
+    return venv
+
+
+@bench("glance_download_mib_s", "curl_download_mib_s", "glance_vs_curl_ratio",
+       "many_volumes_cache_vs_nocache_speedup", "many_volumes_seconds_cache_on",
+       "many_volumes_seconds_cache_off")
 def glance(work: Path) -> Figures:
     """A local glance-api: ivcache's download of a 256 MiB image against curl's (quick:
     32 MiB), and 10 volumes from one 512 MiB image with the cache on vs off, file storage
@@ -167,7 +221,8 @@ def glance(work: Path) -> Figures:
         for i in range(mib):
             yield block[:-8] + i.to_bytes(8, "big")
 
-    venv = server_module.ensure_glance_venv()
+    need_tool("curl", "curl")
+    venv = _glance_venv(server_module)
     with server_module.GlanceServer(work / "glance", venv=venv) as server:
         project, user, roles = server.identity(CTX.project_id)
         dl_id = server.create_image((project, user, roles), chunks(dl_mib), name="bench-dl")
@@ -216,6 +271,83 @@ def glance(work: Path) -> Figures:
             "many_volumes_seconds_cache_off": off}
 
 
+@bench("keystone_hit_overhead_ms", "keystone_hit_ms_p50", "trusted_headers_hit_ms_p50")
+def keystone(work: Path) -> Figures:
+    """A hit in keystone mode minus a hit in trusted-headers mode (goal: <= 5 ms): one
+    Glance's images served through its keystonemiddleware pipeline and, by a second
+    glance-api on the same database and store, through the trusted-header one; the token's
+    validation is cached (warm), as in a long-running driver. Hits alternate between the
+    modes so that drift hits both alike. File storage, a 1 MiB image."""
+    from ivcache.adapters.identity.keystone import KeystoneIdentity
+    from ivcache.adapters.images.glance import GlanceImageSource
+    from ivcache.core.model import InternalTenant
+
+    server_module = _glance_server_module()
+    _glance_venv(server_module)  # openstacksdk is there, or one line why not
+    from tests.support.keystone_server import OpenStack, ensure_keystone_venv
+    try:
+        venv = ensure_keystone_venv()
+        cloud = OpenStack(work / "openstack", venv=venv)
+        cloud.start()
+    except (OSError, subprocess.CalledProcessError, RuntimeError) as exc:
+        raise Unavailable(f"cannot start Keystone and Glance: {exc}".splitlines()[0]
+                          ) from exc
+    saved = os.environ.get("OS_CLIENT_CONFIG_FILE")
+    os.environ["OS_CLIENT_CONFIG_FILE"] = str(cloud.clouds_yaml)
+    trusted = server_module.GlanceServer(work / "glance-trusted", venv=venv,
+                                         shares=cloud.glance)
+    try:
+        trusted.start()
+        user = cloud.new_user("bench")
+        token = cloud.token(user)
+        image_id = cloud.glance.create_image(token, os.urandom(MIB), name="bench-hit")
+        tenant = InternalTenant(cloud.internal.project_id, cloud.internal.user_id)
+        identity = KeystoneIdentity(os_cloud="ivcache-service")
+
+        def service(name: str, source: GlanceImageSource) -> CacheService:
+            engine = make_engine(f"sqlite:///{work / name}.db")
+            upgrade(engine)
+            return CacheService(host="bench", storage=FileStorage(work / name), images=source,
+                                uow=SqlUnitOfWork(engine), notifier=RecordingNotifier(),
+                                tenant=tenant)
+
+        in_keystone = service("keystone", GlanceImageSource(
+            url=cloud.glance.url, os_cloud="ivcache-internal", auth="keystone",
+            internal=tenant.context()))
+        in_trusted = service("trusted", GlanceImageSource(url=trusted.url,
+                                                          auth="trusted-headers"))
+        as_user = RequestContext.for_project(user.project_id, user_id=user.user_id)
+
+        def keystone_hit() -> object:
+            return in_keystone.create_volume(identity.context(token), image_id, 1)
+
+        def trusted_hit() -> object:
+            return in_trusted.create_volume(as_user, image_id, 1)
+
+        for hit in (keystone_hit, trusted_hit):  # the misses, then one warm hit each
+            hit()
+            hit()
+        runs = 60 if not QUICK else 15
+        times: dict[str, list[float]] = {"keystone": [], "trusted": []}
+        for _ in range(runs):
+            for name, hit in (("keystone", keystone_hit), ("trusted", trusted_hit)):
+                started = time.perf_counter()
+                hit()
+                times[name].append(time.perf_counter() - started)
+        print(f"# keystone: start-up {cloud.startup_seconds:.1f} s", file=sys.stderr)
+    finally:
+        trusted.stop()
+        cloud.stop()
+        if saved is None:
+            os.environ.pop("OS_CLIENT_CONFIG_FILE", None)
+        else:
+            os.environ["OS_CLIENT_CONFIG_FILE"] = saved
+    keystone_ms = statistics.median(times["keystone"]) * 1000
+    trusted_ms = statistics.median(times["trusted"]) * 1000
+    return {"keystone_hit_overhead_ms": keystone_ms - trusted_ms,
+            "keystone_hit_ms_p50": keystone_ms, "trusted_headers_hit_ms_p50": trusted_ms}
+
+
 
 
 def _service_with_image(work: Path, storage: StorageBackend,
@@ -235,14 +367,13 @@ def _service_with_image(work: Path, storage: StorageBackend,
     return service, image.id
 
 
+@bench("miss_qcow2_vs_raw_ratio", "convert_vs_qemu_img_ratio", "miss_seconds_qcow2_file",
+       "miss_seconds_raw_file", "qemu_img_convert_seconds")
 def image_formats(work: Path) -> Figures:
     """Issue 9, file storage: a miss of a 1 GiB-virtual qcow2 image holding 512 MiB of data
     (quick: 256 / 64 MiB) against a miss of the same disk as raw, and against a bare
     ``qemu-img convert -O raw`` of the same qcow2 file (medians of 3 runs; quick: 1)."""
-    if shutil.which("qemu-img") is None:
-        print("# image_formats: skipped, no qemu-img (apt-get install -y qemu-utils)",
-              file=sys.stderr)
-        return {}
+    need_tool("qemu-img", "qemu-utils")
     virtual, data = (1024, 512) if not QUICK else (256, 64)
     runs = 3 if not QUICK else 1
     raw = make_sparse_image(work / "img.raw", virtual_mib=virtual, data_mib=data)
@@ -308,21 +439,21 @@ def _clone_ms_p50(storage: StorageBackend, src_id: str) -> float:
     return statistics.median(times) * 1000
 
 
+@bench("hit_vs_miss_speedup_qcow2", "miss_seconds_qcow2", "hit_seconds_qcow2",
+       "clone_ms_p50_qcow2")
 def hit_vs_miss_qcow2(work: Path) -> Figures:
     """qcow2 storage (qemu-img): a hit is a qcow2 overlay on the cached raw base."""
-    if shutil.which("qemu-img") is None:
-        print("# hit_vs_miss_qcow2: skipped, no qemu-img (apt-get install -y qemu-utils)",
-              file=sys.stderr)
-        return {}
+    need_tool("qemu-img", "qemu-utils")
     return _hit_vs_miss_on(work, Qcow2Storage(work / "qcow2"), "qcow2")
 
 
+@bench("hit_vs_miss_speedup_reflink", "miss_seconds_reflink", "hit_seconds_reflink",
+       "clone_ms_p50_reflink")
 def hit_vs_miss_reflink(work: Path) -> Figures:
     """File storage on a loop-mounted XFS (mkfs.xfs -m reflink=1): a hit is a reflink."""
-    if os.geteuid() != 0 or shutil.which("mkfs.xfs") is None:
-        print("# hit_vs_miss_reflink: skipped, needs root and mkfs.xfs (xfsprogs)",
-              file=sys.stderr)
-        return {}
+    if os.geteuid() != 0:
+        raise Unavailable("a loop-mounted XFS needs root")
+    need_tool("mkfs.xfs", "xfsprogs")
     image, mount = work / "xfs.img", work / "xfs"
     mount.mkdir()
     with open(image, "wb") as f:
@@ -343,20 +474,17 @@ def hit_vs_miss_reflink(work: Path) -> Figures:
         subprocess.run(["losetup", "-d", device], check=False)
 
 
-def many_workers(work: Path) -> Figures:
-    """Issue 5: single flight with 16 concurrent misses (threads, processes), bookkeeping
-    per hit with 100 vs 100k entries (quick: 10k), hits/s of 8 processes; SQLite and
-    PostgreSQL. See bench/many_workers.py."""
-    # The workers and the throwaway PostgreSQL are the tests' helpers (tests/).
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from bench.many_workers import run
-    return run(work, quick=QUICK)
-
-
+@bench("hit_vs_miss_speedup_rbd", "miss_seconds_rbd", "hit_seconds_rbd",
+       "clone_ms_p50_rbd")
 def hit_vs_miss_rbd(work: Path) -> Figures:
     """As hit_vs_miss_file, on a throwaway single-node Ceph (1 GiB / 512 MiB; quick: 128 MiB),
     and the p50 of a bare RBD clone of a cache volume."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    _repo_on_path()
+    if not all(importlib.util.find_spec(name) for name in ("rados", "rbd")):
+        raise Unavailable("no Ceph bindings in the venv (apt-get install -y python3-rbd "
+                          "python3-rados; make install links them)")
+    need_tool("ceph-mon", "ceph-mon")
+    need_tool("ceph-osd", "ceph-osd")
     from ivcache.adapters.storage.rbd import RbdStorage
     from tests.support.ceph_cluster import CephCluster
 
@@ -395,30 +523,101 @@ def hit_vs_miss_rbd(work: Path) -> Figures:
             "clone_ms_p50_rbd": statistics.median(clones) * 1000}
 
 
-BENCHES: list[Callable[[Path], Figures]] = [
-    hit_vs_miss_file, bookkeeping, rss, glance, hit_vs_miss_qcow2, hit_vs_miss_reflink,
-    hit_vs_miss_rbd, many_workers, image_formats,
-]
+@bench("trace_hit_ratio_lru", "trace_gb_downloaded_lru")
+def trace_lru(work: Path) -> Figures:
+    """A seeded Zipf trace (2,000 requests over 200 images of 1–20 GiB, alpha 0.9; quick:
+    500 over 50) through the service on fakes, the cache at 15 % of the working set
+    (bench/trace.py; replay your own log with `python bench/trace.py --log FILE`)."""
+    _repo_on_path()
+    from bench.trace import replay, zipf_trace
+    requests, images = (2000, 200) if not QUICK else (500, 50)
+    result = replay(zipf_trace(requests, images, alpha=0.9, seed=1), cache_fraction=0.15)
+    return {"trace_hit_ratio_lru": result.hit_ratio,
+            "trace_gb_downloaded_lru": float(result.gb_downloaded)}
 
 
-def main() -> None:
+def _many_workers(db: str) -> Bench:
+    names: tuple[str, ...] = (f"downloads_for_16_concurrent_misses_threads_{db}",
+                              f"downloads_for_16_concurrent_misses_processes_{db}",
+                              f"bookkeeping_ms_p50_100_{db}", f"bookkeeping_ms_p50_100k_{db}",
+                              f"bookkeeping_growth_ratio_{db}")
+    if db == "postgres":
+        names += ("hits_per_second_8_procs_postgres",)
+
+    @bench(*names)
+    def many_workers(work: Path) -> Figures:
+        """Single flight with 16 concurrent misses (threads, processes), bookkeeping per hit
+        with 100 vs 100k entries (quick: 10k), and for PostgreSQL hits/s of 8 processes.
+        See bench/many_workers.py."""
+        _repo_on_path()
+        from bench.many_workers import run
+        from tests.support.pg import PostgresUnavailable
+        try:
+            return run(work, quick=QUICK, db=db)
+        except PostgresUnavailable as exc:
+            raise Unavailable(f"no PostgreSQL server: {exc} (apt-get install -y postgresql)"
+                              ) from exc
+
+    many_workers.__name__ = f"many_workers_{db}"
+    return many_workers
+
+
+_many_workers("sqlite")
+_many_workers("postgres")
+
+
+def run_all(benches: list[tuple[Bench, tuple[str, ...]]]
+            ) -> tuple[Figures, dict[str, str], dict[str, str]]:
+    """Run each bench in a temporary directory: its figures, what was skipped and what
+    failed, each with its reason. Nothing a bench raises stops the others."""
     figures: Figures = {}
-    for bench in BENCHES:
-        with tempfile.TemporaryDirectory(prefix=f"ivcache-bench-{bench.__name__}-",
+    skipped: dict[str, str] = {}
+    failed: dict[str, str] = {}
+    for fn, names in benches:
+        with tempfile.TemporaryDirectory(prefix=f"ivcache-bench-{fn.__name__}-",
                                          dir=os.environ.get("BENCH_DIR")) as tmp:
             started = time.perf_counter()
-            figures.update(bench(Path(tmp)))
-            print(f"# {bench.__name__}: {time.perf_counter() - started:.1f} s",
-                  file=sys.stderr)
-    width = max(len(k) for k in figures)
+            try:
+                got = fn(Path(tmp))
+            except Unavailable as exc:
+                print(f"# {fn.__name__}: skipped: {exc}", file=sys.stderr)
+                skipped.update(dict.fromkeys(names, str(exc)))
+                continue
+            except Exception as exc:
+                traceback.print_exc()
+                reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                print(f"# {fn.__name__}: FAILED: {reason}", file=sys.stderr)
+                failed.update(dict.fromkeys(names, reason))
+                continue
+            print(f"# {fn.__name__}: {time.perf_counter() - started:.1f} s", file=sys.stderr)
+        missing = [n for n in names if n not in got]
+        if missing:
+            failed.update(dict.fromkeys(missing, f"{fn.__name__} did not give it"))
+        figures.update(got)
+    return figures, skipped, failed
+
+
+def main() -> int:
+    figures, skipped, failed = run_all(BENCHES)
+    width = max((len(k) for k in [*figures, *skipped, *failed]), default=6)
     print(f"{'figure'.ljust(width)}  value")
     for name, value in figures.items():
         print(f"{name.ljust(width)}  {value:,.3f}")
+    for label, names in (("skipped", skipped), ("FAILED", failed)):
+        for name, reason in names.items():
+            print(f"{name.ljust(width)}  {label}: {reason}")
     out = Path(".bench")
     out.mkdir(exist_ok=True)
     (out / "results.json").write_text(json.dumps(
-        {"figures": figures, "quick": QUICK}, indent=2) + "\n", encoding="utf-8")
+        {"figures": figures, "skipped": skipped, "failed": failed, "quick": QUICK},
+        indent=2) + "\n", encoding="utf-8")
+    if failed or (skipped and os.environ.get("CI")):
+        print(f"bench: {len(failed)} figures failed, {len(skipped)} skipped"
+              + (" (CI is set: nothing may be skipped)" if os.environ.get("CI") else ""),
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -24,6 +24,10 @@
     │   └── NoSpace              the backend has no room for the volume
     ├── QuotaExceeded            the internal tenant's quota would be exceeded
     ├── AlreadyClaimed           another worker holds the claim on (host, image)
+    ├── AuthError                who is calling could not be established, or may not do it
+    │   ├── TokenRefused         Keystone refused the caller's token (expired, revoked, ...)
+    │   ├── IdentityUnavailable  Keystone could not be reached, or refused ivcache itself
+    │   └── Forbidden            the caller may not do this (an operator's command)
     └── ConfigError              a bad configuration option (names the option)
 
 Every message is one line saying what was wrong and, where it helps, what to do.
@@ -33,11 +37,14 @@ from __future__ import annotations
 
 __all__ = [
     "AlreadyClaimed",
+    "AuthError",
     "ChecksumMismatch",
     "ConfigError",
     "ConversionFailed",
     "CorruptImage",
     "EntryNotFound",
+    "Forbidden",
+    "IdentityUnavailable",
     "ImageError",
     "ImageFormatMismatch",
     "ImageNotActive",
@@ -51,6 +58,7 @@ __all__ = [
     "NoSpace",
     "QuotaExceeded",
     "StorageError",
+    "TokenRefused",
     "UnsafeImage",
     "UnsupportedImage",
     "VolumeNotFound",
@@ -160,6 +168,24 @@ class AlreadyClaimed(IvcacheError):
         super().__init__(f"image {image_id} on host {host} is already being cached")
         self.host = host
         self.image_id = image_id
+
+
+class AuthError(IvcacheError):
+    pass
+
+
+class TokenRefused(AuthError):
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"the token was refused by Keystone: {reason}; get a new one")
+        self.reason = reason
+
+
+class IdentityUnavailable(AuthError):
+    pass
+
+
+class Forbidden(AuthError):
+    pass
 
 
 class ConfigError(IvcacheError):

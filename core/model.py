@@ -12,10 +12,11 @@ from collections.abc import Iterable, Sequence
 
 import attrs
 
-from ivcache.core.errors import InvalidIdentifier
+from ivcache.core.errors import InvalidIdentifier, InvalidRequest
 
 __all__ = [
     "GIB",
+    "MAX_VOLUME_GB",
     "CacheEntry",
     "CreateResult",
     "EntryState",
@@ -30,6 +31,8 @@ __all__ = [
 ]
 
 GIB = 1024**3
+#: The largest volume any backend could address: 64-bit byte offsets.
+MAX_VOLUME_GB = (2**63 - 1) // GIB
 
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -113,12 +116,19 @@ class Volume:
 
 @attrs.frozen
 class RequestContext:
-    """Who is calling."""
+    """Who is calling.
+
+    ``auth_token`` is the caller's own Keystone token, where there is one: an image source
+    that speaks to a Keystone-protected service asks it with this token, so that the
+    service, not ivcache, decides what the caller may see. It is left out of ``repr`` so
+    that it never reaches a log line.
+    """
 
     project_id: str
     user_id: str
     roles: tuple[str, ...] = ("member", "reader")
     is_admin: bool = False
+    auth_token: str | None = attrs.field(default=None, repr=False, kw_only=True)
 
     @classmethod
     def for_project(cls, project_id: str, *, user_id: str | None = None,
@@ -140,6 +150,15 @@ class InternalTenant:
         """The cache's own identity, used to ask whether an image is gone for everyone."""
         return RequestContext(self.project_id, self.user_id, ("admin", "member", "reader"),
                               is_admin=True)
+
+    def check_caller(self, ctx: RequestContext, *, admin_ok: bool = False) -> None:
+        """Refuse a user request made as the internal tenant's project (an admin's too,
+        unless ``admin_ok``): what it made would look like the cache's own, and reconcile
+        would take it for an orphan."""
+        if ctx.project_id == self.project_id and not (admin_ok and ctx.is_admin):
+            raise InvalidRequest(
+                f"project {ctx.project_id} is the cache's internal tenant "
+                "(cinder_internal_tenant_project_id): act as another project")
 
     def quota_allows(self, totals: Iterable[HostTotals], adding_gb: int,
                      freed: Sequence[CacheEntry] = ()) -> bool:

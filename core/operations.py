@@ -179,6 +179,7 @@ class OperatorCommands(ServiceBase):
     # ------------------------------------------------------------------ volumes
 
     def get_volume(self, ctx: RequestContext, volume_id: str) -> Volume:
+        self.tenant.check_caller(ctx, admin_ok=True)
         volume = self.storage.get_volume(check_id("volume", volume_id))
         if volume.owner != ctx.project_id and not ctx.is_admin:
             # A user never learns that someone else's volume, or a cache volume, exists.
@@ -186,6 +187,7 @@ class OperatorCommands(ServiceBase):
         return volume
 
     def list_volumes(self, ctx: RequestContext, *, all_projects: bool = False) -> list[Volume]:
+        self.tenant.check_caller(ctx, admin_ok=True)
         if all_projects:
             if not ctx.is_admin:
                 raise InvalidRequest("listing every project's volumes needs --admin")

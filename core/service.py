@@ -38,6 +38,7 @@ from ivcache.core.events import (
 )
 from ivcache.core.model import (
     GIB,
+    MAX_VOLUME_GB,
     CacheEntry,
     CreateResult,
     EntryState,
@@ -88,6 +89,7 @@ class CacheService(OperatorCommands):
         attributes: dict[str, str | int | float | bool] = {
             "image_id": image_id, "host": self.host, "size_gb": size_gb}
         with self.tracer.span("ivcache.create_volume", attributes) as span:
+            self.tenant.check_caller(ctx)
             image = self._authorize(ctx, image_id)
             self._validate_size(image, size_gb)
             vol_id = check_id("volume", volume_id) if volume_id is not None else new_id()
@@ -135,6 +137,9 @@ class CacheService(OperatorCommands):
     def _validate_size(image: Image, size_gb: int) -> None:
         if isinstance(size_gb, bool) or not isinstance(size_gb, int) or size_gb < 1:
             raise InvalidSize(f"size {size_gb!r} is not a positive whole number of GiB")
+        if size_gb > MAX_VOLUME_GB:
+            raise InvalidSize(f"size {size_gb} GiB is larger than any volume can be (at most "
+                              f"{MAX_VOLUME_GB} GiB)")
         if size_gb < image.min_size_gb:
             raise InvalidSize(
                 f"size {size_gb} GiB is too small for image {image.id}: it needs at least "

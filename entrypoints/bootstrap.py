@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import attrs
 from sqlalchemy import Engine
@@ -22,12 +23,16 @@ from ivcache.core.ports import FileChunks, ImageSource, Notifier, StorageBackend
 from ivcache.core.service import CacheService, SystemClock
 from ivcache.entrypoints.config import IMAGE_SOURCES, STORAGE_KINDS, Config
 
+if TYPE_CHECKING:
+    from ivcache.adapters.identity.keystone import KeystoneIdentity
+
 __all__ = [
     "CONTAINER_FORMATS",
     "DISK_FORMATS",
     "Wiring",
     "build_converter",
     "build_glance",
+    "build_identity",
     "build_images",
     "build_notifier",
     "build_storage",
@@ -50,6 +55,15 @@ class Wiring:
     service: CacheService
     images: ImageSource
     storage: StorageBackend
+    identity: KeystoneIdentity | None = None
+
+    def context_for_token(self, token: str) -> RequestContext:
+        """The caller a Keystone token belongs to, as Keystone says (keystone mode only)."""
+        if self.identity is None:
+            raise ConfigError("a Keystone token is for image_source = glance with [glance] "
+                              f"auth = keystone (here: image_source = "
+                              f"{self.config.image_source}, auth = {self.config.glance.auth})")
+        return self.identity.context(token)
 
     @property
     def local_images(self) -> LocalImageSource:
@@ -111,7 +125,17 @@ def build_glance(config: Config) -> ImageSource:
     g = config.glance
     return GlanceImageSource(url=g.url, os_cloud=g.os_cloud, auth=g.auth, insecure=g.insecure,
                              cafile=g.cafile, connect_timeout=g.connect_timeout,
-                             read_timeout=g.read_timeout, retries=g.retries)
+                             read_timeout=g.read_timeout, retries=g.retries,
+                             internal=config.tenant.context())
+
+
+def build_identity(config: Config) -> KeystoneIdentity | None:
+    """Who callers are, from their Keystone tokens: only in keystone mode."""
+    if not config.keystone_mode:
+        return None
+    from ivcache.adapters.identity.keystone import KeystoneIdentity
+    return KeystoneIdentity(os_cloud=config.keystone_cloud or config.glance.os_cloud,
+                            cache_seconds=config.token_cache_seconds)
 
 
 def build_converter(config: Config) -> ImagePipeline:
@@ -209,4 +233,4 @@ def wire(config: Config, *, progress: Progress | None = None) -> Wiring:
         tracer=tracer,
         converter=build_converter(config),
     )
-    return Wiring(config, service, images, storage)
+    return Wiring(config, service, images, storage, build_identity(config))

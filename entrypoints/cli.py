@@ -6,25 +6,32 @@ Exit codes: 0 ok, 1 domain error (one line on stderr), 2 usage error.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
+import logging
 import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
+from click.core import ParameterSource
 
-from ivcache.core.errors import IvcacheError
+from ivcache.core.errors import ConfigError, Forbidden, IvcacheError
 from ivcache.core.model import CacheEntry, HostTotals, Image, RequestContext, Volume
 from ivcache.entrypoints.bootstrap import (
     CONTAINER_FORMATS,
     DISK_FORMATS,
     Wiring,
+    build_identity,
     open_database,
     wire,
 )
-from ivcache.entrypoints.config import load_config
+from ivcache.entrypoints.config import Config, load_config
+
+if TYPE_CHECKING:
+    from ivcache.adapters.identity.keystone import KeystoneIdentity
 
 __all__ = ["cli", "main"]
 
@@ -37,6 +44,7 @@ class _State:
     def __init__(self) -> None:
         self.config_path: str | None = None
         self.json = False
+        self.admin = False
 
 
 def _state() -> _State:
@@ -57,6 +65,18 @@ def _set_json(ctx: click.Context, param: click.Parameter, value: bool) -> None:
         _state().json = True
 
 
+def _set_admin(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        _state().admin = True
+
+
+def admin_flag(func: F) -> F:
+    """``--admin``, accepted on the ``cache`` group and on each of its commands."""
+    return click.option("--admin", is_flag=True, expose_value=False, callback=_set_admin,
+                        is_eager=True,
+                        help="Act as an operator: cache commands are operator commands.")(func)
+
+
 def common(func: F) -> F:
     """``--config`` and ``--json``, accepted on the group and on every command."""
     func = click.option("--json", "as_json", is_flag=True, expose_value=False,
@@ -68,20 +88,112 @@ def common(func: F) -> F:
     return func
 
 
-def caller(func: F) -> F:
-    """Who is calling: ``--project``, ``--user``, ``--admin``."""
-    func = click.option("--admin", is_flag=True,
-                        help="Act as an operator who may touch any volume.")(func)
-    func = click.option("--user", metavar="U", default=None,
-                        help="User id [default: derived from the project].")(func)
-    func = click.option("--project", metavar="P", envvar="IVCACHE_PROJECT", default="demo",
-                        show_default=True, help="Project to act for [env IVCACHE_PROJECT].")(
-        func)
+def _keystone_options(func: F) -> F:
+    func = click.option("--os-token", metavar="TOKEN", envvar="OS_TOKEN", default=None,
+                        help="The caller's Keystone token, with [glance] auth = keystone "
+                             "[env OS_TOKEN].")(func)
+    func = click.option("--os-cloud", metavar="NAME", envvar="OS_CLOUD", default=None,
+                        help="Log in to Keystone as this cloud of clouds.yaml, with [glance] "
+                             "auth = keystone [env OS_CLOUD].")(func)
     return func
 
 
-def _context(project: str, user: str | None, admin: bool) -> RequestContext:
-    return RequestContext.for_project(project, user_id=user, admin=admin)
+def caller(func: F) -> F:
+    """Who is calling, handed to the command as ``who``: ``--project``, ``--user``,
+    ``--admin``; with [glance] auth = keystone, the caller's own Keystone token instead
+    (``--os-token``, or ``--os-cloud`` to log in), validated before anything is done."""
+    @functools.wraps(func)
+    def run(*args: Any, project: str, user: str | None, admin: bool, os_cloud: str | None,
+            os_token: str | None, **kwargs: Any) -> Any:
+        return func(*args, who=_caller(project, user, admin, os_cloud, os_token), **kwargs)
+
+    decorated = _keystone_options(run)
+    decorated = click.option("--admin", is_flag=True,
+                             help="Act as an operator who may touch any volume.")(decorated)
+    decorated = click.option("--user", metavar="U", default=None,
+                             help="User id [default: derived from the project].")(decorated)
+    decorated = click.option("--project", metavar="P", envvar="IVCACHE_PROJECT",
+                             default="demo", show_default=True,
+                             help="Project to act for [env IVCACHE_PROJECT].")(decorated)
+    return decorated  # type: ignore[return-value]  # click passes the options by name
+
+
+def operator(func: F) -> F:
+    """An operator command: ``--admin`` says the caller is an operator; with [glance] auth =
+    keystone a token (``--os-token`` or ``--os-cloud``) may say it instead, and then it must
+    carry the admin role. Without either, ``_operator_wiring`` refuses the command."""
+    @functools.wraps(func)
+    def run(*args: Any, os_cloud: str | None, os_token: str | None, **kwargs: Any) -> Any:
+        config = load_config(_state().config_path)
+        token = _token(config, os_cloud, os_token)
+        if token is not None:
+            who = _identity(config).context(token)
+            if not who.is_admin:
+                raise Forbidden(
+                    f"cache commands are an operator's: the token of user {who.user_id} in "
+                    f"project {who.project_id} has the roles "
+                    f"{', '.join(who.roles) or '(none)'}, not admin")
+            _state().admin = True
+        return func(*args, **kwargs)
+
+    return admin_flag(_keystone_options(run))  # type: ignore[return-value]  # by name
+
+
+def _from_command_line(*names: str) -> list[str]:
+    ctx = click.get_current_context()
+    return [n for n in names if ctx.get_parameter_source(n) is ParameterSource.COMMANDLINE]
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _identity(config: Config) -> KeystoneIdentity:
+    identity = build_identity(config)
+    assert identity is not None  # keystone mode, checked by the callers
+    return identity
+
+
+def _token(config: Config, os_cloud: str | None, os_token: str | None) -> str | None:
+    """The caller's Keystone token in keystone mode (``--os-token``, else one got by logging
+    in as ``--os-cloud``), or None. Elsewhere the options are refused when typed, and
+    ignored when they come from the environment (OS_CLOUD is often set for other tools)."""
+    if not config.keystone_mode:
+        given = _from_command_line("os_cloud", "os_token")
+        if given:
+            raise click.UsageError(
+                f"{_flag(given[0])} is for image_source = glance with [glance] auth = "
+                "keystone; here --project, --user and --admin say who is calling")
+        return None
+    if os_token:
+        return os_token
+    if not os_cloud:
+        return None
+    _identity(config)  # openstacksdk is there, or a clear error
+    from ivcache.adapters.identity.keystone import token_for_cloud
+    try:
+        return token_for_cloud(os_cloud)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--os-cloud'") from None
+
+
+def _caller(project: str, user: str | None, admin: bool, os_cloud: str | None,
+            os_token: str | None) -> RequestContext:
+    config = load_config(_state().config_path)
+    if not config.keystone_mode:
+        _token(config, os_cloud, os_token)
+        return RequestContext.for_project(project, user_id=user, admin=admin)
+    typed = _from_command_line("project", "user", "admin")
+    if typed:
+        raise click.UsageError(
+            f"{_flag(typed[0])} is not taken with [glance] auth = keystone: the caller's "
+            "Keystone token says who is calling (--os-cloud NAME or --os-token TOKEN)")
+    token = _token(config, os_cloud, os_token)
+    if token is None:
+        raise click.UsageError(
+            "with [glance] auth = keystone, say who is calling: --os-cloud NAME or "
+            "--os-token TOKEN (env OS_CLOUD, OS_TOKEN)")
+    return _identity(config).context(token)
 
 
 def _progress(label: str, total: int) -> Callable[[int], None]:
@@ -106,6 +218,14 @@ def _progress(label: str, total: int) -> Callable[[int], None]:
 def _wiring(host: str | None = None) -> Wiring:
     config = load_config(_state().config_path).with_host(host)
     return wire(config, progress=_progress)
+
+
+def _operator_wiring(host: str | None = None) -> Wiring:
+    """The wiring for a command that changes or reveals the cache: operators only."""
+    if not _state().admin:
+        raise Forbidden("cache commands change or reveal the cache of every project: they "
+                        "are for operators; run them with --admin (or an admin's token)")
+    return _wiring(host)
 
 
 def _emit(document: object, human: Callable[[], None]) -> None:
@@ -220,13 +340,14 @@ def image() -> None:
 @click.option("--container-format", type=click.Choice(CONTAINER_FORMATS), default="bare",
               show_default=True, help="compressed: the file is gzip data.")
 def image_add(file: Path, name: str | None, private: bool, disk_format: str | None,
-              container_format: str, project: str, user: str | None, admin: bool) -> None:
+              container_format: str, who: RequestContext) -> None:
     """Register an image FILE with the local image source; its format is detected."""
     wiring = _wiring()
     source = wiring.local_images
+    wiring.config.tenant.check_caller(who)
     size = file.stat().st_size if file.is_file() else 0
     update = _progress(f"copying {file.name}", size)
-    added = source.add_image(_context(project, user, admin), file, name=name,
+    added = source.add_image(who, file, name=name,
                              visibility="private" if private else "public", progress=update,
                              disk_format=disk_format, container_format=container_format)
     _emit(_image_doc(added), lambda: _fields(_image_doc(added)))
@@ -235,9 +356,9 @@ def image_add(file: Path, name: str | None, private: bool, disk_format: str | No
 @image.command("list")
 @common
 @caller
-def image_list(project: str, user: str | None, admin: bool) -> None:
+def image_list(who: RequestContext) -> None:
     """Images the caller may see."""
-    found = _wiring().images.list_images(_context(project, user, admin))
+    found = _wiring().images.list_images(who)
     docs = [_image_doc(i) for i in found]
     _emit(docs, lambda: _table(docs, ["id", "name", "disk_format", "size", "virtual_size",
                                       "owner", "visibility"]))
@@ -256,11 +377,10 @@ def volume() -> None:
 @click.option("--size", "size_gb", metavar="GB", type=int, required=True,
               help="Size in GiB.")
 @click.option("--host", metavar="H", default=None, help="Storage host [default: config].")
-def volume_create(image_id: str, size_gb: int, host: str | None, project: str,
-                  user: str | None, admin: bool) -> None:
+def volume_create(image_id: str, size_gb: int, host: str | None, who: RequestContext) -> None:
     """Create a volume from an image, through the cache."""
     wiring = _wiring(host)
-    result = wiring.service.create_volume(_context(project, user, admin), image_id, size_gb)
+    result = wiring.service.create_volume(who, image_id, size_gb)
     doc = _volume_doc(result.volume, wiring.config.host)
     doc.update(outcome=result.outcome.value, entry_id=result.entry_id,
                seconds=round(result.seconds, 6))
@@ -271,11 +391,10 @@ def volume_create(image_id: str, size_gb: int, host: str | None, project: str,
 @common
 @caller
 @click.option("--all", "all_projects", is_flag=True, help="Every project's (needs --admin).")
-def volume_list(all_projects: bool, project: str, user: str | None, admin: bool) -> None:
+def volume_list(all_projects: bool, who: RequestContext) -> None:
     """The caller's volumes."""
     wiring = _wiring()
-    found = wiring.service.list_volumes(_context(project, user, admin),
-                                        all_projects=all_projects)
+    found = wiring.service.list_volumes(who, all_projects=all_projects)
     docs = [_volume_doc(v, wiring.config.host) for v in found]
     _emit(docs, lambda: _table(docs, ["id", "size_gb", "project", "host"]))
 
@@ -284,14 +403,15 @@ def volume_list(all_projects: bool, project: str, user: str | None, admin: bool)
 @common
 @caller
 @click.argument("volume_id", metavar="ID")
-def volume_delete(volume_id: str, project: str, user: str | None, admin: bool) -> None:
+def volume_delete(volume_id: str, who: RequestContext) -> None:
     """Delete a volume (an admin deleting a cache volume also drops its entry)."""
-    _wiring().service.delete_volume(_context(project, user, admin), volume_id)
+    _wiring().service.delete_volume(who, volume_id)
     _emit({"id": volume_id, "deleted": True}, lambda: click.echo(f"deleted {volume_id}"))
 
 
 @cli.group()
 @common
+@admin_flag
 def cache() -> None:
     """The image-volume cache (operator commands)."""
 
@@ -303,25 +423,28 @@ def _host_option(func: F) -> F:
 
 @cache.command("list")
 @common
+@operator
 @_host_option
 def cache_list(host: str | None) -> None:
     """Cache entries, of one host or of all."""
-    docs = [_entry_doc(e) for e in _wiring().service.list_entries(host)]
+    docs = [_entry_doc(e) for e in _operator_wiring().service.list_entries(host)]
     _emit(docs, lambda: _table(docs, ["id", "image_id", "host", "size_gb", "state", "hits",
                                       "last_used"]))
 
 
 @cache.command("show")
 @common
+@operator
 @click.argument("entry_id", metavar="ENTRY_ID")
 def cache_show(entry_id: str) -> None:
     """One cache entry."""
-    doc = _entry_doc(_wiring().service.get_entry(entry_id))
+    doc = _entry_doc(_operator_wiring().service.get_entry(entry_id))
     _emit(doc, lambda: _fields(doc))
 
 
 @cache.command("evict")
 @common
+@operator
 @_host_option
 @click.option("--image", "image_id", metavar="ID", default=None)
 @click.option("--entry", "entry_id", metavar="ID", default=None)
@@ -331,7 +454,7 @@ def cache_evict(host: str | None, image_id: str | None, entry_id: str | None,
     """Evict entries: by image, by entry, or all (of the host)."""
     if sum((image_id is not None, entry_id is not None, everything)) != 1:
         raise click.UsageError("give exactly one of --image, --entry or --all")
-    gone = _wiring(host).service.evict(image_id=image_id, entry_id=entry_id,
+    gone = _operator_wiring(host).service.evict(image_id=image_id, entry_id=entry_id,
                                        everything=everything)
     docs = [_entry_doc(e) for e in gone]
     _emit({"evicted": docs}, lambda: click.echo(f"evicted {len(docs)} entr"
@@ -340,19 +463,21 @@ def cache_evict(host: str | None, image_id: str | None, entry_id: str | None,
 
 @cache.command("prune")
 @common
+@operator
 @_host_option
 def cache_prune(host: str | None) -> None:
     """Evict least recently used entries until the host is within its limits."""
-    docs = [_entry_doc(e) for e in _wiring(host).service.prune()]
+    docs = [_entry_doc(e) for e in _operator_wiring(host).service.prune()]
     _emit({"evicted": docs}, lambda: click.echo(f"pruned {len(docs)}"))
 
 
 @cache.command("stats")
 @common
+@operator
 @_host_option
 def cache_stats(host: str | None) -> None:
     """Hits, misses, evictions and downloads of a host."""
-    doc = _stats_doc(_wiring(host).service.stats())
+    doc = _stats_doc(_operator_wiring(host).service.stats())
     _emit(doc, lambda: _fields(doc))
 
 
@@ -360,15 +485,15 @@ def _image_command(name: str) -> Callable[[Callable[[str, str | None], None]],
                                            click.Command]:
     """A cache command on one image's entry on a host: ``IMAGE_ID`` and ``--host``."""
     def decorate(func: Callable[[str, str | None], None]) -> click.Command:
-        return cache.command(name)(common(_host_option(
-            click.argument("image_id", metavar="IMAGE_ID")(func))))
+        return cache.command(name)(common(operator(_host_option(
+            click.argument("image_id", metavar="IMAGE_ID")(func)))))
     return decorate
 
 
 @_image_command("warm")
 def cache_warm(image_id: str, host: str | None) -> None:
     """Cache an image on a host ahead of demand."""
-    doc = _entry_doc(_wiring(host).service.warm(image_id))
+    doc = _entry_doc(_operator_wiring(host).service.warm(image_id))
     _emit(doc, lambda: _fields(doc))
 
 
@@ -385,18 +510,19 @@ def cache_unpin(image_id: str, host: str | None) -> None:
 
 
 def _set_pinned(image_id: str, host: str | None, pinned: bool) -> None:
-    doc = _entry_doc(_wiring(host).service.pin(image_id, pinned))
+    doc = _entry_doc(_operator_wiring(host).service.pin(image_id, pinned))
     done = "pinned" if pinned else "unpinned"
     _emit(doc, lambda: click.echo(f"{done} {image_id} on {doc['host']}"))
 
 
 @cache.command("reconcile")
 @common
+@operator
 @_host_option
 @click.option("--fix", is_flag=True, help="Repair what differs (default: report only).")
 def cache_reconcile(host: str | None, fix: bool) -> None:
     """Compare entries with the storage: missing volumes, dead claims, orphan volumes."""
-    findings = _wiring(host).service.reconcile(fix=fix)
+    findings = _operator_wiring(host).service.reconcile(fix=fix)
     docs: list[dict[str, object]] = [
         {"kind": f.kind, "volume_id": f.volume_id, "entry_id": f.entry_id,
          "image_id": f.image_id, "fixed": f.fixed, "path": f.path, "size": f.size}
@@ -413,6 +539,9 @@ def _one_line(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; domain errors become one line on stderr and exit code 1."""
+    # keystoneauth warns on stderr of what the CLI reports itself in one line (a failed
+    # version discovery when Keystone is unreachable).
+    logging.getLogger("keystoneauth").setLevel(logging.ERROR)
     try:
         code = cli.main(args=argv, prog_name="ivcache", standalone_mode=False)
     except click.exceptions.Abort:

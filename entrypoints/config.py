@@ -15,8 +15,10 @@ from __future__ import annotations
 import argparse
 import configparser
 import enum
+import math
 import os
 import socket
+import stat
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -66,8 +68,9 @@ class Option:
 
     ``type`` is ``str``, ``int``, ``float``, ``bool``, ``Path`` (relative to the file) or
     ``URL`` (a database URL; a relative SQLite path is relative to the file). Numbers must
-    be 0 or more. An empty value means the default. ``aliases`` are other names read when
-    the option itself is not set.
+    be from ``minimum`` to ``maximum`` (finite: seconds past 1e9 would overflow a date). An
+    empty value means the default. ``aliases`` are other names read when the option itself
+    is not set.
     """
 
     where: Where
@@ -77,6 +80,8 @@ class Option:
     help: str
     choices: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
+    minimum: float = 0
+    maximum: float = 1e9
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -132,7 +137,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(_I, "storage_path", Path, Path("volumes"),
            "Where file and qcow2 keep volumes, and fake-lvm and fake-rbd their state."),
     Option(_I, "storage_capacity_gb", int, 1000,
-           "The size of the simulated volume group or pool of fake-lvm and fake-rbd."),
+           "The size of the simulated volume group or pool of fake-lvm and fake-rbd.",
+           minimum=1),
     Option(_I, "image_source", str, "local",
            "Where images come from: a local directory (images_path) or Glance ([glance]).",
            choices=IMAGE_SOURCES),
@@ -150,6 +156,16 @@ OPTIONS: tuple[Option, ...] = (
            "before it is served uncached."),
     Option(_I, "claim_lease_seconds", float, 3600.0,
            "How old a claim may grow before another worker takes it over as dead."),
+    Option(_I, "keystone_cloud", str, "",
+           "With `[glance] auth = keystone`: the cloud of clouds.yaml whose credentials "
+           "validate callers' tokens with Keystone (`GET /v3/auth/tokens`, as "
+           "keystonemiddleware does); its user needs Keystone's `service` role (or admin). "
+           "Empty: `[glance] os_cloud`'s."),
+    Option(_I, "token_cache_seconds", float, 300.0,
+           "How long a validated token is believed without asking Keystone again, never "
+           "longer than the token's own life (0: ask every time). A token revoked meanwhile "
+           "may be honoured until then, as with keystonemiddleware's cache. The cache lives "
+           "in the process: each CLI command validates once."),
     Option(_I, "rbd_pool", str, "rbd",
            "The Ceph pool of `storage = rbd`, made and `rbd pool init`-ed beforehand."),
     Option(_I, "rbd_conf", str, "/etc/ceph/ceph.conf", "The Ceph configuration file."),
@@ -158,11 +174,17 @@ OPTIONS: tuple[Option, ...] = (
            "A clone deeper than this is flattened, as in Cinder (rbd and fake-rbd)."),
     Option(_G, "url", str, "",
            "Glance's root URL (not .../v2); needed by `auth = trusted-headers`."),
-    Option(_G, "os_cloud", str, "", "A cloud of clouds.yaml; needed by `auth = keystone`."),
+    Option(_G, "os_cloud", str, "",
+           "A cloud of clouds.yaml with the internal tenant's own credentials, needed by "
+           "`auth = keystone`: used only for the cache's own questions (is an image gone for "
+           "everyone, `cache warm`), never for a caller's request; it must be able to read "
+           "every image (Glance's admin role)."),
     Option(_G, "auth", str, "keystone",
-           "keystone: the service's own credentials from clouds.yaml; trusted-headers: the "
-           "caller's identity in keystonemiddleware's headers (a Glance behind a trusted "
-           "proxy).", choices=GLANCE_AUTH),
+           "keystone: every request made for a caller carries the caller's own Keystone "
+           "token (`--os-token`, `--os-cloud`), and Glance decides what the caller may see; "
+           "trusted-headers: the caller's identity (`--project`, `--user`, `--admin`) in "
+           "keystonemiddleware's headers (a Glance behind a trusted proxy).",
+           choices=GLANCE_AUTH),
     Option(_G, "insecure", bool, False, "Do not verify Glance's TLS certificate."),
     Option(_G, "cafile", str, "",
            "The CA bundle to verify Glance's certificate with; empty: the system's."),
@@ -218,6 +240,8 @@ class Config:
     image_source: str
     images_path: Path
     notifier: str = "log"
+    keystone_cloud: str = ""
+    token_cache_seconds: float = 300.0
     glance: GlanceConfig = GlanceConfig()
     conversion: ConversionConfig = ConversionConfig()
     rbd_pool: str = "rbd"
@@ -228,6 +252,11 @@ class Config:
 
     def with_host(self, host: str | None) -> Config:
         return attrs.evolve(self, host=host) if host else self
+
+    @property
+    def keystone_mode(self) -> bool:
+        """Whether callers are who their Keystone tokens say (Glance with auth = keystone)."""
+        return self.image_source == "glance" and self.glance.auth == "keystone"
 
     @property
     def sqlite_path(self) -> Path | None:
@@ -255,14 +284,36 @@ def load_config(path: str | Path | None = None,
     if chosen:
         source = Path(chosen).expanduser().absolute()
         try:
-            with open(source, encoding="utf-8") as fh:
-                parser.read_file(fh)
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {source}: {exc.strerror}") from exc
+            parser.read_string(_read_config_text(source), source=str(source))
         except configparser.Error as exc:
             first = str(exc).splitlines()[0]
             raise ConfigError(f"config file {source} is not valid INI: {first}") from exc
     return _Reader(parser, source, home).config()
+
+
+#: A config file is a page of INI; anything larger is not one (``--config /dev/zero``).
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _read_config_text(source: Path) -> str:
+    """The file's text: a regular file of at most MAX_CONFIG_BYTES, in UTF-8."""
+    try:
+        with open(source, "rb") as fh:
+            info = os.fstat(fh.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise ConfigError(f"config file {source} is not a regular file: give the "
+                                  "path of an INI file")
+            data = fh.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {source}: {exc.strerror}") from exc
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {source} is larger than {MAX_CONFIG_BYTES} bytes: "
+                          "it is not an ivcache INI file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {source} is not UTF-8 text (byte {exc.start}): save "
+                          "it as UTF-8") from None
 
 
 def _sqlite_file(url: URL) -> Path | None:
@@ -348,8 +399,19 @@ class _Reader:
             value = getter(section, name)
         except ValueError:
             raise ConfigError(f"{bad} is not {_TYPE_WORDS[option.type]}") from None
-        if option.type is not bool and value < 0:
+        if option.type is bool:
+            return value
+        if not math.isfinite(value):
+            raise ConfigError(f"{self.where}: option {name} = {raw} is not a finite number")
+        if value < 0:
             raise ConfigError(f"{self.where}: option {name} = {value} must be 0 or more")
+        if value > option.maximum:
+            # Seconds past the maximum would overflow a date.
+            raise ConfigError(f"{self.where}: option {name} = {raw} must be at most "
+                              f"{option.maximum:.0f}")
+        if value < option.minimum:
+            raise ConfigError(f"{self.where}: option {name} = {raw} must be at least "
+                              f"{option.minimum:.0f}")
         return value
 
     def resolve(self, option: Option, value: Any) -> Any:
@@ -372,6 +434,8 @@ class _Reader:
         except ArgumentError:
             # The text is not repeated: it may hold a password.
             raise ConfigError(what) from None
+        if url.get_backend_name() not in ("sqlite", "postgresql"):
+            raise ConfigError(f"{what}: {url.get_backend_name()} is not supported")
         path = _sqlite_file(url)
         if path is not None and not path.is_absolute():
             url = url.set(database=str(self.base / path))
@@ -425,7 +489,8 @@ def render_markdown() -> str:
         "An INI file, given by `--config FILE` or `$IVCACHE_CONFIG`; with none, every option "
         "has its default and everything lives under `$IVCACHE_HOME` (default "
         "`~/.local/share/ivcache`). Relative paths are relative to the file's folder (or "
-        "to `$IVCACHE_HOME`). An empty value means the default; numbers must be 0 or more; "
+        "to `$IVCACHE_HOME`). An empty value means the default; numbers must be 0 or more, "
+        "finite and at most 1000000000, unless an option says otherwise; "
         "`[DEFAULT]` supplies a value for every section. A bad value is an error that names "
         "the option.",
     ]

@@ -8,8 +8,15 @@
     second = cache.create_volume(image.id, size_gb=4, project="demo")  # a hit
     print(first.outcome.value, second.outcome.value, cache.stats().hits)
 
-User calls act for ``project`` (and ``user``); operator calls (entries, evict, prune, warm,
-pin, reconcile, stats) act on the cache of the facade's host.
+User calls act for ``project`` (and ``user``), or for the caller a ``context=`` names (a
+``RequestContext``, with the caller's Keystone token in ``auth_token`` as a storage driver
+hands it over from its own request), or for the owner of a Keystone ``token=`` (validated
+with Keystone; ``[glance] auth = keystone``)::
+
+    cache.create_volume(image_id, size_gb=10, token=request.auth_token)
+
+Operator calls (entries, evict, prune, warm, pin, reconcile, stats) act on the cache of the
+facade's host.
 """
 
 from __future__ import annotations
@@ -45,6 +52,9 @@ __all__ = ["ImageVolumeCache"]
 
 def _context(project: str, user: str | None, admin: bool) -> RequestContext:
     return RequestContext.for_project(project, user_id=user, admin=admin)
+
+
+_DEMO = "demo"
 
 
 class ImageVolumeCache:
@@ -90,34 +100,62 @@ class ImageVolumeCache:
         (``disk_format``, if given, must be what the data is)."""
         if self._wiring is None:
             raise TypeError("add_image needs a cache built by from_config")
+        ctx = _context(project, None, False)
+        self.service.tenant.check_caller(ctx)
         return self._wiring.local_images.add_image(
-            _context(project, None, False), Path(path), name=name,
-            visibility="private" if private else "public", disk_format=disk_format,
-            container_format=container_format)
+            ctx, Path(path), name=name, visibility="private" if private else "public",
+            disk_format=disk_format, container_format=container_format)
 
-    def list_images(self, *, project: str = "demo", user: str | None = None,
-                    admin: bool = False) -> list[Image]:
+    def list_images(self, *, project: str | None = None, user: str | None = None,
+                    admin: bool = False, context: RequestContext | None = None,
+                    token: str | None = None) -> list[Image]:
         """The images the caller may see."""
-        return self.service.images.list_images(_context(project, user, admin))
+        return self.service.images.list_images(
+            self._caller(project, user, admin, context, token))
 
     # -- volumes ---------------------------------------------------------------------------
 
-    def create_volume(self, image_id: str, size_gb: int, *, project: str = "demo",
-                      user: str | None = None) -> CreateResult:
-        return self.service.create_volume(_context(project, user, False), image_id, size_gb)
+    def create_volume(self, image_id: str, size_gb: int, *, project: str | None = None,
+                      user: str | None = None, context: RequestContext | None = None,
+                      token: str | None = None) -> CreateResult:
+        """Create a volume from an image through the cache, for ``project`` (default
+        ``demo``), for ``context``'s caller, or for the owner of a Keystone ``token``."""
+        return self.service.create_volume(
+            self._caller(project, user, False, context, token), image_id, size_gb)
 
-    def get_volume(self, volume_id: str, *, project: str = "demo",
-                   admin: bool = False) -> Volume:
-        return self.service.get_volume(_context(project, None, admin), volume_id)
+    def get_volume(self, volume_id: str, *, project: str | None = None,
+                   admin: bool = False, context: RequestContext | None = None,
+                   token: str | None = None) -> Volume:
+        return self.service.get_volume(self._caller(project, None, admin, context, token),
+                                       volume_id)
 
-    def delete_volume(self, volume_id: str, *, project: str = "demo",
-                      admin: bool = False) -> None:
-        self.service.delete_volume(_context(project, None, admin), volume_id)
+    def delete_volume(self, volume_id: str, *, project: str | None = None,
+                      admin: bool = False, context: RequestContext | None = None,
+                      token: str | None = None) -> None:
+        self.service.delete_volume(self._caller(project, None, admin, context, token),
+                                   volume_id)
 
-    def list_volumes(self, *, project: str = "demo", admin: bool = False,
-                     all_projects: bool = False) -> list[Volume]:
-        return self.service.list_volumes(_context(project, None, admin),
+    def list_volumes(self, *, project: str | None = None, admin: bool = False,
+                     all_projects: bool = False, context: RequestContext | None = None,
+                     token: str | None = None) -> list[Volume]:
+        return self.service.list_volumes(self._caller(project, None, admin, context, token),
                                          all_projects=all_projects)
+
+    def _caller(self, project: str | None, user: str | None, admin: bool,
+                context: RequestContext | None, token: str | None) -> RequestContext:
+        """Who is calling: one of project (and user, admin), context, or token."""
+        named = project is not None or user is not None or admin
+        if sum((named, context is not None, token is not None)) > 1:
+            raise TypeError("say who is calling one way: project (user, admin), context= "
+                            "or token=")
+        if context is not None:
+            return context
+        if token is not None:
+            if self._wiring is None:
+                raise TypeError("token= needs a cache built by from_config (with [glance] "
+                                "auth = keystone); here pass context= with auth_token set")
+            return self._wiring.context_for_token(token)
+        return _context(project or _DEMO, user, admin)
 
     # -- the cache (operator) ----------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from tests.support.pg import PostgresServer, PostgresUnavailable
 
 if TYPE_CHECKING:
     from tests.support.glance_server import GlanceServer
+    from tests.support.keystone_server import OpenStack
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -40,6 +41,22 @@ def glance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GlanceServer]:
         yield server
     finally:
         server.stop()
+
+
+# -- Keystone and a Glance that checks its tokens ------------------------------------------
+
+@pytest.fixture(scope="session")
+def keystone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenStack]:
+    """A real Keystone and a glance-api checking its tokens, for the whole session (about
+    15 s to start; installed once into a cached venv). Tests make their own projects."""
+    from tests.support.keystone_server import OpenStack
+
+    cloud = OpenStack(tmp_path_factory.mktemp("keystone"))
+    cloud.start()
+    try:
+        yield cloud
+    finally:
+        cloud.stop()
 
 
 # -- PostgreSQL ------------------------------------------------------------------------------

@@ -6,7 +6,10 @@ This links just those two extension modules into the venv's site-packages, then 
 them in a fresh interpreter to prove they load; if they do not, the links are removed.
 Nothing happens (exit 0) where the Debian packages are not installed.
 
-Usage: VENV/bin/python tools/link_ceph_bindings.py
+Usage: VENV/bin/python tools/link_ceph_bindings.py [--if-needed]
+
+With ``--if-needed`` (what ``make install`` runs every time) it is quiet and quick when the
+links are already there and point at the installed modules, or when there is nothing to link.
 """
 
 from __future__ import annotations
@@ -22,15 +25,20 @@ DIST = Path("/usr/lib/python3/dist-packages")
 MODULES = ("rados", "rbd")
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
+    if_needed = "--if-needed" in argv
     suffix = sysconfig.get_config_var("EXT_SUFFIX")
     site = Path(sysconfig.get_paths()["purelib"])
     sources = [DIST / f"{name}{suffix}" for name in MODULES]
     if not all(src.exists() for src in sources):
-        print(f"ceph bindings: no {' / '.join(s.name for s in sources)} in {DIST} "
-              "(apt-get install python3-rbd python3-rados): not linked")
+        if not if_needed:
+            print(f"ceph bindings: no {' / '.join(s.name for s in sources)} in {DIST} "
+                  "(apt-get install python3-rbd python3-rados): not linked")
         return 0
     links = [site / src.name for src in sources]
+    if if_needed and all(link.is_symlink() and link.resolve() == src.resolve()
+                         for src, link in zip(sources, links, strict=True)):
+        return 0
     for src, link in zip(sources, links, strict=True):
         if link.is_symlink() or link.exists():
             link.unlink()
@@ -48,4 +56,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -11,13 +11,17 @@ Two ways to say who is calling (``auth``):
     keystoneauth session per identity, kept in a small LRU.
 
 ``keystone``
-    The service's own credentials from clouds.yaml (``os_cloud``). A ``RequestContext``
-    carries no user token to pass through, so Glance sees the service, not the caller: the
-    adapter applies Glance's visibility rules itself (public and community: everyone;
-    private: the owner project; shared: members that accepted; admins: everything), asking
-    the members API for shared images. The service account must be able to read every image
-    (Glance admin). Acting *as* the user would need a token on the context and keystoneauth's
-    token plugin per request; nothing in ivcache carries user tokens yet.
+    Every request made for a caller carries the caller's own Keystone token
+    (``RequestContext.auth_token``), forwarded as it is by keystoneauth's
+    ``token_endpoint.Token``: Glance validates it and applies its own rules (visibility,
+    membership, its policy), so ivcache has none of its own. ``token_endpoint`` rather than
+    ``v3.Token``: the latter trades the token for a new one at Keystone first (about 30 ms
+    more on the first call of each caller, and a token Glance has not seen and must
+    validate). The internal tenant's credentials (``os_cloud``, a clouds.yaml entry) answer
+    only the cache's own questions, asked with the ``internal`` context (is an image gone
+    for everyone, ``cache warm``); they must be able to read every image (Glance admin). A
+    caller's context without a token is refused (``AuthError``), never served with them.
+    Without ``url``, Glance's endpoint is taken from that cloud's catalog.
 
 Errors: 403 and 404 are both ``ImageNotFound`` (an invisible image is never confirmed to
 exist). Connection errors and 5xx are retried ``retries`` times with exponential backoff,
@@ -42,16 +46,19 @@ import openstack.connection
 import openstack.exceptions
 import requests
 from keystoneauth1 import exceptions as ks_exceptions
-from keystoneauth1 import noauth
+from keystoneauth1 import noauth, token_endpoint
 from keystoneauth1 import session as ks_session
 
+from ivcache.adapters._reasons import describe as _describe
 from ivcache.core.errors import (
+    AuthError,
     ConfigError,
     ImageNotFound,
     ImageUnavailable,
     InvalidIdentifier,
+    TokenRefused,
 )
-from ivcache.core.model import Image, RequestContext, check_id
+from ivcache.core.model import Image, InternalTenant, RequestContext, check_id
 
 __all__ = ["AUTH_MODES", "GlanceImageSource"]
 
@@ -78,6 +85,8 @@ class GlanceImageSource:
 
     ``url`` is the Glance root URL (``http://host:9292``, not ``.../v2``); required for
     ``trusted-headers``, an endpoint override for ``keystone`` (else the catalog's).
+    ``internal`` is the context of the cache's own questions (the internal tenant's), the
+    only one ``keystone`` answers with ``os_cloud``'s credentials.
     ``sleep`` is injectable so tests of the retry path do not wait.
     """
 
@@ -95,6 +104,7 @@ class GlanceImageSource:
         backoff: float = 0.25,
         chunk_size: int = 1 << 20,
         page_size: int = 200,
+        internal: RequestContext | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         if auth not in AUTH_MODES:
@@ -119,7 +129,9 @@ class GlanceImageSource:
         self.chunk_size = chunk_size
         self.page_size = page_size
         self.sleep = sleep
+        self.internal = internal if internal is not None else InternalTenant().context()
         self._where = f"glance at {self.url}" if self.url else f"glance of cloud {os_cloud}"
+        self._catalog_url = ""
         self._lock = threading.Lock()
         self._connections: collections.OrderedDict[
             tuple[str, ...], openstack.connection.Connection] = collections.OrderedDict()
@@ -131,16 +143,10 @@ class GlanceImageSource:
         response = self._request(ctx, "GET", path)
         if response.status_code in (403, 404):
             raise ImageNotFound(image_id)
-        doc = self._json(response, image_id)
-        if self.auth == "keystone" and not self._visible(ctx, doc):
-            raise ImageNotFound(image_id)
-        return _to_image(doc)
+        return _to_image(self._json(response, image_id))
 
     def open_data(self, ctx: RequestContext, image_id: str) -> Iterator[bytes]:
         path = self._image_path(image_id) + "/file"
-        if self.auth == "keystone":
-            # The service reads the bytes: check the caller may see the image first.
-            self.get_image(ctx, image_id)
         return self._stream(ctx, image_id, path)
 
     def list_images(self, ctx: RequestContext) -> list[Image]:
@@ -153,10 +159,7 @@ class GlanceImageSource:
             response = self._request(ctx, "GET", "images", params=params)
             doc = self._json(response, "list")
             page = doc.get("images") or []
-            for item in page:
-                if self.auth == "keystone" and not self._visible(ctx, item):
-                    continue
-                found.append(_to_image(item))
+            found.extend(_to_image(item) for item in page)
             if not page or not doc.get("next"):
                 return found
             marker = str(page[-1]["id"])
@@ -237,8 +240,8 @@ class GlanceImageSource:
     def _attempt(self, ctx: RequestContext, method: str, path: str, *, stream: bool,
                  headers: dict[str, str] | None,
                  params: dict[str, str | int] | None) -> requests.Response:
-        conn = self._connection(ctx)
         try:
+            conn = self._connection(ctx)
             response: requests.Response = conn.image.request(
                 path, method, stream=stream, headers=headers or {}, params=params,
                 timeout=self.timeout, connect_retries=0, status_code_retries=0,
@@ -252,6 +255,8 @@ class GlanceImageSource:
             raise _Retry(f"HTTP {response.status_code} {response.reason or ''}".strip())
         if response.status_code == 401:
             response.close()
+            if ctx.auth_token and self.auth == "keystone":
+                raise TokenRefused(f"{self._where} answered HTTP 401 to the caller's token")
             raise ImageUnavailable(
                 f"{self._where} refused ivcache's credentials (HTTP 401): check [glance] "
                 "auth and, for keystone, the clouds.yaml entry")
@@ -300,13 +305,13 @@ class GlanceImageSource:
     # -- identities ----------------------------------------------------------------------
 
     def _connection(self, ctx: RequestContext) -> openstack.connection.Connection:
-        key = (self._identity_key(ctx) if self.auth == "trusted-headers" else ("service",))
+        key = self._session_key(ctx)
         with self._lock:
             conn = self._connections.get(key)
             if conn is not None:
                 self._connections.move_to_end(key)
                 return conn
-        conn = self._connect(ctx)
+        conn = self._connect(ctx, key)
         with self._lock:
             self._connections[key] = conn
             while len(self._connections) > _MAX_SESSIONS:
@@ -321,11 +326,23 @@ class GlanceImageSource:
             roles += ("admin",)
         return roles
 
-    def _identity_key(self, ctx: RequestContext) -> tuple[str, ...]:
-        return (ctx.project_id, ctx.user_id, *self._roles(ctx))
-
-    def _connect(self, ctx: RequestContext) -> openstack.connection.Connection:
+    def _session_key(self, ctx: RequestContext) -> tuple[str, ...]:
+        """Which session asks for ``ctx``: one per identity (trusted-headers), per token,
+        or the internal tenant's."""
         if self.auth == "trusted-headers":
+            return ("headers", ctx.project_id, ctx.user_id, *self._roles(ctx))
+        if ctx.auth_token:
+            return ("token", ctx.auth_token)
+        if ctx == self.internal:
+            return ("internal",)
+        raise AuthError(
+            f"{self._where}: auth = keystone asks Glance with the caller's own token, and "
+            f"the request of project {ctx.project_id} carries none: give the caller's token "
+            "(RequestContext.auth_token, --os-token or --os-cloud)")
+
+    def _connect(self, ctx: RequestContext,
+                 key: tuple[str, ...]) -> openstack.connection.Connection:
+        if key[0] == "headers":
             headers = {
                 "X-Identity-Status": "Confirmed",
                 "X-Project-Id": ctx.project_id,
@@ -336,6 +353,13 @@ class GlanceImageSource:
                                          additional_headers=headers)
             return openstack.connection.Connection(session=session,
                                                    image_endpoint_override=self.url)
+        if key[0] == "token":
+            # The caller's token as it is: no call to Keystone, Glance validates it.
+            url = self.url or self._url_from_catalog()
+            session = ks_session.Session(auth=token_endpoint.Token(url, ctx.auth_token),
+                                         verify=self.verify)
+            return openstack.connection.Connection(session=session,
+                                                   image_endpoint_override=url)
         options: dict[str, Any] = {"verify": self.verify is not False}
         if isinstance(self.verify, str):
             options["cacert"] = self.verify
@@ -346,59 +370,20 @@ class GlanceImageSource:
         except openstack.exceptions.ConfigException as exc:
             raise ConfigError(f"[glance] os_cloud = {self.os_cloud!r}: {exc}") from exc
 
-    def _visible(self, ctx: RequestContext, doc: dict[str, Any]) -> bool:
-        """Glance's visibility rules, for ``keystone`` auth where Glance sees the service."""
-        visibility = doc.get("visibility")
-        if ctx.is_admin or visibility in ("public", "community"):
-            return True
-        if doc.get("owner") == ctx.project_id:
-            return True
-        if visibility != "shared":
-            return False
-        member = urllib.parse.quote(ctx.project_id, safe="")
-        response = self._request(ctx, "GET",
-                                 f"{self._image_path(str(doc.get('id')))}/members/{member}")
-        if response.status_code != 200:
-            response.close()
-            return False
-        return self._json(response, "members").get("status") == "accepted"
+    def _url_from_catalog(self) -> str:
+        """Glance's endpoint in the catalog of the internal tenant's cloud (asked once)."""
+        if not self._catalog_url:
+            found = self._connection(self.internal).endpoint_for("image")
+            if not found:
+                raise ConfigError(f"[glance] url is empty and the catalog of cloud "
+                                  f"{self.os_cloud!r} has no image endpoint: set url")
+            self._catalog_url = str(found).rstrip("/")
+        return self._catalog_url
 
 
 def _content_length(response: requests.Response) -> int | None:
     value = response.headers.get("Content-Length", "")
     return int(value) if value.isdigit() else None
-
-
-def _describe(exc: BaseException) -> str:
-    """A short reason for a failed attempt.
-
-    requests and keystoneauth bury the useful part ("connection refused") in a long message
-    or in the exception's cause (a failed version discovery hides the refused connection).
-    """
-    texts: list[str] = []
-    seen: BaseException | None = exc
-    while seen is not None and len(texts) < 8:
-        texts.append(str(seen))
-        seen = seen.__cause__ or seen.__context__
-    joined = " ".join(texts)
-    for marker, said in _REASONS:
-        if marker in joined:
-            return said
-    first = (texts[0].strip() or type(exc).__name__).splitlines()[0]
-    return first if len(first) <= 160 else first[:157] + "..."
-
-
-_REASONS = (
-    ("Connection refused", "connection refused"),
-    ("timed out", "timed out"),
-    ("Name or service not known", "host name not known"),
-    ("Temporary failure in name resolution", "host name not known"),
-    ("Connection reset", "connection reset"),
-    ("Connection aborted", "connection aborted"),
-    ("IncompleteRead", "connection closed before the end of the data"),
-    ("Response ended prematurely", "connection closed before the end of the data"),
-    ("certificate verify failed", "TLS certificate verification failed"),
-)
 
 
 def _when(value: object) -> dt.datetime | None:

@@ -259,12 +259,19 @@ class LocalImageSource:
         """Copy ``src`` to ``dst`` (through a temp name), keeping holes, hashing and
         inspecting on the way."""
         try:
-            fin = src.open("rb")
+            # O_NONBLOCK: opening a FIFO would otherwise wait for a writer for ever; a
+            # regular file ignores the flag.
+            fd = os.open(src, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as e:
             raise InvalidRequest(f"cannot read image file {src}: {e.strerror or e}") from None
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            what = "Is a directory" if stat.S_ISDIR(mode) else "not a regular file"
+            raise InvalidRequest(f"cannot read image file {src}: {what} (give the path of a "
+                                 "disk image file)")
+        fin = os.fdopen(fd, "rb")
         with fin:
-            if not stat.S_ISREG(os.fstat(fin.fileno()).st_mode):
-                raise InvalidRequest(f"cannot read image file {src}: not a regular file")
             try:
                 self._data_dir.mkdir(parents=True, exist_ok=True)
             except OSError as e:
@@ -290,7 +297,9 @@ class LocalImageSource:
         # working on FIPS-enabled hosts.
         md5 = hashlib.md5(usedforsecurity=False)
         size = 0
-        with tmp.open("xb") as fout:
+        # 0600: a private image's bytes are no one else's to read on this host.
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                               0o600), "wb") as fout:
 
             def copied_chunks() -> Iterator[bytes]:
                 nonlocal size

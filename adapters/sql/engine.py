@@ -17,7 +17,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import URL, Connection, Engine, create_engine, event, make_url, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DatabaseError, OperationalError
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from ivcache.core.errors import ConfigError
@@ -95,6 +95,14 @@ def upgrade(url_or_engine: str | URL | Engine) -> None:
                 conn.execute(text("SELECT pg_advisory_xact_lock(:key)"),
                              {"key": _PG_MIGRATION_LOCK})
             command.upgrade(_alembic_config(conn), "head")
+    except DatabaseError as exc:
+        if isinstance(exc, OperationalError) and engine.url.get_backend_name() != "sqlite":
+            raise
+        # A truncated or foreign SQLite file opens, then fails on the first page it reads.
+        raise ConfigError(
+            f"the database {_where(engine)} is damaged or not an ivcache database "
+            f"({_reason(exc)}): restore it from a backup, or point database_url at a new "
+            "file") from exc
     finally:
         if owned:
             engine.dispose()
@@ -124,16 +132,27 @@ def _connect(engine: Engine) -> Connection:
     try:
         return engine.connect()
     except OperationalError as exc:
-        url = engine.url
-        if url.get_backend_name() == "sqlite":
-            where = url.database or ":memory:"
-        else:
-            where = url.render_as_string(hide_password=True)
-        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else "cannot connect"
         raise ConfigError(
-            f"cannot open the database {where}: {reason} (check database_url, and that the "
-            "directory exists and is writable)"
+            f"cannot open the database {_where(engine)}: {_reason(exc)} (check database_url, "
+            "and that the directory exists and is writable)"
         ) from exc
+    except DatabaseError as exc:
+        # SQLite says "file is not a database" as soon as the connection sets its pragmas.
+        raise ConfigError(
+            f"cannot open the database {_where(engine)}: {_reason(exc)}: it is damaged or "
+            "not an ivcache database; restore it from a backup, or point database_url at a "
+            "new file") from exc
+
+
+def _where(engine: Engine) -> str:
+    url = engine.url
+    if url.get_backend_name() == "sqlite":
+        return url.database or ":memory:"
+    return url.render_as_string(hide_password=True)
+
+
+def _reason(exc: DatabaseError) -> str:
+    return str(exc.orig).strip().splitlines()[0] if exc.orig else "cannot connect"
 
 
 def _sqlite_on_connect(dbapi_connection: Any, connection_record: ConnectionPoolEntry) -> None:

@@ -32,12 +32,12 @@ def test_a_user_adds_an_image_and_gets_a_miss_then_hits(cli: Cli, image_file: Pa
     with open(second["path"], "rb") as fh:
         assert fh.read(4096) == b"boot" * 1024
 
-    entries = cli.ok("cache", "list", "--json").json()
+    entries = cli.ok("cache", "--admin", "list", "--json").json()
     assert len(entries) == 1
     assert set(entries[0]) >= {"id", "image_id", "host", "volume_id", "size_gb", "state",
                                "last_used", "hits", "pinned"}
     assert entries[0]["hits"] == 1 and entries[0]["state"] == "ready"
-    stats = cli.ok("cache", "stats", "--json").json()
+    stats = cli.ok("cache", "--admin", "stats", "--json").json()
     assert {k: stats[k] for k in ("hits", "misses", "entries", "downloads")} == {
         "hits": 1, "misses": 1, "entries": 1, "downloads": 1}
     assert stats["bytes_downloaded"] == IMAGE_BYTES and "evictions" in stats
@@ -45,8 +45,8 @@ def test_a_user_adds_an_image_and_gets_a_miss_then_hits(cli: Cli, image_file: Pa
 
 
 def test_json_goes_on_the_group_or_the_command(cli: Cli) -> None:
-    assert cli.ok("--json", "cache", "list").json() == []
-    assert cli.ok("cache", "list", "--json").json() == []
+    assert cli.ok("--json", "cache", "--admin", "list").json() == []
+    assert cli.ok("cache", "--admin", "list", "--json").json() == []
 
 
 def test_volumes_belong_to_their_project_and_cache_volumes_to_nobody_but_admins(
@@ -59,13 +59,13 @@ def test_volumes_belong_to_their_project_and_cache_volumes_to_nobody_but_admins(
     assert cli.ok("volume", "list", "--project", "bob", "--json").json() == []
     cli.fails("volume", "delete", mine["id"], "--project", "bob")
 
-    entry = cli.ok("cache", "list", "--json").json()[0]
+    entry = cli.ok("cache", "--admin", "list", "--json").json()[0]
     cli.fails("volume", "delete", entry["volume_id"], "--project", "alice")
     everything = cli.ok("volume", "list", "--all", "--admin", "--json").json()
     assert entry["volume_id"] in {v["id"] for v in everything}
     cli.ok("volume", "delete", entry["volume_id"], "--admin")
-    assert cli.ok("cache", "list", "--json").json() == []
-    assert cli.ok("cache", "stats", "--json").json()["evictions"] == 1
+    assert cli.ok("cache", "--admin", "list", "--json").json() == []
+    assert cli.ok("cache", "--admin", "stats", "--json").json()["evictions"] == 1
     cli.ok("volume", "delete", mine["id"], "--project", "alice")
 
 
@@ -94,9 +94,9 @@ def test_limits_from_the_config_evict_the_least_recently_used(cli: Cli, tmp_path
            for _ in range(2)]
     for image_id in ids:
         cli.ok("volume", "create", "--image", image_id, "--size", "1", env=env)
-    [entry] = cli.ok("cache", "list", "--json", env=env).json()
+    [entry] = cli.ok("cache", "--admin", "list", "--json", env=env).json()
     assert entry["image_id"] == ids[1] and entry["host"] == "node-7"
-    assert cli.ok("cache", "stats", "--json", env=env).json()["evictions"] == 1
+    assert cli.ok("cache", "--admin", "stats", "--json", env=env).json()["evictions"] == 1
     assert (tmp_path / "fake-vg").is_dir()
 
 
@@ -104,23 +104,24 @@ def test_cache_evict_by_image_entry_and_all(cli: Cli, image_file: Path) -> None:
     ids = [cli.ok("image", "add", str(image_file), "--json").json()["id"] for _ in range(3)]
     for image_id in ids:
         cli.ok("volume", "create", "--image", image_id, "--size", "1")
-    cli.ok("cache", "evict", "--image", ids[0])
-    entry = cli.ok("cache", "list", "--json").json()[0]
-    assert cli.ok("cache", "show", entry["id"], "--json").json()["id"] == entry["id"]
-    gone = cli.ok("cache", "evict", "--entry", entry["id"], "--json").json()
+    cli.ok("cache", "--admin", "evict", "--image", ids[0])
+    entry = cli.ok("cache", "--admin", "list", "--json").json()[0]
+    assert cli.ok("cache", "--admin", "show", entry["id"], "--json").json()["id"] == entry["id"]
+    gone = cli.ok("cache", "--admin", "evict", "--entry", entry["id"], "--json").json()
     assert [e["id"] for e in gone["evicted"]] == [entry["id"]]
-    cli.ok("cache", "evict", "--all")
-    assert cli.ok("cache", "list", "--json").json() == []
-    cli.fails("cache", "evict", "--image", ids[0], "--all", code=2)
-    cli.fails("cache", "show", entry["id"])
+    cli.ok("cache", "--admin", "evict", "--all")
+    assert cli.ok("cache", "--admin", "list", "--json").json() == []
+    cli.fails("cache", "--admin", "evict", "--image", ids[0], "--all", code=2)
+    cli.fails("cache", "--admin", "show", entry["id"])
 
 
 def test_cache_list_filters_by_host(cli: Cli, image_file: Path) -> None:
     image = cli.ok("image", "add", str(image_file), "--json").json()
     for host in ("a", "b"):
         cli.ok("volume", "create", "--image", image["id"], "--size", "1", "--host", host)
-    assert [e["host"] for e in cli.ok("cache", "list", "--host", "b", "--json").json()] == ["b"]
-    assert len(cli.ok("cache", "list", "--json").json()) == 2
+    listed = cli.ok("cache", "--admin", "list", "--host", "b", "--json").json()
+    assert [e["host"] for e in listed] == ["b"]
+    assert len(cli.ok("cache", "--admin", "list", "--json").json()) == 2
 
 
 def test_db_upgrade_creates_the_schema(cli: Cli) -> None:
@@ -143,7 +144,7 @@ def test_sizes_that_are_too_small_are_refused_and_nothing_is_created(
         cli.fails("volume", "create", "--image", image["id"], "--size", size)
     cli.fails("volume", "create", "--image", image["id"], "--size", "big", code=2)
     assert cli.ok("volume", "list", "--all", "--admin", "--json").json() == []
-    assert cli.ok("cache", "list", "--json").json() == []
+    assert cli.ok("cache", "--admin", "list", "--json").json() == []
 
 
 def test_a_volume_id_that_could_escape_is_refused(cli: Cli) -> None:
@@ -160,7 +161,7 @@ def test_an_image_whose_bytes_changed_leaves_no_entry_and_no_volume(
         fh.write(b"EVIL")
     run = cli.fails("volume", "create", "--image", image["id"], "--size", "1")
     assert "sha512" in run.err or "corrupt" in run.err
-    assert cli.ok("cache", "list", "--json").json() == []
+    assert cli.ok("cache", "--admin", "list", "--json").json() == []
     assert cli.ok("volume", "list", "--all", "--admin", "--json").json() == []
 
 
@@ -173,24 +174,24 @@ def test_a_full_backend_leaves_nothing_behind(cli: Cli, tmp_path: Path,
     cli.fails("volume", "create", "--image", image["id"], "--size", "5", env=env)
     volumes = cli.ok("volume", "list", "--all", "--admin", "--json", env=env).json()
     assert all(v["project"] == "internal" for v in volumes)
-    entries = cli.ok("cache", "list", "--json", env=env).json()
+    entries = cli.ok("cache", "--admin", "list", "--json", env=env).json()
     assert [e["volume_id"] for e in entries] == [v["id"] for v in volumes]
 
 
 def test_an_unreadable_config_is_a_clear_error(cli: Cli, tmp_path: Path) -> None:
-    run = cli.fails("cache", "list", "--config", str(tmp_path / "missing.ini"))
+    run = cli.fails("cache", "--admin", "list", "--config", str(tmp_path / "missing.ini"))
     assert "missing.ini" in run.err
 
 
 def test_a_bad_option_is_named(cli: Cli, tmp_path: Path) -> None:
     config = tmp_path / "bad.ini"
     config.write_text("[DEFAULT]\nimage_volume_cache_max_count = lots\n")
-    run = cli.fails("cache", "list", "--config", str(config))
+    run = cli.fails("cache", "--admin", "list", "--config", str(config))
     assert "image_volume_cache_max_count" in run.err
     config.write_text("[ivcache]\nstorage = tape\n")
-    assert "storage" in cli.fails("cache", "list", "--config", str(config)).err
+    assert "storage" in cli.fails("cache", "--admin", "list", "--config", str(config)).err
     config.write_text("[ivcache]\nstorgae = file\n")
-    assert "storgae" in cli.fails("cache", "list", "--config", str(config)).err
+    assert "storgae" in cli.fails("cache", "--admin", "list", "--config", str(config)).err
 
 
 def test_a_database_path_that_cannot_be_written_is_a_clear_error(cli: Cli,
@@ -199,7 +200,7 @@ def test_a_database_path_that_cannot_be_written_is_a_clear_error(cli: Cli,
     blocker.write_text("not a directory")
     config = tmp_path / "db.ini"
     config.write_text(f"[ivcache]\ndatabase_url = sqlite:///{blocker}/sub/ivcache.db\n")
-    run = cli.fails("cache", "list", "--config", str(config))
+    run = cli.fails("cache", "--admin", "list", "--config", str(config))
     assert str(blocker) in run.err
 
 
@@ -217,20 +218,20 @@ def test_warm_pin_unpin_and_reconcile_from_the_command_line(cli: Cli,
                                                              image_file: Path) -> None:
     image = cli.ok("image", "add", str(image_file), "--private", "--project", "alice",
                    "--json").json()
-    entry = cli.ok("cache", "warm", image["id"], "--json").json()
+    entry = cli.ok("cache", "--admin", "warm", image["id"], "--json").json()
     assert entry["state"] == "ready" and entry["image_id"] == image["id"]
     created = cli.ok("volume", "create", "--image", image["id"], "--size", "1",
                      "--project", "alice", "--json").json()
     assert created["outcome"] == "hit"
-    assert cli.ok("cache", "pin", image["id"], "--json").json()["pinned"] is True
-    assert cli.ok("cache", "list", "--json").json()[0]["pinned"] is True
-    assert cli.ok("cache", "unpin", image["id"], "--json").json()["pinned"] is False
-    cli.fails("cache", "pin", "no-such-image")
+    assert cli.ok("cache", "--admin", "pin", image["id"], "--json").json()["pinned"] is True
+    assert cli.ok("cache", "--admin", "list", "--json").json()[0]["pinned"] is True
+    assert cli.ok("cache", "--admin", "unpin", image["id"], "--json").json()["pinned"] is False
+    cli.fails("cache", "--admin", "pin", "no-such-image")
 
-    assert cli.ok("cache", "reconcile", "--json").json() == []
+    assert cli.ok("cache", "--admin", "reconcile", "--json").json() == []
     (cli.home / "volumes" / f"{entry['volume_id']}.json").unlink()
-    found = cli.ok("cache", "reconcile", "--json").json()
+    found = cli.ok("cache", "--admin", "reconcile", "--json").json()
     assert [(f["kind"], f["fixed"]) for f in found] == [("missing-volume", False)]
-    fixed = cli.ok("cache", "reconcile", "--fix", "--json").json()
+    fixed = cli.ok("cache", "--admin", "reconcile", "--fix", "--json").json()
     assert [(f["kind"], f["fixed"]) for f in fixed] == [("missing-volume", True)]
-    assert cli.ok("cache", "list", "--json").json() == []
+    assert cli.ok("cache", "--admin", "list", "--json").json() == []

@@ -38,7 +38,7 @@ def volume_bytes(path: str, offset: int, length: int) -> bytes:
 
 def assert_nothing_left(cli: Cli) -> None:
     assert cli.ok("volume", "list", "--all", "--admin", "--json").json() == []
-    assert cli.ok("cache", "list", "--json").json() == []
+    assert cli.ok("cache", "list", "--admin", "--json").json() == []
     scratch = cli.home / "conversion"
     assert not scratch.exists() or list(scratch.iterdir()) == []
 
@@ -64,7 +64,7 @@ def test_a_qcow2_made_with_qemu_img_becomes_a_volume_that_holds_its_disk(
         # The disk's bytes, not the qcow2 container: no `QFI\xfb` at the start.
         assert volume_bytes(volume["path"], 0, DISK_BYTES) == disk.read_bytes()
         assert volume_bytes(volume["path"], DISK_BYTES, MIB) == bytes(MIB)
-    assert cli.ok("cache", "stats", "--json").json()["downloads"] == 1
+    assert cli.ok("cache", "stats", "--admin", "--json").json()["downloads"] == 1
     assert not (cli.home / "conversion").exists()  # a local file needs no scratch copy
 
 
@@ -160,7 +160,7 @@ def test_a_scratch_directory_too_small_for_the_image_is_one_line_and_nothing_is_
     assert f"image_conversion_dir {tiny_scratch} has" in run.err
     assert "too little for image" in run.err
     assert cli.ok("volume", "list", "--all", "--admin", "--json", env=env).json() == []
-    assert cli.ok("cache", "list", "--json", env=env).json() == []
+    assert cli.ok("cache", "list", "--admin", "--json", env=env).json() == []
     assert list(tiny_scratch.iterdir()) == []
 
 
@@ -174,10 +174,10 @@ def test_reconcile_reports_a_dead_conversions_scratch_file_and_fix_removes_it(
     left = subprocess.run([sys.executable, "-c", code, str(scratch)], capture_output=True,
                           text=True, check=True).stdout.strip()
 
-    found = cli.ok("cache", "reconcile", "--json").json()
+    found = cli.ok("cache", "reconcile", "--admin", "--json").json()
     assert [(f["kind"], f["path"], f["size"], f["fixed"]) for f in found] == [
         ("scratch-file", left, 4096, False)]
-    fixed = cli.ok("cache", "reconcile", "--fix", "--json").json()
+    fixed = cli.ok("cache", "reconcile", "--fix", "--admin", "--json").json()
     assert [(f["kind"], f["fixed"]) for f in fixed] == [("scratch-file", True)]
     assert list(scratch.iterdir()) == []
 
@@ -209,7 +209,7 @@ def test_a_qcow2_from_glance_becomes_its_disk_and_a_raw_declared_one_is_refused(
     assert f"image {lying} claims to be raw but its data is qcow2" in run.err
     assert cli.ok("--config", config, "volume", "list", "--all", "--admin",
                   "--json").json() == []
-    assert cli.ok("--config", config, "cache", "list", "--json").json() == []
+    assert cli.ok("--config", config, "cache", "list", "--admin", "--json").json() == []
 
     made = cli.ok("--config", config, "volume", "create", "--image", good, "--size", "1",
                   "--project", project, "--json").json()

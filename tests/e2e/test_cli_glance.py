@@ -105,6 +105,6 @@ def test_an_unreachable_glance_is_one_clear_line_and_leaves_nothing(cli: Cli) ->
                     "0f6b3c2e-1111-4a4a-9b9b-000000000001", "--size", "1")
 
     assert "glance at http://127.0.0.1:9 is unavailable: connection refused" in run.err
-    assert cli.ok("--config", config, "cache", "list", "--json").json() == []
+    assert cli.ok("--config", config, "cache", "--admin", "list", "--json").json() == []
     assert cli.ok("--config", config, "volume", "list", "--all", "--admin",
                   "--json").json() == []

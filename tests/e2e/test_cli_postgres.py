@@ -40,10 +40,10 @@ def test_concurrent_cli_workers_on_two_hosts_share_one_postgresql_and_count_exac
     with ThreadPoolExecutor(len(hosts)) as pool:
         outcomes = list(pool.map(create, hosts))
     assert sorted(outcomes) == ["hit"] * 2 + ["miss"] * 2
-    listed = cli.ok("cache", "list", "--host", "b", "--json", env=env).json()
+    listed = cli.ok("cache", "--admin", "list", "--host", "b", "--json", env=env).json()
     assert [(e["host"], e["image_id"], e["state"]) for e in listed] == [("b", image, "ready")]
-    assert len(cli.ok("cache", "list", "--json", env=env).json()) == 2
+    assert len(cli.ok("cache", "--admin", "list", "--json", env=env).json()) == 2
     for host in ("a", "b"):
-        stats = cli.ok("cache", "stats", "--host", host, "--json", env=env).json()
+        stats = cli.ok("cache", "--admin", "stats", "--host", host, "--json", env=env).json()
         assert (stats["downloads"], stats["misses"], stats["hits"], stats["entries"]) == (
             1, 1, 1, 1)

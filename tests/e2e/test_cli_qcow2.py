@@ -30,7 +30,7 @@ def test_on_qcow2_a_miss_then_a_hit_give_overlays_on_the_cached_base(
                     env=env).json()
 
     assert (first["outcome"], second["outcome"]) == ("miss", "hit")
-    [entry] = cli.ok("cache", "list", "--json", env=env).json()
+    [entry] = cli.ok("cache", "--admin", "list", "--json", env=env).json()
     [cache_volume] = [v for v in cli.ok("volume", "list", "--all", "--admin", "--json",
                                         env=env).json() if v["id"] == entry["volume_id"]]
     for volume in (first, second):
@@ -47,7 +47,7 @@ def test_on_qcow2_a_miss_then_a_hit_give_overlays_on_the_cached_base(
                         volume["path"]], check=True)
         subprocess.run(["qemu-img", "check", "-q", volume["path"]], check=True)
 
-    cli.ok("cache", "evict", "--all", env=env)
+    cli.ok("cache", "--admin", "evict", "--all", env=env)
     assert Path(cache_volume["path"]).exists()  # the users' volumes still read from it
     cli.ok("volume", "delete", first["id"], env=env)
     cli.ok("volume", "delete", second["id"], env=env)
@@ -59,6 +59,6 @@ def test_without_qemu_img_the_cli_says_to_install_qemu_utils(
     empty = tmp_path / "empty-bin"
     empty.mkdir()
 
-    run = cli.fails("cache", "list", env={**qcow2_config(tmp_path), "PATH": str(empty)})
+    run = cli.fails("cache", "--admin", "list", env={**qcow2_config(tmp_path), "PATH": str(empty)})
 
     assert "qemu-utils" in run.err

@@ -332,7 +332,7 @@ def test_volume_create_on_rbd_prints_the_rbd_image(ceph_cluster: CephCluster,
     assert second["rbd_image"] == f"rbd/{second['id']}" and "path" not in second
     ivcache("volume", "delete", first["id"])
     ivcache("volume", "delete", second["id"])
-    ivcache("cache", "evict", "--all")
+    ivcache("cache", "--admin", "evict", "--all")
 
 
 def test_a_pool_that_does_not_exist_is_a_one_line_error(ceph_cluster: CephCluster,

@@ -1,5 +1,7 @@
 """GlanceImageSource against a scripted HTTP server: what a live Glance cannot easily show
-(a 5xx then success, a connection cut mid-stream), the identity headers, keystone mode."""
+(a 5xx then success, a connection cut mid-stream), the identity headers, keystone mode's
+tokens. (What Glance lets each caller see is tested against a real Keystone and Glance in
+tests/integration/test_keystone.py.)"""
 
 from __future__ import annotations
 
@@ -17,9 +19,15 @@ import pytest
 from ivcache.adapters.images.glance import GlanceImageSource
 from ivcache.adapters.memory import InMemoryUnitOfWork, RecordingNotifier
 from ivcache.adapters.storage.file import FileStorage
-from ivcache.core.errors import ConfigError, ImageNotFound, ImageUnavailable
+from ivcache.core.errors import (
+    AuthError,
+    ConfigError,
+    ImageNotFound,
+    ImageUnavailable,
+    TokenRefused,
+)
 from ivcache.core.events import CacheEvict, EvictReason
-from ivcache.core.model import Outcome, RequestContext
+from ivcache.core.model import InternalTenant, Outcome, RequestContext
 from ivcache.core.service import CacheService
 
 MIB = 1 << 20
@@ -45,7 +53,6 @@ class Script:
     data: bytes
     plan: dict[str, list[str]] = attrs.Factory(dict)
     seen: list[Seen] = attrs.Factory(list)
-    members: dict[tuple[str, str], str] = attrs.Factory(dict)
     hashes: bool = True
     updated_at: str = "2026-11-26T12:07:08Z"
 
@@ -99,13 +106,6 @@ def _handler(script: Script) -> type[http.server.BaseHTTPRequestHandler]:
                 self._send(200, json.dumps({"images": images}).encode())
             elif path.endswith("/file"):
                 self._file()
-            elif "/members/" in path:
-                image_id, member = path.split("/")[3], path.split("/")[5]
-                status = script.members.get((image_id, member))
-                if status is None:
-                    self._send(404)
-                else:
-                    self._send(200, json.dumps({"status": status}).encode())
             else:
                 self._meta(path.rsplit("/", 1)[-1])
 
@@ -347,32 +347,62 @@ def test_bad_glance_options_are_config_errors(options: dict[str, str], needs: st
         GlanceImageSource(**options)  # type: ignore[arg-type]  # keyword options
 
 
+INTERNAL = InternalTenant("internal", "internal").context()
+
+
+def _with_token(ctx: RequestContext, token: str) -> RequestContext:
+    return attrs.evolve(ctx, auth_token=token)
+
+
 @pytest.fixture
 def keystone(url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
              sleeps: Sleeps) -> GlanceImageSource:
-    # A clouds.yaml cloud without Keystone (auth_type none): Glance sees "the service".
+    # The internal tenant's cloud, without Keystone (auth_type none): it sends no token.
     clouds = tmp_path / "clouds.yaml"
     clouds.write_text(f"clouds:\n  fake:\n    auth_type: none\n"
                       f"    image_endpoint_override: {url}\n")
     monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(clouds))
-    return GlanceImageSource(os_cloud="fake", auth="keystone", sleep=sleeps)
+    return GlanceImageSource(url=url, os_cloud="fake", auth="keystone", internal=INTERNAL,
+                             sleep=sleeps)
 
 
-def test_with_keystone_auth_the_adapter_applies_glances_visibility_rules(
+def test_with_keystone_auth_every_request_carries_the_callers_own_token(
         script: Script, keystone: GlanceImageSource) -> None:
-    script.members[(SHARED, "bob")] = "accepted"
-    script.members[(SHARED, "carol")] = "pending"
-    carol = RequestContext.for_project("carol")
+    alice, bob = _with_token(ALICE, "token-of-alice"), _with_token(BOB, "token-of-bob")
 
-    assert keystone.get_image(ALICE, IMAGE).owner == "alice"
-    assert keystone.get_image(ADMIN, IMAGE).id == IMAGE
-    with pytest.raises(ImageNotFound):
-        keystone.get_image(BOB, IMAGE)
-    with pytest.raises(ImageNotFound):
-        b"".join(keystone.open_data(BOB, IMAGE))
-    assert keystone.get_image(BOB, SHARED).id == SHARED
-    with pytest.raises(ImageNotFound):
-        keystone.get_image(carol, SHARED)
-    assert [i.id for i in keystone.list_images(BOB)] == [SHARED]
-    assert [i.id for i in keystone.list_images(carol)] == []
+    # Glance decides: what it answers to a token is what the caller gets, nothing is
+    # filtered by rules of ivcache's own (the scripted Glance shows alice's image to bob).
+    assert keystone.get_image(alice, IMAGE).owner == "alice"
+    assert b"".join(keystone.open_data(alice, IMAGE)) == script.data
+    assert keystone.get_image(bob, IMAGE).id == IMAGE
+    assert [i.id for i in keystone.list_images(bob)] == [IMAGE, SHARED]
+
+    # Version discovery (GET /) is anonymous, as keystoneauth does it.
+    asked = [s for s in script.seen if s.path not in ("", "/")]
+    tokens = [s.headers.get("X-Auth-Token") for s in asked]
+    assert tokens[:2] == ["token-of-alice"] * 2  # metadata, data
+    assert set(tokens[2:]) == {"token-of-bob"} and len(tokens) == 4
     assert not any("X-Project-Id" in s.headers for s in script.seen)
+
+
+def test_with_keystone_auth_a_caller_without_a_token_is_refused_not_served_as_the_cache(
+        script: Script, keystone: GlanceImageSource) -> None:
+    with pytest.raises(AuthError, match="carries none"):
+        keystone.get_image(ALICE, IMAGE)
+    with pytest.raises(AuthError):
+        b"".join(keystone.open_data(ADMIN, IMAGE))
+    assert script.seen == []
+
+    # The cache's own question is asked with the internal tenant's cloud (auth_type none:
+    # keystoneauth's placeholder token).
+    assert keystone.get_image(INTERNAL, IMAGE).id == IMAGE
+    assert {s.headers.get("X-Auth-Token") for s in script.seen} <= {None, "notused"}
+
+
+def test_with_keystone_auth_a_401_to_the_callers_token_is_token_refused(
+        script: Script, keystone: GlanceImageSource) -> None:
+    script.plan["meta"] = ["401"]
+
+    with pytest.raises(TokenRefused, match=r"^the token was refused by Keystone: .*HTTP 401.*"
+                                           r"get a new one$"):
+        keystone.get_image(_with_token(ALICE, "expired"), IMAGE)

@@ -30,6 +30,7 @@ CORE = {
     "ImageUnavailable", "InvalidIdentifier", "InvalidRequest", "InvalidSize", "IvcacheError",
     "NoScratchSpace", "NoSpace", "QuotaExceeded", "StorageError", "UnsafeImage",
     "UnsupportedImage", "VolumeNotFound",
+    "Forbidden", "AuthError", "TokenRefused", "IdentityUnavailable",
 }
 
 FACADE = {

@@ -523,3 +523,27 @@ def test_a_stale_entry_that_a_clone_still_reads_is_evicted_once_the_clone_lets_g
     assert world.storage().read(result.volume.id, 0, 3) == b"new"
 
 
+
+
+@pytest.mark.parametrize("size", [2**33, 10**12, 2**63])
+def test_a_size_no_volume_can_have_is_refused_before_anything_is_made(world: World,
+                                                                      size: int) -> None:
+    world.image("img")
+    with pytest.raises(InvalidSize, match="larger than any volume can be"):
+        world.service().create_volume(world.alice, "img", size)
+    assert world.storage().list_volumes() == [] and world.images.downloads == 0
+
+
+def test_the_internal_tenants_project_cannot_make_or_list_volumes_as_a_user(
+        world: World) -> None:
+    from ivcache.core.errors import InvalidRequest
+    world.image("img")
+    service = world.service()
+    internal = RequestContext.for_project("internal")
+    with pytest.raises(InvalidRequest, match="internal tenant"):
+        service.create_volume(internal, "img", 1)
+    with pytest.raises(InvalidRequest, match="internal tenant"):
+        service.create_volume(RequestContext.for_project("internal", admin=True), "img", 1)
+    with pytest.raises(InvalidRequest, match="internal tenant"):
+        service.list_volumes(internal)
+    assert world.storage().list_volumes() == [] and world.images.downloads == 0

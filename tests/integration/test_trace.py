@@ -1,0 +1,49 @@
+"""bench/trace.py: the seeded trace is the same on every machine, a request log replays as
+written, and the replay goes through the real service. (Here, not in tests/unit: the wheel
+test runs without the repository's bench/ folder.)"""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.trace import Request, read_log, replay, working_set_gb, zipf_trace
+
+
+def test_the_seeded_trace_is_pinned() -> None:
+    trace = zipf_trace(12, 5, seed=42)
+    assert [(r.image_id, r.size_gb) for r in trace] == [
+        ("img-0000", 4), ("img-0000", 4), ("img-0002", 9), ("img-0001", 1), ("img-0001", 1),
+        ("img-0000", 4), ("img-0000", 4), ("img-0000", 4), ("img-0001", 1), ("img-0001", 1),
+        ("img-0002", 9), ("img-0002", 9)]
+    assert zipf_trace(12, 5, seed=42) == trace
+    assert zipf_trace(12, 5, seed=43) != trace
+
+
+def test_popularity_follows_the_rank() -> None:
+    trace = zipf_trace(5000, 50, alpha=0.9, seed=1)
+    counts = {f"img-{k:04d}": 0 for k in range(50)}
+    for request in trace:
+        counts[request.image_id] += 1
+    assert counts["img-0000"] > counts["img-0009"] > counts["img-0049"]
+
+
+def test_a_log_is_read_line_by_line_and_a_bad_line_is_named() -> None:
+    assert read_log(["a 2", "", "# a comment", "b 3  # trailing", "a 2"]) == [
+        Request("a", 2), Request("b", 3), Request("a", 2)]
+    with pytest.raises(ValueError, match="line 2: 'c x'"):
+        read_log(["a 1", "c x"])
+    with pytest.raises(ValueError, match="line 1"):
+        read_log(["a 0"])
+
+
+def test_a_replay_counts_hits_misses_and_the_gigabytes_downloaded() -> None:
+    trace = [Request("a", 2), Request("a", 2), Request("b", 3), Request("a", 2),
+             Request("c", 4), Request("b", 3)]
+    assert working_set_gb(trace) == 9
+    # Room for everything: every image is downloaded once.
+    everything = replay(trace, cache_fraction=1.0)
+    assert (everything.hits, everything.misses, everything.gb_downloaded) == (3, 3, 9)
+    # 5 GiB: c (4) evicts a and b (least recently used) to fit; b is downloaded again.
+    tight = replay(trace, cache_fraction=5 / 9)
+    assert (tight.cache_gb, tight.hits, tight.gb_downloaded) == (5, 2, 12)
+    assert replay(zipf_trace(200, 20, seed=42), cache_fraction=0.3).hits == 103
