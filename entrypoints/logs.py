@@ -4,8 +4,9 @@ Cinder's options, in [DEFAULT]: ``log_file`` (relative to ``log_dir`` when both 
 ``log_dir`` alone (the file is ``ivcache.log`` there), ``debug`` (DEBUG instead of INFO).
 The file gets INFO and up, the event lines of ``notifier = log`` included, in oslo.log's
 default format. Standard error gets warnings, or INFO and up with ``--verbose``/``-v``;
-the bus libraries' chatter (oslo.messaging, kombu, amqp, stevedore) reaches it only with
-``debug``: ivcache says once that the bus is unreachable. alembic's INFO (on every command)
+the bus libraries' chatter (oslo.messaging, kombu, amqp, stevedore) and the format
+inspector's warnings reach it only with ``debug``: ivcache says once that the bus is
+unreachable, and once why an image is refused. alembic's INFO (on every command)
 is left out unless ``debug``.
 
 Only the CLI calls ``setup_logging``; the library leaves its user's logging alone.
@@ -25,7 +26,10 @@ __all__ = ["FORMAT", "log_path", "setup_logging"]
 #: oslo.log's default ``logging_default_format_string`` (less the request context)
 FORMAT = "%(asctime)s.%(msecs)03d %(process)d %(levelname)s %(name)s [-] %(message)s"
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
-_CHATTY = ("oslo_messaging", "kombu", "amqp", "stevedore")
+#: Kept off stderr unless ``debug``: the bus libraries' retries (ivcache says once that the
+#: bus is unreachable), and oslo.utils' format inspector, whose warnings say again what
+#: ivcache's one error line says of a refused image.
+_CHATTY = ("oslo_messaging", "kombu", "amqp", "stevedore", "oslo_utils")
 #: INFO of these says nothing an operator acts on (alembic: "Context impl SQLiteImpl" on
 #: every command); they log from WARNING up unless ``debug``
 _TERSE = ("alembic",)

@@ -60,9 +60,9 @@ def test_verbose_sends_the_event_lines_to_stderr_and_leaves_stdout_to_json(
                                               ["image_volume_cache.hit"],
                                               ["image_volume_cache.hit"]]
     assert not any(cli.home.glob("*.log"))
-    quiet = cli.ok("cache", "list", "--config", str(config), "--json")
+    quiet = cli.ok("cache", "--admin", "list", "--config", str(config), "--json")
     assert quiet.err == ""
-    loud = cli.ok("--verbose", "cache", "stats", "--config", str(config), "--json")
+    loud = cli.ok("--verbose", "cache", "--admin", "stats", "--config", str(config), "--json")
     assert loud.json()["hits"] == 2
 
 
@@ -72,7 +72,7 @@ def test_a_log_file_that_cannot_be_opened_is_one_line_naming_the_option(
     blocker.write_text("")
     config = cli.home / "ivcache.ini"
     config.write_text(f"[DEFAULT]\nlog_dir = {blocker}\n", encoding="utf-8")
-    run = cli.fails("cache", "stats", "--config", str(config))
+    run = cli.fails("cache", "--admin", "stats", "--config", str(config))
     assert "log_dir" in run.err and str(blocker) in run.err
 
 

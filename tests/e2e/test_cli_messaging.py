@@ -29,6 +29,10 @@ topics = {topic}
     return str(path)
 
 
+#: node-7 on the implicit backend: the scope every event of these runs carries
+SCOPE = "node-7@default#default"
+
+
 def test_every_create_and_evict_reaches_the_bus_once_in_cinders_format(
         cli: Cli, image_file: Path, rabbitmq: RabbitServer, topic: str,
         listener: BusListener, tmp_path: Path) -> None:
@@ -43,7 +47,7 @@ def test_every_create_and_evict_reaches_the_bus_once_in_cinders_format(
                          "--config", config, "--json").json()
         outcomes.append((created["outcome"], created["entry_id"]))
     assert [o for o, _ in outcomes] == ["miss", "hit", "hit", "miss"]
-    cli.ok("cache", "evict", "--all", "--config", config)
+    cli.ok("cache", "--admin", "evict", "--all", "--config", config)
 
     got = listener.wait_for(6)
     assert {(priority, publisher) for priority, publisher, _, _, _ in got} == {
@@ -53,17 +57,25 @@ def test_every_create_and_evict_reaches_the_bus_once_in_cinders_format(
     assert len(set(event_ids)) == 6
     assert [(kind, payload) for _, _, kind, payload, _ in got] == [
         ("image_volume_cache.miss", {"image_id": first["id"], "host": "node-7",
-                                     "outcome": "miss", "entry_id": first_entry}),
+                                     "scope": SCOPE,
+                                     "outcome": "miss", "filled_from": "image-source",
+                                     "entry_id": first_entry}),
         ("image_volume_cache.hit", {"image_id": first["id"], "host": "node-7",
+                                     "scope": SCOPE,
                                     "entry_id": first_entry}),
         ("image_volume_cache.hit", {"image_id": first["id"], "host": "node-7",
+                                     "scope": SCOPE,
                                     "entry_id": first_entry}),
         ("image_volume_cache.evict", {"image_id": first["id"], "host": "node-7",
+                                     "scope": SCOPE,
                                       "reason": "lru", "entry_id": first_entry,
                                       "size_gb": 1}),
         ("image_volume_cache.miss", {"image_id": second["id"], "host": "node-7",
-                                     "outcome": "miss", "entry_id": second_entry}),
+                                     "scope": SCOPE,
+                                     "outcome": "miss", "filled_from": "image-source",
+                                     "entry_id": second_entry}),
         ("image_volume_cache.evict", {"image_id": second["id"], "host": "node-7",
+                                     "scope": SCOPE,
                                       "reason": "admin", "entry_id": second_entry,
                                       "size_gb": 1}),
     ]
@@ -94,7 +106,7 @@ topics = {topic}
 def test_a_malformed_transport_url_exits_1_naming_the_option_and_creates_nothing(
         cli: Cli, topic: str, url: str, words: str) -> None:
     config = _config(cli, url, topic)
-    run = cli.fails("cache", "stats", "--config", config)
+    run = cli.fails("cache", "--admin", "stats", "--config", config)
     assert "transport_url" in run.err and words in run.err
     assert sorted(p.name for p in cli.home.iterdir()) == ["ivcache.ini"]
 
@@ -102,7 +114,7 @@ def test_a_malformed_transport_url_exits_1_naming_the_option_and_creates_nothing
 def test_refused_credentials_exit_1_naming_the_option_and_create_nothing(
         cli: Cli, rabbitmq: RabbitServer, topic: str) -> None:
     config = _config(cli, rabbitmq.url.replace("guest:guest", "guest:wrong"), topic)
-    run = cli.fails("cache", "stats", "--config", config)
+    run = cli.fails("cache", "--admin", "stats", "--config", config)
     assert "transport_url" in run.err and "refused the credentials" in run.err
     assert "wrong" not in run.err
     assert sorted(p.name for p in cli.home.iterdir()) == ["ivcache.ini"]
@@ -113,7 +125,7 @@ def test_an_unknown_driver_exits_1_naming_the_option(cli: Cli, rabbitmq: RabbitS
     config = _config(cli, rabbitmq.url, topic)
     text = Path(config).read_text().replace("driver = messagingv2", "driver = carrier")
     Path(config).write_text(text)
-    run = cli.fails("cache", "stats", "--config", config)
+    run = cli.fails("cache", "--admin", "stats", "--config", config)
     assert "option driver = 'carrier' is not one of" in run.err
 
 
@@ -144,7 +156,7 @@ def test_events_of_creates_during_a_broker_outage_wait_and_are_flushed_in_order_
                              "--config", config, "--json").json()
             assert created["outcome"] == "hit"
             assert time.monotonic() - started < 10
-        stats = cli.ok("cache", "stats", "--config", config, "--json").json()
+        stats = cli.ok("cache", "--admin", "stats", "--config", config, "--json").json()
         assert stats["events_pending"] == 3
         assert (stats["hits"], stats["misses"], stats["hit_ratio"]) == (3, 1, 0.75)
         down = cli.ok("events", "flush", "--config", config, "--json").json()
@@ -153,7 +165,8 @@ def test_events_of_creates_during_a_broker_outage_wait_and_are_flushed_in_order_
         rabbitmq.restart()
     flushed = cli.ok("events", "flush", "--config", config, "--json").json()
     assert flushed["pending"] == 0
-    assert cli.ok("cache", "stats", "--config", config, "--json").json()["events_pending"] == 0
+    stats = cli.ok("cache", "--admin", "stats", "--config", config, "--json").json()
+    assert stats["events_pending"] == 0
     got = listener.wait_for(4, timeout=30)
     assert [kind for _, _, kind, _, _ in got] == ["image_volume_cache.miss"] + [
         "image_volume_cache.hit"] * 3
@@ -163,4 +176,4 @@ def test_events_of_creates_during_a_broker_outage_wait_and_are_flushed_in_order_
 def test_events_flush_without_a_bus_says_how_to_configure_one(cli: Cli) -> None:
     run = cli.fails("events", "flush")
     assert "[oslo_messaging_notifications] driver" in run.err
-    assert cli.ok("cache", "stats", "--json").json()["events_pending"] == 0
+    assert cli.ok("cache", "--admin", "stats", "--json").json()["events_pending"] == 0

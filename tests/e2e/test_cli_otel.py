@@ -25,5 +25,5 @@ def test_a_create_with_the_console_exporter_prints_its_metrics_on_stderr(
 def test_an_unknown_exporter_is_refused_naming_the_option(cli: Cli) -> None:
     config = cli.home / "ivcache.ini"
     config.write_text("[ivcache]\notel_exporter = zipkin\n", encoding="utf-8")
-    run = cli.fails("cache", "stats", "--config", str(config))
+    run = cli.fails("cache", "--admin", "stats", "--config", str(config))
     assert "option otel_exporter = 'zipkin' is not one of none, console, otlp" in run.err

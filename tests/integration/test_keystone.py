@@ -5,6 +5,7 @@ cache's own questions."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import attrs
@@ -54,12 +55,25 @@ class World:
     def glance_saw(self, since: int) -> list[tuple[str, str, int, str]]:
         """Glance's requests after the first ``since``, each with the name of the user whose
         token it carried (anonymous version discoveries left out)."""
-        seen = self.cloud.glance.requests()[since:]
+        seen = self._settled()[since:]
         return [(method, path, status, self.cloud.keystone.whose(token))
                 for method, path, status, token in seen if token != "-"]
 
     def mark(self) -> int:
-        return len(self.cloud.glance.requests())
+        return len(self._settled())
+
+    def _settled(self) -> list[tuple[str, str, int, str]]:
+        """Glance's access log once it has stopped growing: gunicorn writes a request's
+        line after the response is sent, so a client can be done before its line is."""
+        seen = self.cloud.glance.requests()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            time.sleep(0.3)
+            again = self.cloud.glance.requests()
+            if len(again) == len(seen):
+                return again
+            seen = again
+        return seen
 
 
 @pytest.fixture

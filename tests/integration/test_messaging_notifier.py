@@ -31,7 +31,7 @@ def test_the_bus_sees_cinders_three_events_with_ivcaches_fields(
         rabbitmq: RabbitServer, topic: str, listener: BusListener) -> None:
     notifier: Notifier = _notifier(rabbitmq, topic)
     host = "node-1@lvm#pool"
-    notifier.publish(CacheMiss("img-1", host, "miss", "e-1"))
+    notifier.publish(CacheMiss("img-1", host, "miss", entry_id="e-1"))
     notifier.publish(ImageDownloaded("img-1", host, 1024, 0.5))
     notifier.publish(CacheEntryCreated("img-1", host, "e-1", 1))
     notifier.publish(CacheHit("img-1", host, "e-1"))
@@ -47,9 +47,11 @@ def test_the_bus_sees_cinders_three_events_with_ivcaches_fields(
     event_ids = [payload.pop("event_id") for _, _, _, payload, _ in got]
     assert len(set(event_ids)) == 4
     assert [payload for _, _, _, payload, _ in got] == [
-        {"image_id": "img-1", "host": host, "outcome": "miss", "entry_id": "e-1"},
+        {"image_id": "img-1", "host": host, "outcome": "miss", "filled_from": "image-source",
+         "entry_id": "e-1"},
         {"image_id": "img-1", "host": host, "entry_id": "e-1"},
-        {"image_id": "img-2", "host": host, "outcome": "miss-uncached"},
+        {"image_id": "img-2", "host": host, "outcome": "miss-uncached",
+         "filled_from": "image-source"},
         {"image_id": "img-1", "host": host, "reason": "lru", "entry_id": "e-1", "size_gb": 1},
     ]
     assert len({meta["message_id"] for _, _, _, _, meta in got}) == 4

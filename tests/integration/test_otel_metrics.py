@@ -78,8 +78,10 @@ def test_requests_evictions_downloads_clones_and_the_cache_size_are_measured(
     assert _points(found["ivcache.download.duration"]) == {frozenset({host}): 2}
     # every create clones from a cache volume: two hits and two fills
     assert _points(found["ivcache.clone.duration"]) == {frozenset({host}): 4}
-    assert _points(found["ivcache.cache.entries"]) == {frozenset({host}): 1}
-    assert _points(found["ivcache.cache.size"]) == {frozenset({host}): 1}
+    # The gauges are per scope: this service's, node-1 on the implicit backend.
+    scope = ("scope", "node-1@default#default")
+    assert _points(found["ivcache.cache.entries"]) == {frozenset({scope}): 1}
+    assert _points(found["ivcache.cache.size"]) == {frozenset({scope}): 1}
 
 
 def test_names_and_units_follow_otels_conventions(
