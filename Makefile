@@ -82,8 +82,9 @@ wheel-test:
 	  if [ -f conftest.py ]; then cp conftest.py "$$tmp"/; fi && \
 	  cd "$$tmp" && $(abspath $(WHEEL_VENV))/bin/pytest -p no:cacheprovider tests/e2e tests/unit -x -q
 
+# `make bench BENCH="name ..."` runs only the benches whose function or figure names match.
 bench: install
-	$(VENV)/bin/python bench/run.py
+	$(VENV)/bin/python bench/run.py $(BENCH)
 
 clean:
 	rm -rf $(VENV) $(WHEEL_VENV) .build build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache

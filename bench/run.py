@@ -3,6 +3,8 @@
 Prints a table and writes ``.bench/results.json`` as ``{"figures": {name: number},
 "skipped": {name: reason}, "failed": {name: reason}, "quick": bool}``.
 ``BENCH_QUICK=1`` shrinks every workload so the whole run takes under a minute.
+``bench/run.py NAME ...`` (or ``make bench BENCH=NAME``) runs only the benches whose function
+name or one of whose figures contains one of the NAMEs.
 
 Every bench is registered with the figures it gives (``@bench(...)``). One that cannot be
 measured on this machine (no qemu-img, no Ceph bindings, not root for a loop mount, no
@@ -790,8 +792,23 @@ def run_all(benches: list[tuple[Bench, tuple[str, ...]]]
     return figures, skipped, failed
 
 
-def main() -> int:
-    figures, skipped, failed = run_all(BENCHES)
+def selected(wanted: list[str]) -> list[tuple[Bench, tuple[str, ...]]]:
+    """The benches whose function name or a figure name contains one of ``wanted``
+    (all of them when ``wanted`` is empty)."""
+    if not wanted:
+        return BENCHES
+    return [(fn, names) for fn, names in BENCHES
+            if any(w in fn.__name__ or any(w in n for n in names) for w in wanted)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    wanted = sys.argv[1:] if argv is None else argv
+    chosen = selected(wanted)
+    if not chosen:
+        print(f"bench: no bench matches {' '.join(wanted)}; the figures are listed in "
+              "bench/run.py's @bench(...) lines", file=sys.stderr)
+        return 2
+    figures, skipped, failed = run_all(chosen)
     width = max((len(k) for k in [*figures, *skipped, *failed]), default=6)
     print(f"{'figure'.ljust(width)}  value")
     for name, value in figures.items():

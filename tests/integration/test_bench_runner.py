@@ -52,9 +52,21 @@ def test_the_exit_code_fails_on_a_failure_and_on_a_skip_under_ci(
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("CI", ci)
     monkeypatch.setattr(bench_run, "BENCHES", benches)
-    assert bench_run.main() == code
+    assert bench_run.main([]) == code
     results = json.loads((tmp_path / ".bench" / "results.json").read_text())
     assert set(results) == {"figures", "skipped", "failed", "quick"}
+
+
+def test_names_on_the_command_line_choose_benches_by_function_or_figure(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CI", "")
+    monkeypatch.setattr(bench_run, "BENCHES", [(fine, ("fine_figure",)), (short, ("given",)),
+                                               (broken, ("y",))])
+    assert bench_run.main(["short", "fine_fig"]) == 0
+    results = json.loads((tmp_path / ".bench" / "results.json").read_text())
+    assert results["figures"] == {"fine_figure": 1.5, "given": 1.0}
+    assert bench_run.main(["nothing-like-this"]) == 2
 
 
 def test_every_registered_bench_names_its_figures_once() -> None:
