@@ -7,9 +7,11 @@ no entry, no volume, no scratch file.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import threading
 import urllib.error
 import uuid
 from collections.abc import Iterator
@@ -23,6 +25,8 @@ from ivcache.adapters.images.local import LocalImageSource
 from ivcache.adapters.memory import InMemoryImageSource, InMemoryUnitOfWork, RecordingNotifier
 from ivcache.adapters.storage import RbdStorage
 from ivcache.core.errors import (
+    ChecksumMismatch,
+    ConversionFailed,
     CorruptImage,
     ImageError,
     ImageFormatMismatch,
@@ -402,6 +406,76 @@ def test_a_truncated_qcow2_added_locally_is_refused_when_used(
         r.service.create_volume(CTX, image.id, 1)
 
     r.assert_nothing_left()
+
+
+def _flip_last_data_byte(qcow2: Path) -> None:
+    """Change one byte of the disk's last data cluster: the header and tables stay sound, so
+    only the hash can tell."""
+    extents = json.loads(qemu_img("map", "--output=json", "-f", "qcow2", str(qcow2)))
+    last = max((e for e in extents if e["data"] and "offset" in e),
+               key=lambda e: e["offset"] + e["length"])
+    at = last["offset"] + last["length"] - 1
+    with open(qcow2, "r+b") as f:
+        f.seek(at)
+        byte = f.read(1)
+        f.seek(at)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+@pytest.mark.parametrize("enabled", [True, False], ids=["cached", "uncached"])
+def test_a_local_qcow2_whose_hash_fails_while_qemu_img_converts_it_leaves_nothing(
+        images: dict[str, Made], tmp_path: Path, enabled: bool) -> None:
+    # The head passes its checks, so qemu-img converts the file while the rest of it is
+    # hashed (in a thread): the mismatch is found after qemu-img wrote into the volume.
+    kit = KITS["file"]
+    storage = kit.make(tmp_path / "storage", 0)
+    source = LocalImageSource(tmp_path / "images")
+    image = add_local(source, images["qcow2"])
+    _flip_last_data_byte(source.images_path / "data" / image.id)
+    r = rig(kit, storage, source, tmp_path, enabled=enabled)
+    converter = r.service.converter
+    assert isinstance(converter, ImagePipeline)
+    original = converter.qemu.convert
+    volumes_while_converted: list[list[str]] = []
+
+    def spying(*args: object, **kw: object) -> None:
+        original(*args, **kw)  # type: ignore[arg-type]
+        volumes_while_converted.append([v.id for v in storage.list_volumes()])
+
+    converter.qemu.convert = spying  # type: ignore[method-assign]
+
+    with pytest.raises(ChecksumMismatch) as raised:
+        r.service.create_volume(CTX, image.id, 1)
+
+    assert f"image {image.id}" in one_line(raised.value)
+    [made] = volumes_while_converted  # converted, into a volume that then went
+    assert len(made) == 1
+    r.assert_nothing_left()
+    assert not [t for t in threading.enumerate() if t.name == "ivcache-image-read"]
+
+
+def test_a_local_qcow2_that_qemu_img_refuses_stops_the_read_beside_it(
+        images: dict[str, Made], tmp_path: Path) -> None:
+    # qemu-img fails while the thread still reads: its error is the one told, and the
+    # thread is stopped before the image file is closed.
+    kit = KITS["file"]
+    storage = kit.make(tmp_path / "storage", 0)
+    source = LocalImageSource(tmp_path / "images")
+    image = add_local(source, images["qcow2"])
+    r = rig(kit, storage, source, tmp_path)
+    converter = r.service.converter
+    assert isinstance(converter, ImagePipeline)
+
+    def failing(*args: object, **kw: object) -> None:
+        raise ConversionFailed("qemu-img could not convert it")
+
+    converter.qemu.convert = failing  # type: ignore[method-assign]
+
+    with pytest.raises(ConversionFailed, match="could not convert"):
+        r.service.create_volume(CTX, image.id, 1)
+
+    r.assert_nothing_left()
+    assert not [t for t in threading.enumerate() if t.name == "ivcache-image-read"]
 
 
 # ------------------------------------------------------------------ scratch files after a crash
