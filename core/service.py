@@ -275,6 +275,8 @@ class CacheService(OperatorCommands):
         ``size_gb`` is the size the caller asked for, if any (checked against the disk's
         virtual size as soon as the image's header tells it)."""
         for _ in range(2):
+            # Without a size asked (warm), nothing else stops a disk no volume can hold.
+            _no_larger_than_any_volume(image, image.min_size_gb)
             claim = self._claim(image)
             if claim is None:
                 return None
@@ -454,6 +456,8 @@ class CacheService(OperatorCommands):
             raise InvalidSize(
                 f"size {asked_gb} GiB is too small for image {image.id}: its "
                 f"{disk.disk_format} disk is {needed} GiB ({disk.virtual_size} bytes)")
+        _no_larger_than_any_volume(image, needed, f"its {disk.disk_format} disk is "
+                                                  f"{disk.virtual_size} bytes")
         if needed > reserved_gb:
             raise _Larger(disk.virtual_size)
 
@@ -476,6 +480,13 @@ class CacheService(OperatorCommands):
             self.notifier.publish(CacheMiss(image.id, self.host, served.outcome.value,
                                             served.filled_from or IMAGE_SOURCE,
                                             served.entry_id, scope=scope))
+
+
+def _no_larger_than_any_volume(image: Image, needed_gb: int, why: str = "") -> None:
+    if needed_gb > MAX_VOLUME_GB:
+        why = why or f"it needs {needed_gb} GiB"
+        raise InvalidSize(f"image {image.id}: {why}, larger than any volume can be (at most "
+                          f"{MAX_VOLUME_GB} GiB): it cannot be cached or copied into a volume")
 
 
 class _Verified:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import uuid
@@ -127,6 +128,26 @@ def test_a_qcow2_larger_than_the_size_asked_is_refused_and_nothing_is_made(
     run = cli.fails("volume", "create", "--image", image["id"], "--size", "1")
 
     assert "size 1 GiB is too small" in run.err and "3 GiB" in run.err
+    assert_nothing_left(cli)
+
+
+@pytest.mark.parametrize("virtual", [2**63, 2**64 - 1])
+def test_a_qcow2_whose_header_declares_a_huge_disk_is_one_line_and_nothing_is_made(
+        cli: Cli, tmp_path: Path, virtual: int) -> None:
+    # qemu-img refuses to make such a disk: its header's size field (bytes 24..32) is set.
+    huge = tmp_path / "huge.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(huge), str(64 * MIB))
+    with open(huge, "r+b") as f:
+        f.seek(24)
+        f.write(struct.pack(">Q", virtual))
+    image = cli.ok("image", "add", str(huge), "--json").json()
+    assert image["virtual_size"] == virtual
+
+    create = cli.fails("volume", "create", "--image", image["id"], "--size", "1")
+    warm = cli.fails("cache", "warm", "--admin", image["id"])  # no size asked: only the disk's
+
+    assert "size 1 GiB is too small" in create.err
+    assert "larger than any volume can be" in warm.err
     assert_nothing_left(cli)
 
 

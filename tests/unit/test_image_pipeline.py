@@ -131,3 +131,26 @@ def test_reconcile_reports_the_converters_leftover_scratch_files_and_fix_removes
     fixed = service.reconcile(fix=True)
     assert [(f.kind, f.fixed) for f in fixed] == [("scratch-file", True)]
     assert converter.leftover == [] and service.reconcile() == []
+
+
+@pytest.mark.parametrize("told_by", ["metadata", "header"])
+@pytest.mark.parametrize("virtual", [2**63, 2**64 - 1])
+def test_warming_a_disk_larger_than_any_volume_is_invalid_size_and_leaves_nothing(
+        world: World, told_by: str, virtual: int) -> None:
+    # No size is asked for a warm: the disk's virtual size alone must stop it, whether the
+    # source's metadata or the image's header tells it (never an OverflowError from the
+    # storage's ftruncate).
+    image = world.image("img")
+    converter = FakeConverter()
+    if told_by == "metadata":
+        world.images.images["img"] = attrs.evolve(image, virtual_size=virtual)
+    else:
+        world.images.images["img"] = attrs.evolve(image, virtual_size=None)
+        converter.virtual_sizes["img"] = virtual
+    service = world.service(converter=converter)
+
+    with pytest.raises(InvalidSize, match="larger than any volume can be"):
+        service.warm("img")
+
+    assert converter.opened == ([] if told_by == "metadata" else ["img"])
+    assert nothing_left(world)
