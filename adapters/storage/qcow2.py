@@ -6,6 +6,8 @@
                     size, backing file); replaced atomically, under the lock
     .lock           flock'ed around every change, so processes sharing root agree
     .tmp-<owner>-*  the index being replaced: removed if its maker died
+    .reserve        room kept for the index (1 MiB, or twice the index): a delete on a
+                    full filesystem frees it to save the index, then takes it back
     files/<id>.<token>.raw     a volume made by create_volume: a raw sparse file
     files/<id>.<token>.qcow2   a clone: a qcow2 overlay naming its backing file by absolute
                                path and format (``-b ABS -F FMT``)
@@ -24,6 +26,7 @@ a hidden file of the same id still backs others.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import secrets
@@ -58,7 +61,7 @@ from ivcache.adapters.storage._files import (
 )
 from ivcache.adapters.storage._sparse import pwrite_all, write_chunks, write_file
 from ivcache.adapters.storage.file import FileStorage, copy_data
-from ivcache.core.errors import StorageError, VolumeNotFound
+from ivcache.core.errors import NoSpace, StorageError, VolumeNotFound
 from ivcache.core.model import GIB, Volume
 from ivcache.core.ports import StorageBackend
 
@@ -70,6 +73,8 @@ _SECTOR = 512
 # qemu-img dd reads whole blocks: a MiB keeps the subprocess count low for test reads.
 _READ_BLOCK = 1024**2
 _INSTALL_HINT = "install qemu-utils (apt-get install -y qemu-utils)"
+_RESERVE = ".reserve"
+_RESERVE_MIN = 1 << 20
 
 
 @attrs.frozen
@@ -170,7 +175,7 @@ class Qcow2Storage:
             self.files_dir.mkdir(parents=True, exist_ok=True)
         self._lock = FileLock(self.root / ".lock")
         with self._changing():
-            pass
+            self._keep_reserve()
 
     def create_volume(self, volume_id: str, size_gb: int, owner: str) -> Volume:
         check_sized(volume_id, size_gb)
@@ -330,13 +335,15 @@ class Qcow2Storage:
             del state.volumes[volume_id]
             gone = state.collect()
             # The index first: from then on the volume is gone even if a crash leaves its
-            # file behind (the next start removes files that the index does not name).
-            self._save(state)
+            # file behind (the next start removes files that the index does not name). On a
+            # full filesystem the reserve makes the room for it: a delete never jams.
+            self._save(state, freeing=True)
             for name in gone:
                 (self.files_dir / name).unlink(missing_ok=True)
                 self._drop_templates(name)
             with no_space_errors(f"deleting volume {volume_id}"):
                 fsync_dir(self.files_dir)
+            self._keep_reserve()
 
     def get_volume(self, volume_id: str) -> Volume:
         check_volume_id(volume_id)
@@ -513,9 +520,58 @@ class Qcow2Storage:
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise StorageError(f"index {path} is corrupt: {exc}") from exc
 
-    def _save(self, state: _State) -> None:
-        atomic_write(self.root / "index.json",
-                     json.dumps(state.to_json(), sort_keys=True, indent=1).encode())
+    def _save(self, state: _State, *, freeing: bool = False) -> None:
+        """Write the index. ``freeing``: for a change that frees room (a delete), which may
+        spend the reserve when the filesystem is full; the others must not, or a full
+        filesystem would leave no room for the delete that frees it."""
+        data = json.dumps(state.to_json(), sort_keys=True, indent=1).encode()
+        path = self.root / "index.json"
+        try:
+            atomic_write(path, data)
+        except NoSpace:
+            reserve = self.root / _RESERVE
+            if not freeing or not reserve.exists():
+                raise
+            reserve.unlink()
+            atomic_write(path, data)
+        self._keep_reserve(len(data))
+
+    def _keep_reserve(self, index_size: int | None = None) -> None:
+        """Keep ``.reserve`` at least twice the index (1 MiB at least), where there is room;
+        lock held. Its blocks are allocated, so freeing it frees that much."""
+        reserve = self.root / _RESERVE
+        if index_size is None:
+            try:
+                index_size = (self.root / "index.json").stat().st_size
+            except FileNotFoundError:
+                index_size = 0
+        size = max(_RESERVE_MIN, 2 * index_size)
+        try:
+            if reserve.stat().st_size >= size:
+                return
+        except FileNotFoundError:
+            pass
+        staged, fd = open_temp(self.root, _RESERVE)
+        try:
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                for offset in range(0, size, _RESERVE_MIN):  # no fallocate: write zeros
+                    pwrite_all(fd, memoryview(bytes(min(_RESERVE_MIN, size - offset))),
+                               offset)
+            os.fsync(fd)
+            os.close(fd)
+            fd = -1
+            os.replace(staged, reserve)
+        except OSError:
+            # No room for it now: the next delete, or the next start, makes it again.
+            pass
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            staged.unlink(missing_ok=True)
 
     def _require(self, state: _State, volume_id: str) -> _Vol:
         volume = state.volumes.get(volume_id)

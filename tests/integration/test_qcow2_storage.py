@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -13,9 +14,11 @@ from typing import Any
 
 import pytest
 
+from ivcache.adapters.memory import InMemoryImageSource, InMemoryUnitOfWork, RecordingNotifier
 from ivcache.adapters.storage import Qcow2Storage
 from ivcache.core.errors import NoSpace, StorageError, VolumeNotFound
 from ivcache.core.model import GIB
+from ivcache.core.service import CacheService
 
 pytestmark = pytest.mark.qcow2
 
@@ -329,3 +332,59 @@ def test_a_full_filesystem_while_writing_an_overlay_raises_no_space_and_leaves_n
     assert not [n for n in os.listdir(storage.files_dir) if n.startswith(".tmp-")]
     assert storage.read("user", 0, 4) == b"\x01" * 4
     check_clean(storage)
+
+
+def _fill_up(directory: Path) -> Path:
+    """Write a file in ``directory`` until its filesystem has no room left at all."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        with contextlib.suppress(OSError):
+            while True:
+                os.write(fd, b"\xff" * 4096)
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError):  # not even one more block
+        (directory / "probe").write_bytes(b"\xff" * 4096)
+    return filler
+
+
+def test_deleting_on_a_full_filesystem_works_and_frees_the_volumes_room(
+        small_fs: Path) -> None:
+    storage = Qcow2Storage(small_fs / "vols")
+    storage.create_volume("base", 1, "internal")
+    storage.write_image("base", [b"\x01" * MIB] * 2)
+    storage.clone_volume("base", "user", 1, "alice")  # base backs it: deleting base hides it
+    storage.create_volume("empty", 1, "alice")  # sparse: deleting it frees no data block
+    storage.create_volume("data", 1, "alice")
+    storage.write_image("data", [b"\x03" * MIB] * 2)
+    _fill_up(small_fs)
+
+    for volume_id in ("empty", "base", "data", "user"):
+        storage.delete_volume(volume_id)
+        assert volume_id not in {v.id for v in storage.list_volumes()}
+
+    assert storage.list_volumes() == []
+    assert data_files(storage) == []
+    # The room is back: a new volume can be made and written.
+    (small_fs / "filler").unlink()
+    storage.create_volume("again", 1, "alice")
+    storage.write_image("again", [b"\x04" * MIB])
+    assert storage.read("again", 0, 4) == b"\x04" * 4
+
+
+def test_reconcile_fixes_an_orphan_on_a_full_filesystem(small_fs: Path) -> None:
+    storage = Qcow2Storage(small_fs / "vols")
+    service = CacheService(host="node-1", storage=storage, images=InMemoryImageSource(),
+                           uow=InMemoryUnitOfWork(), notifier=RecordingNotifier())
+    # A cache volume no entry owns: what a crash between an eviction and its delete leaves.
+    storage.create_volume("orphan", 1, service.tenant.project_id)
+    storage.write_image("orphan", [b"\x05" * MIB])
+    _fill_up(small_fs)
+
+    found = service.reconcile(fix=True)
+
+    assert [(f.kind, f.volume_id, f.fixed) for f in found] == [("orphan-volume", "orphan",
+                                                                True)]
+    assert storage.list_volumes() == []
+    assert service.reconcile(fix=True) == []
