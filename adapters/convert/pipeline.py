@@ -287,8 +287,9 @@ class _Disk:
             # from there (measured: O_DIRECT made that ext4 copy 20 times slower).
             qemu.convert(self._what, verdict.qemu_format, source, str(path), pass_fds=fds,
                          full=volume_full)
-            verified()
+            # The fsync first: it runs while the reader still hashes.
             _fsync(path, volume_full)
+            verified()
             return
         if isinstance(storage, QemuTarget):
             # qemu-img's rbd driver writes the RBD image itself, skipping zeros: about twice
@@ -303,8 +304,8 @@ class _Disk:
         raw = self._scratch_file(".raw", size=verdict.virtual_size or 0)
         qemu.convert(self._what, verdict.qemu_format, source, str(raw), pass_fds=fds,
                      full=self._scratch_full)
-        verified()
         storage.write_image(volume_id, _read_chunks(str(raw)))
+        verified()
 
     def _whole_source(self) -> tuple[str, tuple[int, ...]]:
         """Read the whole data through the inspectors (its hash is checked at the end), and
