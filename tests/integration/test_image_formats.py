@@ -424,11 +424,11 @@ def _flip_last_data_byte(qcow2: Path) -> None:
 
 @pytest.mark.parametrize("enabled", [True, False], ids=["cached", "uncached"])
 def test_a_local_qcow2_whose_hash_fails_while_qemu_img_converts_it_leaves_nothing(
-        images: dict[str, Made], tmp_path: Path, enabled: bool) -> None:
+        kit: Kit, storage: StorageBackend, images: dict[str, Made], tmp_path: Path,
+        enabled: bool) -> None:
     # The head passes its checks, so qemu-img converts the file while the rest of it is
-    # hashed (in a thread): the mismatch is found after qemu-img wrote into the volume.
-    kit = KITS["file"]
-    storage = kit.make(tmp_path / "storage", 0)
+    # hashed (in a thread): the mismatch is found after qemu-img wrote into the volume (or
+    # into the scratch file streamed into it, for a backend without a raw file).
     source = LocalImageSource(tmp_path / "images")
     image = add_local(source, images["qcow2"])
     _flip_last_data_byte(source.images_path / "data" / image.id)
