@@ -551,7 +551,10 @@ class Qcow2Storage:
                 return
         except FileNotFoundError:
             pass
-        staged, fd = open_temp(self.root, _RESERVE)
+        try:
+            staged, fd = open_temp(self.root, _RESERVE)
+        except NoSpace:
+            return  # not even an inode: the next delete, or the next start, tries again
         try:
             try:
                 os.posix_fallocate(fd, 0, size)
