@@ -211,3 +211,28 @@ def test_an_event_kept_by_a_process_that_died_is_sent_by_the_next(
     sent: list[OutboxMessage] = []
     later.deliver(sent.append)
     assert _kinds(sent) == ["miss"] and later.pending() == 0
+
+
+def test_concurrent_hits_keep_the_ledger_and_the_outbox_exact(world: World) -> None:
+    assert world.create() == "miss"
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def hits() -> None:
+        for _ in range(5):
+            outcome = world.create()
+            with lock:
+                outcomes.append(outcome)
+
+    threads = [threading.Thread(target=hits) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert outcomes == ["hit"] * 20
+    [entry] = world.service.list_entries()
+    stats = world.service.stats()
+    assert (entry.hits, stats.hits) == (20, 20)
+    assert entry.bytes_saved == stats.bytes_saved == 20 * world.image.size
+    assert entry.seconds_saved == pytest.approx(stats.seconds_saved)
+    assert _kinds(world.waiting()) == ["miss"] + ["hit"] * 20
