@@ -20,6 +20,7 @@ __all__ = [
     "FakeClock",
     "FakeConverter",
     "InMemoryImageSource",
+    "InMemoryOutbox",
     "InMemoryRepository",
     "InMemoryUnitOfWork",
     "RecordingNotifier",
@@ -98,9 +99,11 @@ class InMemoryRepository:
         if old is None:
             return
         # size_gb and the scope are fixed at add (move changes the scope): the totals never
-        # move on a save.
+        # move on a save; the counters are end_lease's.
         self._entries[entry.id] = attrs.evolve(entry, size_gb=old.size_gb, cluster=old.cluster,
-                                               backend=old.backend, pool=old.pool)
+                                               backend=old.backend, pool=old.pool,
+                                               hits=old.hits, bytes_saved=old.bytes_saved,
+                                               seconds_saved=old.seconds_saved)
 
     def move(self, entry: CacheEntry, to: Scope) -> bool:
         old = self._entries.get(entry.id)
@@ -116,12 +119,17 @@ class InMemoryRepository:
         return True
 
     def end_lease(self, entry_id: str, scope: str, lease: dt.datetime, *,
-                  hit: bool = False) -> None:
+                  hit: bool = False, bytes_saved: int = 0, seconds_saved: float = 0.0) -> None:
         entry = self._entries.get(entry_id)
         if hit:
-            self.count_stats(scope, hits=1)
+            t = self.totals(scope)
+            self._totals[scope] = attrs.evolve(
+                t, hits=t.hits + 1, bytes_saved=t.bytes_saved + bytes_saved,
+                seconds_saved=t.seconds_saved + seconds_saved)
             if entry is not None:
                 entry.hits += 1
+                entry.bytes_saved += bytes_saved
+                entry.seconds_saved += seconds_saved
         if entry is not None and entry.lease_until == lease:
             entry.lease_until = None
 
@@ -139,6 +147,16 @@ class InMemoryRepository:
                 yield e
 
 
+class InMemoryOutbox:
+    """The events committed by an ``InMemoryUnitOfWork``'s transactions, in order."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    def add(self, event: Event) -> None:
+        self.events.append(event)
+
+
 class InMemoryUnitOfWork:
     """Snapshot on enter, restore on exit what was not committed; a lock stands in for the
     database's.
@@ -149,10 +167,11 @@ class InMemoryUnitOfWork:
 
     def __init__(self, repo: InMemoryRepository | None = None) -> None:
         self.entries = repo if repo is not None else InMemoryRepository()
+        self.outbox = InMemoryOutbox()
         self.committed = False
         self._lock = threading.Lock()
         self._holder: int | None = None
-        self._snapshot: tuple[dict[str, CacheEntry], dict[str, ScopeTotals]] | None = None
+        self._snapshot: tuple[dict[str, CacheEntry], dict[str, ScopeTotals], int] | None = None
 
     def __enter__(self) -> InMemoryUnitOfWork:
         if self._holder == threading.get_ident():
@@ -170,6 +189,7 @@ class InMemoryUnitOfWork:
             if self._snapshot is not None:
                 self.entries._entries = {k: copy.copy(v) for k, v in self._snapshot[0].items()}
                 self.entries._totals = dict(self._snapshot[1])
+                del self.outbox.events[self._snapshot[2]:]
         finally:
             self._snapshot = None
             self._holder = None
@@ -180,9 +200,9 @@ class InMemoryUnitOfWork:
         if self._snapshot is not None:
             self._snapshot = self._copy()
 
-    def _copy(self) -> tuple[dict[str, CacheEntry], dict[str, ScopeTotals]]:
+    def _copy(self) -> tuple[dict[str, CacheEntry], dict[str, ScopeTotals], int]:
         return ({k: copy.copy(v) for k, v in self.entries._entries.items()},
-                dict(self.entries._totals))
+                dict(self.entries._totals), len(self.outbox.events))
 
 
 class InMemoryImageSource:

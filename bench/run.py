@@ -663,15 +663,20 @@ def trace_lru(work: Path) -> Figures:
 
 
 def _hit_service(work: Path, notifier: Notifier, name: str,
-                 storage: StorageBackend) -> CacheService:
-    """A service on ``storage`` and SQLite with one 1 GiB image "hot" of 4 KiB of data."""
+                 storage: StorageBackend, bus: Any = None) -> CacheService:
+    """A service on ``storage`` and SQLite with one 1 GiB image "hot" of 4 KiB of data;
+    with ``bus`` (the notifier, a MessagingNotifier), as wired: each event is written to
+    the outbox in the transaction of its change, and the bus delivers from there."""
     engine = make_engine(f"sqlite:///{work / f'{name}.db'}")
     upgrade(engine)
     images = InMemoryImageSource()
     images.add(Image(id="hot", name="hot", virtual_size=GIB,
                      updated_at=dt.datetime.now(dt.UTC)), b"x" * 4096)
+    kept = SqlOutbox(engine) if bus is not None else None
+    if bus is not None:
+        bus.attach_outbox(kept, in_transactions=True)
     return CacheService(host="bench", storage=storage, images=images,
-                        uow=SqlUnitOfWork(engine), notifier=notifier)
+                        uow=SqlUnitOfWork(engine, outbox=kept), notifier=notifier)
 
 
 def _hit_ratio_with(bus: Any, on: CacheService, off: CacheService) -> tuple[float, float, float]:
@@ -729,9 +734,8 @@ def bus_notifier(work: Path) -> Figures:
                            ("fakes", lambda d: FakeLvmStorage(10**7))):
             bus = MessagingNotifier.connect(transport_url=server.url, host="bench",
                                             topics=["bench"], drain_seconds=120)
-            on = _hit_service(work, bus, f"on-{kind}", make(f"on-{kind}"))
+            on = _hit_service(work, bus, f"on-{kind}", make(f"on-{kind}"), bus=bus)
             off = _hit_service(work, NullNotifier(), f"off-{kind}", make(f"off-{kind}"))
-            bus.attach_outbox(SqlOutbox(make_engine(f"sqlite:///{work / f'on-{kind}.db'}")))
             ratio, on_s, off_s = _hit_ratio_with(bus, on, off)
             bus.close()
             received += 1 + (200 if not QUICK else 60)
@@ -742,8 +746,7 @@ def bus_notifier(work: Path) -> Figures:
         before = len(listener.wait_for(received, timeout=60))
         bus = MessagingNotifier.connect(transport_url=server.url, host="bench",
                                         topics=["bench"], drain_seconds=120)
-        service = _hit_service(work, bus, "outage", FakeLvmStorage(10**7))
-        bus.attach_outbox(SqlOutbox(make_engine(f"sqlite:///{work / 'outage.db'}")))
+        service = _hit_service(work, bus, "outage", FakeLvmStorage(10**7), bus=bus)
         outage = 5.0 if QUICK else 20.0
         for n in range(50):
             if n == 10:

@@ -88,6 +88,11 @@ class Neighbour:
         return cls(scope, lambda: storage)
 
 
+def _evicted(entry: CacheEntry, reason: EvictReason) -> CacheEvict:
+    return CacheEvict(entry.image_id, entry.host, reason, entry.id, entry.size_gb,
+                      scope=entry.scope_key)
+
+
 class SystemClock:
     def now(self) -> dt.datetime:
         return dt.datetime.now(dt.UTC)
@@ -240,26 +245,27 @@ class ServiceBase:
                 now = self.clock.now()
                 current = [repo.get(e.id) for e in group]
                 gone += self._remove(repo, scope, [
-                    c for c in current if c is not None and may_go(c, now)])
+                    c for c in current if c is not None and may_go(c, now)], reason)
         self._drop_volumes(gone, reason)
         return gone
 
-    @staticmethod
-    def _remove(repo: CacheRepository, scope: str,
-                entries: list[CacheEntry]) -> list[CacheEntry]:
-        """Remove entries of ``scope`` inside the caller's locked transaction and count
-        them as evictions; their volumes are the caller's to drop after the commit."""
+    def _remove(self, repo: CacheRepository, scope: str, entries: list[CacheEntry],
+                reason: EvictReason) -> list[CacheEntry]:
+        """Remove entries of ``scope`` inside the caller's locked transaction, count them
+        as evictions and keep their evict events in it (the outbox: committed with the
+        removal or not at all); their volumes are the caller's to drop after the commit,
+        with ``_drop_volumes``, which publishes the same events."""
         gone = [e for e in entries if repo.remove(e)]
         if gone:
             repo.count_stats(scope, evictions=len(gone))
+            for entry in gone:
+                self.uow.outbox.add(_evicted(entry, reason))
         return gone
 
     def _drop_volumes(self, entries: list[CacheEntry], reason: EvictReason) -> None:
         for entry in entries:
             self._delete_quietly(entry.volume_id)
-            self.notifier.publish(
-                CacheEvict(entry.image_id, entry.host, reason, entry.id, entry.size_gb,
-                           scope=entry.scope_key))
+            self.notifier.publish(_evicted(entry, reason))
 
     def _delete_quietly(self, volume_id: str) -> None:
         with contextlib.suppress(VolumeNotFound):

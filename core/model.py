@@ -247,6 +247,9 @@ class CacheEntry:
     A CREATING entry is a claim: it reserves its size and count while its owner
     downloads, and ``claim_expires`` says when another worker may take it over.
     ``lease_until`` keeps eviction off an entry that a clone is reading from.
+    The savings ledger: ``fill_seconds`` is how long filling its volume took (measured; None
+    until READY, and for entries older than the ledger); each hit adds the image's bytes to
+    ``bytes_saved`` and ``fill_seconds`` minus its own clone's time to ``seconds_saved``.
     """
 
     id: str
@@ -266,6 +269,9 @@ class CacheEntry:
     cluster: str | None = None
     backend: str = DEFAULT_BACKEND
     pool: str = DEFAULT_BACKEND
+    fill_seconds: float | None = None
+    bytes_saved: int = 0
+    seconds_saved: float = 0.0
 
     @property
     def scope(self) -> Scope:
@@ -305,6 +311,8 @@ class ScopeTotals:
 
     ``downloads`` counts the images fetched from the image source; ``neighbour_fills`` the
     cache volumes filled instead from another scope's entry on storage the backend can copy.
+    ``bytes_saved`` and ``seconds_saved`` are the savings ledger, the sum over the scope's
+    hits of what each entry's ``CacheEntry`` ledger adds (kept when entries are evicted).
     """
 
     scope: str
@@ -316,6 +324,15 @@ class ScopeTotals:
     downloads: int = 0
     bytes_downloaded: int = 0
     neighbour_fills: int = 0
+    bytes_saved: int = 0
+    seconds_saved: float = 0.0
+
+    @property
+    def hit_ratio(self) -> float:
+        """Hits over the requests that went through the cache (hits and misses); 0 with
+        none (a disabled cache's requests count in neither)."""
+        served = self.hits + self.misses
+        return self.hits / served if served else 0.0
 
 
 @attrs.frozen
@@ -328,3 +345,5 @@ class CreateResult:
     entry_id: str | None = None
     seconds: float = 0.0
     filled_from: str | None = None
+    #: how long the clone of the cache volume took (hit or miss); None when none was made
+    clone_seconds: float | None = None

@@ -117,7 +117,7 @@ class OperatorCommands(ServiceBase):
             victims = self.policy.victims(totals, eviction_candidates(repo, key, now))
             if victims is None:
                 victims = list(eviction_candidates(repo, key, now))
-            gone = self._remove(repo, key, victims)
+            gone = self._remove(repo, key, victims, EvictReason.LRU)
         self._drop_volumes(gone, EvictReason.LRU)
         return gone
 
@@ -155,7 +155,7 @@ class OperatorCommands(ServiceBase):
                         duplicates.append(current)
                     else:
                         left.append(current)
-                merged += self._remove(repo, old, duplicates)
+                merged += self._remove(repo, old, duplicates, EvictReason.MERGED)
         self._drop_volumes(merged, EvictReason.MERGED)
         if adopted:
             self.prune()

@@ -15,6 +15,7 @@ __all__ = [
     "CacheRepository",
     "Clock",
     "DiskImage",
+    "EventOutbox",
     "FileChunks",
     "ImageConverter",
     "ImageData",
@@ -214,9 +215,10 @@ class CacheRepository(Protocol):
         ...
 
     def save(self, entry: CacheEntry) -> None:
-        """Write back state, last_used, hits, pinned, leases and image fields; a no-op if
-        the entry is gone. ``size_gb`` and the scope are fixed when the entry is added
-        (``move`` changes the scope) and never saved."""
+        """Write back state, last_used, pinned, leases, fill_seconds and image fields; a
+        no-op if the entry is gone. The counters (``hits``, ``bytes_saved``,
+        ``seconds_saved``) are ``end_lease``'s. ``size_gb`` and the scope are fixed when
+        the entry is added (``move`` changes the scope) and never saved."""
         ...
 
     def move(self, entry: CacheEntry, to: Scope) -> bool:
@@ -226,9 +228,12 @@ class CacheRepository(Protocol):
         ...
 
     def end_lease(self, entry_id: str, scope: str, lease: dt.datetime, *,
-                  hit: bool = False) -> None:
+                  hit: bool = False, bytes_saved: int = 0, seconds_saved: float = 0.0) -> None:
         """Clear the entry's lease if it is still ``lease``; with ``hit``, also count one
-        more hit for the entry (if it still exists) and for ``scope``'s totals.
+        more hit, and the hit's ``bytes_saved`` and ``seconds_saved`` (the savings ledger),
+        for the entry (if it still exists) and for ``scope``'s totals. Only this moves an
+        entry's counters (``hits`` and the ledger): ``save`` leaves them alone, so hits that
+        end while another transaction saves the entry are never lost.
 
         Atomic updates, no read and no scope lock: the end of every clone pays only these.
         The totals row is written first, the order in which every transaction takes its
@@ -249,12 +254,26 @@ class CacheRepository(Protocol):
         ...
 
 
+class EventOutbox(Protocol):
+    """The events of a unit of work's transaction, kept with the change they announce:
+    committed with it, gone with it when it rolls back (DESIGN §11). Where they go then
+    (a table the bus sender reads, or nowhere when no notifier needs them kept) is the
+    adapter's; the service still publishes each event to its notifier after the commit."""
+
+    def add(self, event: Event) -> None: ...
+
+
 class UnitOfWork(Protocol):
     """A transaction per ``with`` block. Leaving the block rolls back whatever was not
     committed; entering it again on a thread already inside it is an error."""
 
     @property
     def entries(self) -> CacheRepository: ...
+
+    @property
+    def outbox(self) -> EventOutbox:
+        """This transaction's events (``add`` them inside the ``with`` block)."""
+        ...
 
     def __enter__(self) -> UnitOfWork: ...
 

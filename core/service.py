@@ -80,6 +80,7 @@ class _Served:
     outcome: Outcome
     entry_id: str | None = None
     filled_from: str | None = None
+    clone_seconds: float | None = None
 
 
 class CacheService(OperatorCommands):
@@ -114,7 +115,8 @@ class CacheService(OperatorCommands):
             span.set_attribute("outcome", served.outcome.value)
             self._announce(image, served)
         return CreateResult(served.volume, served.outcome, served.entry_id,
-                            time.perf_counter() - started, served.filled_from)
+                            time.perf_counter() - started, served.filled_from,
+                            served.clone_seconds)
 
     # ------------------------------------------------------------------ authorize, validate
 
@@ -168,9 +170,10 @@ class CacheService(OperatorCommands):
             entry, lease = self._lease_if_fresh(image)
             now = self.clock.now()
             if entry is not None and lease is not None:
-                volume = self._clone_leased(ctx, entry, lease, vol_id, size_gb, hit=True)
+                volume, cloned = self._clone_leased(ctx, entry, lease, vol_id, size_gb,
+                                                    hit=True, image_bytes=image.size)
                 if volume is not None:
-                    return _Served(volume, Outcome.HIT, entry.id)
+                    return _Served(volume, Outcome.HIT, entry.id, clone_seconds=cloned)
                 continue  # its volume was gone and the entry with it: a miss now
             if entry is not None and entry.ready:
                 # Stale: its bytes may differ from the image's.
@@ -198,16 +201,16 @@ class CacheService(OperatorCommands):
             if filled is None:
                 return self._served_uncached(ctx, image, vol_id, size_gb)
             assert filled.lease is not None
-            volume = self._clone_leased(ctx, filled.entry, filled.lease, vol_id, size_gb,
-                                        hit=False)
+            volume, cloned = self._clone_leased(ctx, filled.entry, filled.lease, vol_id,
+                                                size_gb, hit=False)
             if volume is None:
                 raise VolumeNotFound(filled.entry.volume_id)
-            return _Served(volume, Outcome.MISS, filled.entry.id, filled.filled_from)
+            return _Served(volume, Outcome.MISS, filled.entry.id, filled.filled_from, cloned)
 
     def _served_uncached(self, ctx: RequestContext, image: Image, vol_id: str,
                          size_gb: int) -> _Served:
-        return _Served(self._uncached(ctx, image, vol_id, size_gb), Outcome.MISS_UNCACHED,
-                       None, IMAGE_SOURCE)
+        return _Served(self._uncached(ctx, image, vol_id, size_gb, miss=True),
+                       Outcome.MISS_UNCACHED, None, IMAGE_SOURCE)
 
     # ------------------------------------------------------------------ hit
 
@@ -238,32 +241,49 @@ class CacheService(OperatorCommands):
         return entry.lease_until
 
     def _clone_leased(self, ctx: RequestContext, entry: CacheEntry, lease: dt.datetime,
-                      vol_id: str, size_gb: int, *, hit: bool) -> Volume | None:
-        """Clone the leased entry's volume for the caller; None if that volume is gone.
+                      vol_id: str, size_gb: int, *, hit: bool,
+                      image_bytes: int = 0) -> tuple[Volume | None, float]:
+        """Clone the leased entry's volume for the caller: the clone (None if that volume
+        is gone) and the seconds it took.
 
-        The lease is released, and for a ``hit`` the hit counted, only once the clone is
-        done: a clone that failed is no hit.
+        The lease is released, and for a ``hit`` the hit counted (with what it saved:
+        ``image_bytes`` not downloaded, the entry's fill time less this clone's), only once
+        the clone is done: a clone that failed is no hit.
         """
         volume: Volume | None = None
+        started = time.perf_counter()
         try:
             volume = self.storage.clone_volume(entry.volume_id, vol_id, size_gb,
                                                ctx.project_id)
         except VolumeNotFound:
             volume = None
         finally:
-            self._end_lease(entry, lease, hit=hit and volume is not None)
+            cloned = time.perf_counter() - started
+            self._end_lease(entry, lease, hit=hit and volume is not None,
+                            clone_seconds=cloned, image_bytes=image_bytes)
         if volume is None:
             # Only VolumeNotFound gets here (any other error propagates from the try):
             # the cache volume was deleted behind the cache's back: no clone can read it,
             # so the entry goes whatever other requests' leases say (waiting for them would
             # let them extend each other's leases for ever).
             self._evict([entry], EvictReason.MISSING_VOLUME, may_go=anything)
-        return volume
+        return volume, cloned
 
-    def _end_lease(self, entry: CacheEntry, lease: dt.datetime, *, hit: bool = False) -> None:
+    def _end_lease(self, entry: CacheEntry, lease: dt.datetime, *, hit: bool = False,
+                   clone_seconds: float = 0.0, image_bytes: int = 0) -> None:
+        """End the lease; for a ``hit``, count it, its savings and its event in the same
+        transaction (the hit path's second and last write)."""
         with self.uow as uow:
             # Only the holder of the latest lease clears it; no scope lock needed.
-            uow.entries.end_lease(entry.id, entry.scope_key, lease, hit=hit)
+            if hit:
+                # Measured, not guessed: an entry with no measured fill saves no seconds.
+                saved = (entry.fill_seconds - clone_seconds
+                         if entry.fill_seconds is not None else 0.0)
+                uow.entries.end_lease(entry.id, entry.scope_key, lease, hit=True,
+                                      bytes_saved=image_bytes, seconds_saved=saved)
+                uow.outbox.add(self._hit_event(entry.image_id, entry.id))
+            else:
+                uow.entries.end_lease(entry.id, entry.scope_key, lease)
             uow.commit()
 
     # ------------------------------------------------------------------ miss
@@ -307,7 +327,7 @@ class CacheService(OperatorCommands):
             if victims is None or not self.tenant.quota_allows(repo.all_totals(), size,
                                                                victims):
                 return None
-            self._remove(repo, scope.key, victims)
+            self._remove(repo, scope.key, victims, EvictReason.LRU)
             entry = CacheEntry(
                 id=new_id(), host=scope.host, image_id=image.id, volume_id=new_id(),
                 size_gb=size, image_updated_at=image.updated_at,
@@ -327,7 +347,10 @@ class CacheService(OperatorCommands):
         The image's head is read (and its format checked) before the volume is made. None
         when the backend has no room: the claim is released and the caller is served
         without caching. Any other failure releases the claim and propagates.
+        With ``lease`` (a request's miss), the miss is counted and its event kept in the
+        transaction that makes the entry READY; ``fill_seconds`` is measured from here.
         """
+        started = time.perf_counter()
         created = False
         nbytes, seconds = 0, 0.0
         try:
@@ -347,6 +370,7 @@ class CacheService(OperatorCommands):
         except BaseException:
             self._abandon(entry, created)
             raise
+        filled = time.perf_counter() - started
         # Lock first, then read: a takeover between a read and the lock would go unseen.
         with self._locked() as (repo, _):
             current = repo.get(entry.id)
@@ -354,12 +378,18 @@ class CacheService(OperatorCommands):
                 current.state = EntryState.READY
                 current.claim_expires = None
                 current.last_used = self.clock.now()
+                current.fill_seconds = filled
                 taken = self._take_lease(current) if lease else None
                 repo.save(current)
+                misses = 1 if lease else 0
                 if neighbour is None:
-                    repo.count_stats(self.scope.key, downloads=1, bytes_downloaded=nbytes)
+                    repo.count_stats(self.scope.key, downloads=1, bytes_downloaded=nbytes,
+                                     misses=misses)
                 else:
-                    repo.count_stats(self.scope.key, neighbour_fills=1)
+                    repo.count_stats(self.scope.key, neighbour_fills=1, misses=misses)
+                if lease:
+                    self.uow.outbox.add(self._miss_event(
+                        image.id, Outcome.MISS, neighbour or IMAGE_SOURCE, current.id))
         if current is None:
             # Taken over (its lease ran out) while we downloaded: ours is an orphan.
             self._delete_quietly(entry.volume_id)
@@ -415,8 +445,9 @@ class CacheService(OperatorCommands):
     # ------------------------------------------------------------------ uncached
 
     def _uncached(self, ctx: RequestContext, image: Image, vol_id: str,
-                  size_gb: int) -> Volume:
-        """Download straight into the caller's new volume (cache disabled, or no room)."""
+                  size_gb: int, *, miss: bool = False) -> Volume:
+        """Download straight into the caller's new volume (cache disabled, or no room);
+        with ``miss``, count the miss and keep its event in the download's transaction."""
         with self._open(ctx, image) as disk:
             self._check_fits(image, disk, asked_gb=size_gb, reserved_gb=size_gb)
             volume = self.storage.create_volume(vol_id, size_gb, ctx.project_id)
@@ -426,7 +457,11 @@ class CacheService(OperatorCommands):
                 self._delete_quietly(vol_id)
                 raise
         with self.uow as uow:
-            uow.entries.count_stats(self.scope.key, downloads=1, bytes_downloaded=nbytes)
+            uow.entries.count_stats(self.scope.key, downloads=1, bytes_downloaded=nbytes,
+                                    misses=1 if miss else 0)
+            if miss:
+                uow.outbox.add(self._miss_event(image.id, Outcome.MISS_UNCACHED,
+                                                IMAGE_SOURCE, None))
             uow.commit()
         self.notifier.publish(ImageDownloaded(image.id, self.host, nbytes, seconds,
                                               scope=self.scope.key))
@@ -468,18 +503,25 @@ class CacheService(OperatorCommands):
 
     # ------------------------------------------------------------------ announce
 
+    # The hit or miss was counted, and its event kept in the outbox, in the transaction of
+    # the change it announces (the hit's lease end, the miss's READY or download); here,
+    # after the request, the same event goes to the notifiers.
+
     def _announce(self, image: Image, served: _Served) -> None:
-        scope = self.scope.key
         if served.outcome is Outcome.HIT:
-            self.notifier.publish(CacheHit(image.id, self.host, served.entry_id or "",
-                                           scope=scope))
+            self.notifier.publish(self._hit_event(image.id, served.entry_id or ""))
         elif served.outcome in (Outcome.MISS, Outcome.MISS_UNCACHED):
-            with self.uow as uow:
-                uow.entries.count_stats(scope, misses=1)
-                uow.commit()
-            self.notifier.publish(CacheMiss(image.id, self.host, served.outcome.value,
-                                            served.filled_from or IMAGE_SOURCE,
-                                            served.entry_id, scope=scope))
+            self.notifier.publish(self._miss_event(image.id, served.outcome,
+                                                   served.filled_from or IMAGE_SOURCE,
+                                                   served.entry_id))
+
+    def _hit_event(self, image_id: str, entry_id: str) -> CacheHit:
+        return CacheHit(image_id, self.host, entry_id, scope=self.scope.key)
+
+    def _miss_event(self, image_id: str, outcome: Outcome, filled_from: str,
+                    entry_id: str | None) -> CacheMiss:
+        return CacheMiss(image_id, self.host, outcome.value, filled_from, entry_id,
+                         scope=self.scope.key)
 
 
 def _no_larger_than_any_volume(image: Image, needed_gb: int, why: str = "") -> None:

@@ -328,11 +328,16 @@ def wire(config: Config, *, backend: str | None = None, progress: Progress | Non
         metered = MeteredStorage(storage, tracer, config.host)
     neighbours = [Neighbour(config.scope(other), _storage_when_needed(other, config.host))
                   for other in config.backends if other is not chosen]
+    outbox = SqlOutbox(engine)
+    bus = next((n for n in getattr(notifier, "notifiers", (notifier,))
+                if hasattr(n, "attach_outbox")), None)
     service = CacheService(
         scope=config.scope(chosen),
         storage=metered,
         images=ProgressImages(images, progress) if progress else images,
-        uow=SqlUnitOfWork(engine),
+        # With the bus, each hit, miss and evict is written to the outbox in the
+        # transaction of its change (DESIGN §11); without, nothing reads an outbox.
+        uow=SqlUnitOfWork(engine, outbox=outbox if bus is not None else None),
         notifier=notifier,
         policy=chosen.policy,
         tenant=config.tenant,
@@ -341,15 +346,13 @@ def wire(config: Config, *, backend: str | None = None, progress: Progress | Non
         converter=build_converter(config),
         neighbours=neighbours,
     )
+    if bus is not None:
+        # Before anything can announce (adopt may evict).
+        bus.attach_outbox(outbox, in_transactions=True)
     if adopt:
         service.adopt()
     if isinstance(tracer, OtelNotifier):
         # The gauges read this scope's totals when the metrics are collected.
         tracer.totals = lambda: [service.stats()]
-    outbox = SqlOutbox(engine)
-    bus = next((n for n in getattr(notifier, "notifiers", (notifier,))
-                if hasattr(n, "attach_outbox")), None)
-    if bus is not None:
-        bus.attach_outbox(outbox)
     return Wiring(config, service, images, storage, chosen, build_identity(config),
                   outbox, bus)

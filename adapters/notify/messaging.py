@@ -9,12 +9,15 @@ definitions, any oslo.messaging notification listener) sees, as Cinder sends it:
 - payload ``image_id`` and ``host`` as Cinder's, plus ivcache's ``entry_id``, ``outcome``
   (``miss`` or ``miss-uncached``) on a miss, ``reason`` and ``size_gb`` on an evict.
 
-Never blocking, never lost: ``publish`` only keeps the event in an outbox (``SqlOutbox``,
-a table of the cache's database, as wired by the CLI and the library; else ``MemoryOutbox``,
-this process's memory) and wakes one sender thread, which delivers the outbox in order, so
-a request never waits for the broker. The retry is decided here, not left to oslo.messaging:
-its ``Notifier`` runs with ``retry = 0`` (its own retries would block the sender for as
-long as the broker is down), and it logs and drops a message it could not send, raising
+Never blocking, never lost: the event waits in an outbox (``SqlOutbox``, a table of the
+cache's database, as wired by the CLI and the library; else ``MemoryOutbox``, this
+process's memory) for one sender thread, which delivers the outbox in order, so a request
+never waits for the broker. As wired, the outbox is filled by the unit of work, in the
+transaction of the change each event announces (``attach_outbox`` with
+``in_transactions``), and ``publish`` only wakes the sender; otherwise ``publish`` keeps
+the event. The retry is decided here, not left to oslo.messaging: its ``Notifier`` runs
+with ``retry = 0`` (its own retries would block the sender for as long as the broker is
+down), and it logs and drops a message it could not send, raising
 nothing. The sender notices that (the driver's error record, from its own thread), keeps
 the message in the outbox and tries again with a backoff of up to ``MAX_BACKOFF`` seconds,
 before anything behind it: a broker outage delays events and never reorders them. ``close``
@@ -138,6 +141,7 @@ class MessagingNotifier:
         self.drain_seconds = drain_seconds
         self.outbox: Outbox = outbox if outbox is not None else MemoryOutbox()
         self._durable = outbox is not None
+        self._in_transactions = False
         self._wake = threading.Event()
         self._sender: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -190,21 +194,31 @@ class MessagingNotifier:
             retry=0)
         return cls(notifier, drain_seconds=drain_seconds, outbox=outbox)
 
-    def attach_outbox(self, outbox: Outbox) -> None:
-        """Keep events in ``outbox`` (the database's) from now on; send what it holds."""
+    def attach_outbox(self, outbox: Outbox, *, in_transactions: bool = False) -> None:
+        """Keep events in ``outbox`` (the database's) from now on; send what it holds.
+
+        ``in_transactions``: the events reach ``outbox`` without this notifier (the unit of
+        work writes them in the transactions of the changes they announce, as wired by
+        ``SqlUnitOfWork(engine, outbox=...)``); ``publish`` then only wakes the sender.
+        """
         self.outbox, self._durable = outbox, True
+        self._in_transactions = in_transactions
         if outbox.pending():
             self._start()
 
     def publish(self, event: Event) -> None:
         """Keep ``event`` for the bus if Cinder sends its kind (in the outbox, so in the
-        database when there is one) and wake the sender; never waits for the bus."""
+        database when there is one; unless the transaction that announced it did) and wake
+        the sender; never waits for the bus."""
         if not isinstance(event, BUS_EVENTS):
             return
         with self._lock:
             if self._closed:
+                if self._in_transactions:
+                    return  # committed in the outbox: the next process sends it
                 raise RuntimeError("publish after close")
-        self.outbox.add(event)
+        if not self._in_transactions:
+            self.outbox.add(event)
         self._start()
 
     @property

@@ -1,9 +1,11 @@
 """The outbox: events kept in the cache's database until the bus has them.
 
-``add`` writes an event in its own short transaction, before the request returns, so an
-event announced while the broker is down is not lost with the process: the next ivcache
-process (or ``ivcache events flush``) sends it. (Not yet in the transaction of the change
-it announces: a crash between the two loses that one event.) ``deliver`` claims the oldest
+``add_in`` writes an event in a transaction of the caller's: ``SqlUnitOfWork`` (given this
+outbox) writes each hit, miss and evict in the transaction of the change it announces, so
+the event is committed with the change or not at all, and a crash right after the commit
+leaves it here for the next ivcache process (or ``ivcache events flush``) to send. ``add``
+writes one in its own transaction (for a notifier used without such a unit of work).
+``deliver`` claims the oldest
 batch, sends it in ``id`` order outside any transaction (a slow broker never holds the
 database), then deletes what was sent in one transaction. Several workers on one
 PostgreSQL claim disjoint batches (``FOR UPDATE SKIP LOCKED``); on SQLite every transaction
@@ -20,12 +22,15 @@ import uuid
 from collections.abc import Callable
 
 import attrs
-from sqlalchemy import Engine, delete, func, or_, select, update
+from sqlalchemy import Connection, Engine, delete, func, or_, select, update
 
 from ivcache.adapters.sql.tables import event_outbox
-from ivcache.core.events import Event
+from ivcache.core.events import CacheEvict, CacheHit, CacheMiss, Event
 
-__all__ = ["OutboxMessage", "SqlOutbox"]
+__all__ = ["BUS_KINDS", "OutboxMessage", "SqlOutbox"]
+
+#: the events the outbox keeps by default: Cinder's, those the bus carries
+BUS_KINDS: tuple[type[Event], ...] = (CacheHit, CacheMiss, CacheEvict)
 
 
 @attrs.frozen
@@ -39,19 +44,29 @@ class SqlOutbox:
     """Events waiting for the bus, in a table of ivcache's database."""
 
     def __init__(self, engine: Engine, *, claim_seconds: float = 60.0,
-                 batch: int = 50) -> None:
+                 batch: int = 50, kinds: tuple[type[Event], ...] = BUS_KINDS) -> None:
         self.engine = engine
         self.claim_seconds = claim_seconds
         self.batch = batch
+        #: what ``keeps``: the events a unit of work writes here
+        self.kinds = kinds
+
+    def keeps(self, event: Event) -> bool:
+        return isinstance(event, self.kinds)
 
     def add(self, event: Event, host: str | None = None) -> str:
-        """Keep ``event``; return its ``message_id``."""
-        message_id = str(uuid.uuid4())
+        """Keep ``event``, in a transaction of its own; return its ``message_id``."""
         with self.engine.begin() as conn:
-            conn.execute(event_outbox.insert().values(
-                message_id=message_id, host=host or event.host, event_type=event.name,
-                payload=json.dumps(event.payload(), default=str),
-                created_at=dt.datetime.now(dt.UTC), claimed_until=None))
+            return self.add_in(conn, event, host)
+
+    def add_in(self, conn: Connection, event: Event, host: str | None = None) -> str:
+        """Keep ``event`` in the transaction ``conn`` is in (committed with it, or gone
+        with its rollback); return its ``message_id``."""
+        message_id = str(uuid.uuid4())
+        conn.execute(event_outbox.insert().values(
+            message_id=message_id, host=host or event.host, event_type=event.name,
+            payload=json.dumps(event.payload(), default=str),
+            created_at=dt.datetime.now(dt.UTC), claimed_until=None))
         return message_id
 
     def pending(self) -> int:

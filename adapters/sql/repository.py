@@ -31,10 +31,12 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
+from ivcache.adapters.sql.outbox import SqlOutbox
 from ivcache.adapters.sql.tables import cache_entries, scope_totals
 from ivcache.core.errors import AlreadyClaimed
+from ivcache.core.events import Event
 from ivcache.core.model import CacheEntry, EntryState, Scope, ScopeTotals
-from ivcache.core.ports import CacheRepository
+from ivcache.core.ports import CacheRepository, EventOutbox
 
 __all__ = ["LRU_BATCH", "SqlCacheRepository", "SqlUnitOfWork"]
 
@@ -138,10 +140,11 @@ class SqlCacheRepository:
         """Write back every mutable field (one statement); a no-op if the entry is gone.
 
         ``size_gb`` and the scope are fixed when the entry is added (``move`` changes the
-        scope), so the totals never move here.
+        scope), so the totals never move here; the counters are ``end_lease``'s (an entry
+        read before a hit ended and saved after it would undo the hit).
         """
         values = _entry_to_row(entry)
-        for key in _FIXED:
+        for key in _FIXED + _COUNTERS:
             del values[key]
         self._conn.execute(update(cache_entries).where(_E.id == entry.id).values(values))
 
@@ -168,9 +171,11 @@ class SqlCacheRepository:
         return True
 
     def end_lease(self, entry_id: str, scope: str, lease: dt.datetime, *,
-                  hit: bool = False) -> None:
+                  hit: bool = False, bytes_saved: int = 0, seconds_saved: float = 0.0) -> None:
         """Two statements for a hit, one otherwise: the totals row exists (the lease was
-        taken under ``lock_scope``), so it is updated without the insert-if-missing."""
+        taken under ``lock_scope``), so it is updated without the insert-if-missing. The
+        hit's savings ride the same two statements, as increments: exact whatever other
+        hits commit meanwhile."""
         if not hit:
             self._conn.execute(
                 update(cache_entries)
@@ -178,10 +183,12 @@ class SqlCacheRepository:
                 .values(lease_until=None))
             return
         self._conn.execute(update(scope_totals).where(_T.scope == scope)
-                           .values(hits=_T.hits + 1))
+                           .values(hits=_T.hits + 1, bytes_saved=_T.bytes_saved + bytes_saved,
+                                   seconds_saved=_T.seconds_saved + seconds_saved))
         self._conn.execute(
             update(cache_entries).where(_E.id == entry_id).values(
-                hits=_E.hits + 1,
+                hits=_E.hits + 1, bytes_saved=_E.bytes_saved + bytes_saved,
+                seconds_saved=_E.seconds_saved + seconds_saved,
                 lease_until=case((_E.lease_until == lease, None), else_=_E.lease_until)))
 
     def remove(self, entry: CacheEntry) -> bool:
@@ -247,12 +254,29 @@ class SqlCacheRepository:
             self._conn.execute(update(scope_totals).where(_T.scope == scope).values(changes))
 
 
-class _TxState:
-    __slots__ = ("committed", "connection", "repo")
+class _TxOutbox:
+    """The ``EventOutbox`` of one transaction: the events the outbox keeps are written
+    on the transaction's connection; without an outbox, none is kept."""
 
-    def __init__(self, connection: Connection, repo: CacheRepository) -> None:
+    __slots__ = ("_conn", "_outbox")
+
+    def __init__(self, connection: Connection, outbox: SqlOutbox | None) -> None:
+        self._conn = connection
+        self._outbox = outbox
+
+    def add(self, event: Event) -> None:
+        if self._outbox is not None and self._outbox.keeps(event):
+            self._outbox.add_in(self._conn, event)
+
+
+class _TxState:
+    __slots__ = ("committed", "connection", "outbox", "repo")
+
+    def __init__(self, connection: Connection, repo: CacheRepository,
+                 outbox: EventOutbox) -> None:
         self.connection = connection
         self.repo = repo
+        self.outbox = outbox
         self.committed = False
 
 
@@ -262,11 +286,17 @@ class SqlUnitOfWork:
     Reusable, and shareable by threads: the transaction is per thread, so one instance can
     serve every worker thread as long as each enters it itself. Entering again on a thread
     already inside it is an error (on SQLite it would wait for its own lock).
+
+    With an ``outbox`` (the composition root gives one when a notifier delivers from it:
+    the bus), the events a transaction adds are written to it in that transaction;
+    without, they are not kept (the notifiers still get them from the service).
     """
 
-    def __init__(self, engine: Engine, *, lru_batch: int = LRU_BATCH) -> None:
+    def __init__(self, engine: Engine, *, lru_batch: int = LRU_BATCH,
+                 outbox: SqlOutbox | None = None) -> None:
         self.engine = engine
         self._lru_batch = lru_batch
+        self._outbox = outbox
         self._local = threading.local()
 
     @property
@@ -280,6 +310,11 @@ class SqlUnitOfWork:
         self._state().repo = repo
 
     @property
+    def outbox(self) -> EventOutbox:
+        """The events of this thread's transaction."""
+        return self._state().outbox
+
+    @property
     def committed(self) -> bool:
         """Whether ``commit()`` was called in this thread's current (or last) block."""
         state: _TxState | None = getattr(self._local, "state", None)
@@ -291,7 +326,8 @@ class SqlUnitOfWork:
             raise RuntimeError("this thread is already inside this unit of work")
         connection = self.engine.connect()
         self._local.state = _TxState(
-            connection, SqlCacheRepository(connection, lru_batch=self._lru_batch))
+            connection, SqlCacheRepository(connection, lru_batch=self._lru_batch),
+            _TxOutbox(connection, self._outbox))
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -333,6 +369,8 @@ _TOTALS_FIELDS = tuple(f.name for f in attrs.fields(ScopeTotals))
 # What ``save`` never writes: the identity, the size the totals counted, the scope.
 _FIXED = ("id", "host", "image_id", "created_at", "size_gb", "cluster", "backend", "pool",
           "scope")
+#: What only ``end_lease`` moves, by increments.
+_COUNTERS = ("hits", "bytes_saved", "seconds_saved")
 
 
 def _entry_to_row(entry: CacheEntry) -> dict[str, Any]:

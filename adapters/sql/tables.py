@@ -15,6 +15,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     Dialect,
+    Float,
     Index,
     Integer,
     MetaData,
@@ -105,6 +106,10 @@ cache_entries = Table(
     Column("pinned", Boolean, nullable=False, server_default=false()),
     Column("claim_expires", UTCDateTime, nullable=True),
     Column("lease_until", UTCDateTime, nullable=True),
+    # the savings ledger (migration 0004): moved only by the end of a hit's lease
+    Column("fill_seconds", Float, nullable=True),
+    Column("bytes_saved", BigInteger, nullable=False, server_default=_ZERO),
+    Column("seconds_saved", Float, nullable=False, server_default=_ZERO),
     UniqueConstraint("scope", "image_id"),
     CheckConstraint("state IN ('creating', 'ready')", name="state"),
     Index("ix_cache_entries_scope_last_used_id", "scope", "last_used", "id"),
@@ -124,6 +129,8 @@ scope_totals = Table(
     Column("downloads", Integer, nullable=False, server_default=_ZERO),
     Column("bytes_downloaded", BigInteger, nullable=False, server_default=_ZERO),
     Column("neighbour_fills", Integer, nullable=False, server_default=_ZERO),
+    Column("bytes_saved", BigInteger, nullable=False, server_default=_ZERO),
+    Column("seconds_saved", Float, nullable=False, server_default=_ZERO),
 )
 
 #: Events waiting for the bus, in ``id`` order. A sender claims a batch (``claimed_until``),

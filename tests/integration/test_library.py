@@ -45,6 +45,12 @@ def test_warm_pin_unpin_get_entry_and_reconcile_through_the_facade(
     assert cache.get_volume(result.volume.id, project="p1") == result.volume
     assert cache.reconcile() == []
     assert cache.stats().hits == 1
+    # The savings ledger, as `cache stats` shows it: the warm's measured fill less the clone.
+    stats, [hit] = cache.stats(), cache.entries()
+    assert (stats.bytes_saved, hit.bytes_saved) == (image.size, image.size)
+    assert entry.fill_seconds is not None and result.clone_seconds is not None
+    assert stats.seconds_saved == pytest.approx(entry.fill_seconds - result.clone_seconds)
+    assert stats.hit_ratio == 1.0  # a warm is no miss
 
     cache.evict(image_id=image.id)
     with pytest.raises(EntryNotFound):

@@ -236,9 +236,9 @@ def test_save_writes_back_every_mutable_field(uow: UnitOfWork) -> None:
     entry.claim_expires = at(60)
     committed(uow, entry)
     changed = attrs.evolve(
-        entry, state=EntryState.READY, last_used=at(30), hits=7, pinned=True,
+        entry, state=EntryState.READY, last_used=at(30), pinned=True,
         claim_expires=None, lease_until=at(90), image_updated_at=at(-5),
-        image_hash="sha512:beef", volume_id="vol-new")
+        image_hash="sha512:beef", volume_id="vol-new", fill_seconds=2.5)
     with uow:
         uow.entries.save(changed)
         uow.commit()
@@ -253,11 +253,35 @@ def test_a_save_never_moves_the_size_or_the_host_totals(uow: UnitOfWork) -> None
     entry = make_entry(size_gb=2)
     with uow:
         uow.entries.add(entry)
-        uow.entries.save(attrs.evolve(entry, size_gb=5, hits=3))
+        uow.entries.save(attrs.evolve(entry, size_gb=5, pinned=True))
         assert uow.entries.totals(NODE_1) == ScopeTotals(NODE_1, count=1, size_gb=2)
         got = uow.entries.get(entry.id)
         assert got is not None
-        assert (got.size_gb, got.hits) == (2, 3)
+        assert (got.size_gb, got.pinned) == (2, True)
+
+
+def test_a_save_of_an_entry_read_before_a_hit_ended_keeps_the_hit_and_its_savings(
+        uow: UnitOfWork) -> None:
+    # The counters are end_lease's: a save of an older copy (a lease taken, under the
+    # scope's lock, while another clone's hit ended without it) must not undo that hit.
+    entry = make_entry()
+    committed(uow, entry)
+    with uow:
+        stale = uow.entries.get(entry.id)
+    with uow:
+        uow.entries.end_lease(entry.id, NODE_1, at(5), hit=True, bytes_saved=1000,
+                              seconds_saved=1.5)
+        uow.commit()
+    assert stale is not None
+    with uow:
+        uow.entries.save(attrs.evolve(stale, hits=0, bytes_saved=0, seconds_saved=0.0,
+                                      last_used=at(9)))
+        uow.commit()
+    with uow:
+        got = uow.entries.get(entry.id)
+        assert got is not None
+        assert (got.hits, got.bytes_saved, got.seconds_saved, got.last_used) == (
+            1, 1000, 1.5, at(9))
 
 
 def test_saving_an_entry_that_is_gone_does_nothing(uow: UnitOfWork) -> None:
@@ -290,7 +314,9 @@ def test_leaving_without_commit_rolls_back_entries_and_totals(uow: UnitOfWork) -
         uow.entries.add(make_entry("img-3", size_gb=5))
         uow.entries.add(make_entry("img-1", "node-2", size_gb=1))
         uow.entries.remove(doomed)
-        uow.entries.save(attrs.evolve(kept, hits=5))
+        uow.entries.save(attrs.evolve(kept, pinned=True))
+        uow.entries.end_lease(kept.id, NODE_1, at(1), hit=True, bytes_saved=7,
+                              seconds_saved=0.5)
         uow.entries.count_stats(NODE_1, hits=10, misses=3)
     with uow:
         assert (uow.entries.list(), uow.entries.all_totals()) == before
@@ -439,3 +465,30 @@ def test_end_lease_of_a_hit_counts_it_on_the_entry_and_its_host(uow: UnitOfWork)
         found = uow.entries.get("entry-node-1-img-1")
         assert found is not None and (found.hits, found.lease_until) == (2, None)
         assert uow.entries.totals(NODE_1).hits == 3
+
+
+def test_the_savings_of_hits_add_up_on_the_entry_and_its_scope(uow: UnitOfWork) -> None:
+    committed(uow, make_entry("img-1"), make_entry("img-2"))
+    with uow:
+        uow.entries.lock_scope(NODE_1)
+        uow.commit()
+    with uow:
+        uow.entries.end_lease("entry-node-1-img-1", NODE_1, at(1), hit=True,
+                              bytes_saved=3 * 2**40, seconds_saved=2.25)
+        uow.entries.end_lease("entry-node-1-img-1", NODE_1, at(1), hit=True,
+                              bytes_saved=3 * 2**40, seconds_saved=1.5)
+        uow.entries.end_lease("entry-node-1-img-2", NODE_1, at(1), hit=True,
+                              bytes_saved=10, seconds_saved=-0.25)
+        uow.entries.end_lease("entry-node-1-img-2", NODE_1, at(1))  # no hit: no savings
+        uow.commit()
+    with uow:
+        one, two = uow.entries.get("entry-node-1-img-1"), uow.entries.get("entry-node-1-img-2")
+        assert one is not None and two is not None
+        assert (one.hits, one.bytes_saved, one.seconds_saved) == (2, 6 * 2**40, 3.75)
+        assert (two.hits, two.bytes_saved, two.seconds_saved) == (1, 10, -0.25)
+        totals = uow.entries.totals(NODE_1)
+        assert (totals.hits, totals.bytes_saved, totals.seconds_saved) == (
+            3, 6 * 2**40 + 10, 3.5)
+        # An evicted entry's savings stay in its scope's ledger.
+        assert uow.entries.remove(one)
+        assert uow.entries.totals(NODE_1).bytes_saved == 6 * 2**40 + 10

@@ -26,8 +26,8 @@ CORE = {
     "CacheEntryCreated", "CacheEvict", "CacheHit", "CacheMiss", "Event", "EvictReason",
     "ImageDownloaded", "IMAGE_SOURCE",
     # ports
-    "CacheRepository", "Clock", "DiskImage", "FileChunks", "ImageConverter", "ImageData",
-    "ImageSource", "Notifier", "Span", "StorageBackend", "Tracer", "UnitOfWork",
+    "CacheRepository", "Clock", "DiskImage", "EventOutbox", "FileChunks", "ImageConverter",
+    "ImageData", "ImageSource", "Notifier", "Span", "StorageBackend", "Tracer", "UnitOfWork",
     # errors
     "AlreadyClaimed", "ChecksumMismatch", "ConfigError", "ConversionFailed", "CorruptImage",
     "EntryNotFound", "ImageError", "ImageFormatMismatch", "ImageNotActive", "ImageNotFound",
