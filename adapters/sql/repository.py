@@ -21,6 +21,7 @@ from sqlalchemy import (
     Select,
     Table,
     and_,
+    bindparam,
     case,
     delete,
     insert,
@@ -45,6 +46,30 @@ LRU_BATCH = 16
 _T = scope_totals.c
 _E = cache_entries.c
 
+# The statements of the hit path, built once: building a statement costs more Python than
+# running it on SQLite, and a prebuilt one keeps its cache key (SQLAlchemy memoizes it), so
+# each run only binds its parameters.
+_LOCK_TOTALS = select(scope_totals).where(_T.scope == bindparam("scope")).with_for_update()
+_FIND = select(cache_entries).where(_E.scope == bindparam("scope"),
+                                    _E.image_id == bindparam("image_id"))
+_GET = select(cache_entries).where(_E.id == bindparam("entry_id"))
+# No values(): the SET clause is the parameters' columns (every mutable one, from ``save``).
+_SAVE = update(cache_entries).where(_E.id == bindparam("entry_id"))
+_END_LEASE = (update(cache_entries)
+              .where(_E.id == bindparam("entry_id"), _E.lease_until == bindparam("lease"))
+              .values(lease_until=None))
+# Not "scope": an update's bind names must not be its table's column names.
+_COUNT_HIT = (update(scope_totals).where(_T.scope == bindparam("b_scope"))
+              .values(hits=_T.hits + 1))
+_END_HIT = update(cache_entries).where(_E.id == bindparam("entry_id")).values(
+    hits=_E.hits + 1,
+    lease_until=case((_E.lease_until == bindparam("lease"), None), else_=_E.lease_until))
+# PostgreSQL runs both of a hit's updates in one statement (one round trip): the totals'
+# update as a data-modifying CTE, which PostgreSQL runs whether or not it is referenced,
+# in the statement's snapshot and before the outer update, so the row order stays totals
+# first. SQLite has no DML in CTEs: it runs the two statements (no round trips there).
+_END_HIT_PG = _END_HIT.add_cte(_COUNT_HIT.returning(_T.scope).cte("counted"))
+
 
 class SqlCacheRepository:
     """``CacheRepository`` on one connection, inside the transaction of a ``SqlUnitOfWork``.
@@ -64,9 +89,13 @@ class SqlCacheRepository:
         PostgreSQL: ``SELECT ... FOR UPDATE``. SQLite: the transaction already holds the
         database's write lock (``BEGIN IMMEDIATE``) and SQLAlchemy leaves ``FOR UPDATE`` out.
         """
-        self._ensure_totals(scope)
-        row = self._conn.execute(
-            select(scope_totals).where(_T.scope == scope).with_for_update()).one()
+        params = {"scope": scope}
+        row = self._conn.execute(_LOCK_TOTALS, params).one_or_none()
+        if row is None:
+            # A scope's first transaction only: the row is made, then locked. (Trying the
+            # lock first saves every later transaction the insert's statement.)
+            self._ensure_totals(scope)
+            row = self._conn.execute(_LOCK_TOTALS, params).one()
         return _totals_from_row(row)
 
     def totals(self, scope: str) -> ScopeTotals:
@@ -86,11 +115,10 @@ class SqlCacheRepository:
     # -- entries ---------------------------------------------------------------------------
 
     def get(self, entry_id: str) -> CacheEntry | None:
-        return self._one(select(cache_entries).where(_E.id == entry_id))
+        return self._one(_GET, {"entry_id": entry_id})
 
     def find(self, scope: str, image_id: str) -> CacheEntry | None:
-        return self._one(
-            select(cache_entries).where(_E.scope == scope, _E.image_id == image_id))
+        return self._one(_FIND, {"scope": scope, "image_id": image_id})
 
     def find_by_volume(self, volume_id: str) -> CacheEntry | None:
         return self._one(
@@ -143,7 +171,8 @@ class SqlCacheRepository:
         values = _entry_to_row(entry)
         for key in _FIXED:
             del values[key]
-        self._conn.execute(update(cache_entries).where(_E.id == entry.id).values(values))
+        values["entry_id"] = entry.id
+        self._conn.execute(_SAVE, values)
 
     def move(self, entry: CacheEntry, to: Scope) -> bool:
         """Three statements: the entry's row, then the two totals rows (locked by the
@@ -169,20 +198,17 @@ class SqlCacheRepository:
 
     def end_lease(self, entry_id: str, scope: str, lease: dt.datetime, *,
                   hit: bool = False) -> None:
-        """Two statements for a hit, one otherwise: the totals row exists (the lease was
+        """One statement (two for a hit on SQLite): the totals row exists (the lease was
         taken under ``lock_scope``), so it is updated without the insert-if-missing."""
         if not hit:
-            self._conn.execute(
-                update(cache_entries)
-                .where(_E.id == entry_id, _E.lease_until == lease)
-                .values(lease_until=None))
+            self._conn.execute(_END_LEASE, {"entry_id": entry_id, "lease": lease})
             return
-        self._conn.execute(update(scope_totals).where(_T.scope == scope)
-                           .values(hits=_T.hits + 1))
-        self._conn.execute(
-            update(cache_entries).where(_E.id == entry_id).values(
-                hits=_E.hits + 1,
-                lease_until=case((_E.lease_until == lease, None), else_=_E.lease_until)))
+        params = {"entry_id": entry_id, "b_scope": scope, "lease": lease}
+        if self._conn.dialect.name == "postgresql":
+            self._conn.execute(_END_HIT_PG, params)
+            return
+        self._conn.execute(_COUNT_HIT, params)
+        self._conn.execute(_END_HIT, params)
 
     def remove(self, entry: CacheEntry) -> bool:
         """Delete by id; return False if it was already gone.
@@ -232,8 +258,9 @@ class SqlCacheRepository:
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _one(self, query: Select[Any]) -> CacheEntry | None:
-        row = self._conn.execute(query).one_or_none()
+    def _one(self, query: Select[Any],
+             params: Mapping[str, Any] | None = None) -> CacheEntry | None:
+        row = self._conn.execute(query, params).one_or_none()
         return _entry_from_row(row) if row is not None else None
 
     def _ensure_totals(self, scope: str) -> None:
