@@ -50,6 +50,13 @@ _E = cache_entries.c
 # running it on SQLite, and a prebuilt one keeps its cache key (SQLAlchemy memoizes it), so
 # each run only binds its parameters.
 _LOCK_TOTALS = select(scope_totals).where(_T.scope == bindparam("scope")).with_for_update()
+# PostgreSQL: make the row if missing and lock it, in one statement. An upsert, not "select
+# for update, else insert, select again": two first transactions of a scope racing through
+# that could deadlock on the row's unique key (seen with 16 concurrent misses).
+_pg_upsert = postgresql.insert(scope_totals).values(scope=bindparam("b_scope"))
+_LOCK_TOTALS_PG = _pg_upsert.on_conflict_do_update(
+    index_elements=[_T.scope], set_={"scope": _pg_upsert.excluded.scope},
+).returning(*scope_totals.c)
 _FIND = select(cache_entries).where(_E.scope == bindparam("scope"),
                                     _E.image_id == bindparam("image_id"))
 _GET = select(cache_entries).where(_E.id == bindparam("entry_id"))
@@ -65,10 +72,13 @@ _END_HIT = update(cache_entries).where(_E.id == bindparam("entry_id")).values(
     hits=_E.hits + 1,
     lease_until=case((_E.lease_until == bindparam("lease"), None), else_=_E.lease_until))
 # PostgreSQL runs both of a hit's updates in one statement (one round trip): the totals'
-# update as a data-modifying CTE, which PostgreSQL runs whether or not it is referenced,
-# in the statement's snapshot and before the outer update, so the row order stays totals
-# first. SQLite has no DML in CTEs: it runs the two statements (no round trips there).
-_END_HIT_PG = _END_HIT.add_cte(_COUNT_HIT.returning(_T.scope).cte("counted"))
+# update as a data-modifying CTE. PostgreSQL runs a WITH's statements in no set order, so
+# the entry's update is gated on the CTE's row (EXISTS): the totals row is locked first,
+# the order every transaction takes them in (the other order deadlocked under load). The
+# totals row exists: the lease was taken under ``lock_scope``. SQLite has no DML in CTEs
+# and runs the two statements (it has no round trips to save).
+_counted = _COUNT_HIT.returning(_T.scope).cte("counted")
+_END_HIT_PG = _END_HIT.where(select(_counted.c.scope).exists())
 
 
 class SqlCacheRepository:
@@ -80,22 +90,31 @@ class SqlCacheRepository:
     def __init__(self, connection: Connection, *, lru_batch: int = LRU_BATCH) -> None:
         self._conn = connection
         self._lru_batch = lru_batch
+        # Scopes whose totals row this transaction has locked: it exists, so ``_bump``
+        # updates it without the insert-if-missing.
+        self._locked: set[str] = set()
 
     # -- totals ----------------------------------------------------------------------------
 
     def lock_scope(self, scope: str) -> ScopeTotals:
         """The scope's totals, its row locked until the transaction ends.
 
-        PostgreSQL: ``SELECT ... FOR UPDATE``. SQLite: the transaction already holds the
-        database's write lock (``BEGIN IMMEDIATE``) and SQLAlchemy leaves ``FOR UPDATE`` out.
+        PostgreSQL: ``INSERT ... ON CONFLICT DO UPDATE ... RETURNING``, which locks the row
+        as an update does (and makes it, for a new scope). SQLite: the transaction already
+        holds the database's write lock (``BEGIN IMMEDIATE``) and SQLAlchemy leaves
+        ``FOR UPDATE`` out.
         """
-        params = {"scope": scope}
-        row = self._conn.execute(_LOCK_TOTALS, params).one_or_none()
-        if row is None:
-            # A scope's first transaction only: the row is made, then locked. (Trying the
-            # lock first saves every later transaction the insert's statement.)
-            self._ensure_totals(scope)
-            row = self._conn.execute(_LOCK_TOTALS, params).one()
+        if self._conn.dialect.name == "postgresql":
+            row = self._conn.execute(_LOCK_TOTALS_PG, {"b_scope": scope}).one()
+        else:
+            # SQLite's write lock is held from BEGIN: nobody can insert the row between the
+            # read and the insert, and only a scope's first transaction pays the insert.
+            params = {"scope": scope}
+            row = self._conn.execute(_LOCK_TOTALS, params).one_or_none()
+            if row is None:
+                self._ensure_totals(scope)
+                row = self._conn.execute(_LOCK_TOTALS, params).one()
+        self._locked.add(scope)
         return _totals_from_row(row)
 
     def totals(self, scope: str) -> ScopeTotals:
@@ -268,7 +287,8 @@ class SqlCacheRepository:
 
     def _bump(self, scope: str, **deltas: int) -> None:
         """Add ``deltas`` to the scope's totals row, creating it if missing."""
-        self._ensure_totals(scope)
+        if scope not in self._locked:
+            self._ensure_totals(scope)
         changes = {name: scope_totals.c[name] + n for name, n in deltas.items() if n}
         if changes:
             self._conn.execute(update(scope_totals).where(_T.scope == scope).values(changes))
