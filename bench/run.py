@@ -484,37 +484,47 @@ def hit_vs_miss_reflink(work: Path) -> Figures:
         return figures
 
 
-def _hit_overhead_on(work: Path, storage: StorageBackend, name: str) -> Figures:
+def _hit_overhead_on(work: Path, storage: StorageBackend, name: str, *,
+                     keep: bool = False) -> Figures:
     """Issue 13: the median hit minus the median bare clone of the same cache volume, in ms,
     on ``storage`` with SQLite and the local image source (1 GiB image of 512 MiB data;
-    quick: 256 / 64 MiB). Hits and clones take turns, so that a busy machine slows both
-    alike; every volume made is kept until the end (a delete would leave work behind, on
-    RBD, for the next request to wait on)."""
+    quick: 256 / 64 MiB). Hits and clones take turns, each first every other turn, so that
+    a busy machine and what one leaves the other (a filesystem's log) weigh on both alike.
+    Each volume is deleted after its timing, so that every hit and clone finds the same
+    storage; with ``keep`` (RBD), only at the end: a delete leaves the OSD removing
+    objects while the next request runs."""
     service, image_id = _service_with_image(work, storage, f"overhead-{name}")
     miss = service.create_volume(CTX, image_id, 1)
     assert miss.outcome is Outcome.MISS
     [cache] = [v for v in storage.list_volumes() if v.owner != CTX.project_id]
-    hits: list[float] = []
-    clones: list[float] = []
+    times: dict[str, list[float]] = {"hit": [], "clone": []}
     made: list[str] = []
-    runs = (15 if QUICK else 31) if name == "rbd" else (21 if QUICK else 101)
-    for n in range(runs + 1):  # the first of each is a warm-up, not timed
-        started = time.perf_counter()
+    runs = 15 if QUICK else 31 if keep else 101
+
+    def hit(n: int) -> str:
         result = service.create_volume(CTX, image_id, 1)
-        hit_s = time.perf_counter() - started
         assert result.outcome is Outcome.HIT, result.outcome
-        made.append(result.volume.id)
-        clone_id = f"bench-clone-{n}"
-        started = time.perf_counter()
-        storage.clone_volume(cache.id, clone_id, 1, CTX.project_id)
-        clone_s = time.perf_counter() - started
-        made.append(clone_id)
-        if n:
-            hits.append(hit_s)
-            clones.append(clone_s)
+        return result.volume.id
+
+    def clone(n: int) -> str:
+        return storage.clone_volume(cache.id, f"bench-clone-{n}", 1, CTX.project_id).id
+
+    for n in range(runs + 1):  # the first turn warms up, untimed
+        turn = [("hit", hit), ("clone", clone)]
+        for kind, make in turn if n % 2 else reversed(turn):
+            started = time.perf_counter()
+            volume_id = make(n)
+            elapsed = time.perf_counter() - started
+            if n:
+                times[kind].append(elapsed)
+            if keep:
+                made.append(volume_id)
+            else:
+                storage.delete_volume(volume_id)
     for volume_id in made:
         storage.delete_volume(volume_id)
-    hit_ms, clone_ms = statistics.median(hits) * 1000, statistics.median(clones) * 1000
+    hit_ms = statistics.median(times["hit"]) * 1000
+    clone_ms = statistics.median(times["clone"]) * 1000
     return {f"hit_overhead_ms_{name}": hit_ms - clone_ms,
             f"hit_overhead_hit_ms_p50_{name}": hit_ms,
             f"hit_overhead_clone_ms_p50_{name}": clone_ms}
@@ -543,7 +553,7 @@ def hit_overhead_qcow2(work: Path) -> Figures:
 def hit_overhead_rbd(work: Path) -> Figures:
     """RBD storage on a throwaway single-node Ceph: what a hit costs beyond its RBD clone."""
     with _rbd_storage() as storage:
-        return _hit_overhead_on(work, storage, "rbd")
+        return _hit_overhead_on(work, storage, "rbd", keep=True)
 
 
 @bench("many_volumes_cache_vs_nocache_speedup_reflink", "many_volumes_seconds_cache_on_reflink",

@@ -50,9 +50,9 @@ _E = cache_entries.c
 # running it on SQLite, and a prebuilt one keeps its cache key (SQLAlchemy memoizes it), so
 # each run only binds its parameters.
 _LOCK_TOTALS = select(scope_totals).where(_T.scope == bindparam("scope")).with_for_update()
-# PostgreSQL: make the row if missing and lock it, in one statement. An upsert, not "select
-# for update, else insert, select again": two first transactions of a scope racing through
-# that could deadlock on the row's unique key (seen with 16 concurrent misses).
+# PostgreSQL: make the row if missing and lock it, in one statement (an upsert locks the row
+# it updates, as FOR UPDATE would), so a scope's first transactions racing to make the row
+# need no second try either.
 _pg_upsert = postgresql.insert(scope_totals).values(scope=bindparam("b_scope"))
 _LOCK_TOTALS_PG = _pg_upsert.on_conflict_do_update(
     index_elements=[_T.scope], set_={"scope": _pg_upsert.excluded.scope},
