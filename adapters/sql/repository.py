@@ -104,6 +104,7 @@ class SqlCacheRepository:
         holds the database's write lock (``BEGIN IMMEDIATE``) and SQLAlchemy leaves
         ``FOR UPDATE`` out.
         """
+        row: Row[Any] | None
         if self._conn.dialect.name == "postgresql":
             row = self._conn.execute(_LOCK_TOTALS_PG, {"b_scope": scope}).one()
         else:
