@@ -518,6 +518,163 @@ def hit_vs_miss_reflink(work: Path) -> Figures:
         return figures
 
 
+def _hit_overhead_on(work: Path, storage: StorageBackend, name: str, *,
+                     keep: bool = False) -> Figures:
+    """Issue 13: the median hit minus the median bare clone of the same cache volume, in ms,
+    on ``storage`` with SQLite and the local image source (1 GiB image of 512 MiB data;
+    quick: 256 / 64 MiB). Hits and clones take turns, each first every other turn, so that
+    a busy machine and what one leaves the other (a filesystem's log) weigh on both alike.
+    Each volume is deleted after its timing, so that every hit and clone finds the same
+    storage; with ``keep`` (RBD), only at the end: a delete leaves the OSD removing
+    objects while the next request runs. ``hit_overhead_cpu_ms`` is the same difference in
+    this thread's CPU time: what the hit's own work costs whatever the machine's load
+    (on a busy machine the wall time of CPU-bound work stretches with the run queue)."""
+    service, image_id = _service_with_image(work, storage, f"overhead-{name}")
+    miss = service.create_volume(CTX, image_id, 1)
+    assert miss.outcome is Outcome.MISS
+    [cache] = [v for v in storage.list_volumes() if v.owner != CTX.project_id]
+    times: dict[str, list[float]] = {"hit": [], "clone": []}
+    cpu: dict[str, list[float]] = {"hit": [], "clone": []}
+    made: list[str] = []
+    runs = 15 if QUICK else 31 if keep else 101
+
+    def hit(n: int) -> str:
+        result = service.create_volume(CTX, image_id, 1)
+        assert result.outcome is Outcome.HIT, result.outcome
+        return result.volume.id
+
+    def clone(n: int) -> str:
+        return storage.clone_volume(cache.id, f"bench-clone-{n}", 1, CTX.project_id).id
+
+    for n in range(runs + 1):  # the first turn warms up, untimed
+        turn = [("hit", hit), ("clone", clone)]
+        for kind, make in turn if n % 2 else reversed(turn):
+            started, cpu_started = time.perf_counter(), time.thread_time()
+            volume_id = make(n)
+            elapsed, cpu_s = time.perf_counter() - started, time.thread_time() - cpu_started
+            if n:
+                times[kind].append(elapsed)
+                cpu[kind].append(cpu_s)
+            if keep:
+                made.append(volume_id)
+            else:
+                storage.delete_volume(volume_id)
+    for volume_id in made:
+        storage.delete_volume(volume_id)
+    hit_ms = statistics.median(times["hit"]) * 1000
+    clone_ms = statistics.median(times["clone"]) * 1000
+    cpu_ms = (statistics.median(cpu["hit"]) - statistics.median(cpu["clone"])) * 1000
+    return {f"hit_overhead_ms_{name}": hit_ms - clone_ms,
+            f"hit_overhead_hit_ms_p50_{name}": hit_ms,
+            f"hit_overhead_clone_ms_p50_{name}": clone_ms,
+            f"hit_overhead_cpu_ms_{name}": cpu_ms}
+
+
+@bench("hit_overhead_ms_reflink", "hit_overhead_hit_ms_p50_reflink",
+       "hit_overhead_clone_ms_p50_reflink", "hit_overhead_cpu_ms_reflink")
+def hit_overhead_reflink(work: Path) -> Figures:
+    """File storage on a loop-mounted reflink XFS: what a hit costs beyond its reflink."""
+    with _reflink_xfs(work) as mount:
+        storage = FileStorage(mount / "volumes")
+        figures = _hit_overhead_on(work, storage, "reflink")
+        assert storage.last_clone_method == "reflink"
+        return figures
+
+
+@bench("hit_overhead_ms_qcow2", "hit_overhead_hit_ms_p50_qcow2",
+       "hit_overhead_clone_ms_p50_qcow2", "hit_overhead_cpu_ms_qcow2")
+def hit_overhead_qcow2(work: Path) -> Figures:
+    """qcow2 storage: what a hit costs beyond its overlay."""
+    need_tool("qemu-img", "qemu-utils")
+    return _hit_overhead_on(work, Qcow2Storage(work / "qcow2"), "qcow2")
+
+
+@bench("hit_overhead_ms_rbd", "hit_overhead_hit_ms_p50_rbd", "hit_overhead_clone_ms_p50_rbd",
+       "hit_overhead_cpu_ms_rbd")
+def hit_overhead_rbd(work: Path) -> Figures:
+    """RBD storage on a throwaway single-node Ceph: what a hit costs beyond its RBD clone."""
+    with _rbd_storage() as storage:
+        return _hit_overhead_on(work, storage, "rbd", keep=True)
+
+
+@bench("many_volumes_cache_vs_nocache_speedup_reflink", "many_volumes_seconds_cache_on_reflink",
+       "many_volumes_seconds_cache_off_reflink", "miss_vs_plain_download_ratio_reflink",
+       "miss_seconds_glance_reflink", "plain_download_seconds_glance_reflink")
+def glance_reflink(work: Path) -> Figures:
+    """Issue 13, file storage on a loop-mounted reflink XFS, a real glance-api, SQLite:
+    10 volumes from one 512 MiB image with the cache on vs off (quick: 3 volumes, 64 MiB),
+    and a miss (the download into the cache volume, then the clone) against the same image
+    downloaded straight into a volume with the cache disabled (medians of 5 turns each;
+    quick: 1)."""
+    from ivcache.adapters.images.glance import GlanceImageSource
+    from ivcache.core.policy import CachePolicy
+
+    server_module = _glance_server_module()
+    venv = _glance_venv(server_module)
+    mib, count, turns = (512, 10, 5) if not QUICK else (64, 3, 1)
+    block = os.urandom(MIB)
+
+    def chunks() -> Iterator[bytes]:
+        for i in range(mib):
+            yield block[:-8] + i.to_bytes(8, "big")
+
+    # Room for the cache-off volumes' data, written in full, and the rest.
+    with _reflink_xfs(work, 2 + count * mib // 1024) as mount, \
+            server_module.GlanceServer(work / "glance", venv=venv) as server:
+        who = server.identity(CTX.project_id)
+        image_id = server.create_image(who, chunks(), name="bench-many-reflink")
+        source = GlanceImageSource(url=server.url, auth="trusted-headers")
+        runs = iter(range(1_000_000))
+
+        def service(enabled: bool) -> tuple[CacheService, FileStorage]:
+            n = next(runs)
+            engine = make_engine(f"sqlite:///{work / f'reflink-{n}.db'}")
+            upgrade(engine)
+            storage = FileStorage(mount / f"volumes-{n}")
+            return CacheService(host="bench", storage=storage, images=source,
+                                uow=SqlUnitOfWork(engine), notifier=RecordingNotifier(),
+                                policy=CachePolicy(enabled=enabled),
+                                converter=ImagePipeline(work / "scratch")), storage
+
+        def volumes(enabled: bool) -> float:
+            svc, storage = service(enabled)
+            started = time.perf_counter()
+            for _ in range(count):
+                svc.create_volume(CTX, image_id, 1)
+            elapsed = time.perf_counter() - started
+            shutil.rmtree(storage.root)
+            return elapsed
+
+        def one(enabled: bool) -> float:
+            svc, storage = service(enabled)
+            started = time.perf_counter()
+            result = svc.create_volume(CTX, image_id, 1)
+            elapsed = time.perf_counter() - started
+            assert result.outcome is (Outcome.MISS if enabled else Outcome.DISABLED)
+            if enabled:
+                assert storage.last_clone_method == "reflink"
+            shutil.rmtree(storage.root)
+            return elapsed
+
+        one(False)  # warm Glance's page cache and the session
+        misses, plain = [], []
+        for turn in range(turns):  # each first every other turn, as load comes and goes
+            if turn % 2:
+                misses.append(one(True))
+            plain.append(one(False))
+            if not turn % 2:
+                misses.append(one(True))
+        off = volumes(False)
+        on = volumes(True)
+    miss_s, plain_s = statistics.median(misses), statistics.median(plain)
+    return {"many_volumes_cache_vs_nocache_speedup_reflink": off / on,
+            "many_volumes_seconds_cache_on_reflink": on,
+            "many_volumes_seconds_cache_off_reflink": off,
+            "miss_vs_plain_download_ratio_reflink": miss_s / plain_s,
+            "miss_seconds_glance_reflink": miss_s,
+            "plain_download_seconds_glance_reflink": plain_s}
+
+
 @bench("neighbour_fill_vs_download_ratio", "neighbour_fill_vs_download_ratio_ext4",
        "neighbour_fill_seconds_reflink", "neighbour_fill_seconds_ext4",
        "glance_miss_seconds_reflink")
@@ -600,11 +757,9 @@ def cluster_downloads(work: Path) -> Figures:
         server.stop()
 
 
-@bench("hit_vs_miss_speedup_rbd", "miss_seconds_rbd", "hit_seconds_rbd",
-       "clone_ms_p50_rbd")
-def hit_vs_miss_rbd(work: Path) -> Figures:
-    """As hit_vs_miss_file, on a throwaway single-node Ceph (1 GiB / 512 MiB; quick: 128 MiB),
-    and the p50 of a bare RBD clone of a cache volume."""
+@contextlib.contextmanager
+def _rbd_storage() -> Iterator[StorageBackend]:
+    """RBD storage on a throwaway single-node Ceph (tests/support/ceph_cluster.py)."""
     _repo_on_path()
     if not all(importlib.util.find_spec(name) for name in ("rados", "rbd")):
         raise Unavailable("no Ceph bindings in the venv (apt-get install -y python3-rbd "
@@ -624,6 +779,15 @@ def hit_vs_miss_rbd(work: Path) -> Figures:
             block_dir = shm
     with CephCluster.start(block_dir=block_dir) as ceph, \
             RbdStorage(conf=str(ceph.conf)) as storage:
+        yield storage
+
+
+@bench("hit_vs_miss_speedup_rbd", "miss_seconds_rbd", "hit_seconds_rbd",
+       "clone_ms_p50_rbd")
+def hit_vs_miss_rbd(work: Path) -> Figures:
+    """As hit_vs_miss_file, on a throwaway single-node Ceph (1 GiB / 512 MiB; quick: 128 MiB),
+    and the p50 of a bare RBD clone of a cache volume."""
+    with _rbd_storage() as storage:
         service, image_id = _service_with_image(work, storage, "rbd")
         miss = service.create_volume(CTX, image_id, 1)
         assert miss.outcome is Outcome.MISS

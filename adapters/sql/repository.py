@@ -21,6 +21,7 @@ from sqlalchemy import (
     Select,
     Table,
     and_,
+    bindparam,
     case,
     delete,
     insert,
@@ -47,6 +48,46 @@ LRU_BATCH = 16
 _T = scope_totals.c
 _E = cache_entries.c
 
+# The statements of the hit path, built once: building a statement costs more Python than
+# running it on SQLite, and a prebuilt one keeps its cache key (SQLAlchemy memoizes it), so
+# each run only binds its parameters.
+_LOCK_TOTALS = select(scope_totals).where(_T.scope == bindparam("scope")).with_for_update()
+# PostgreSQL: make the row if missing and lock it, in one statement (an upsert locks the row
+# it updates, as FOR UPDATE would), so a scope's first transactions racing to make the row
+# need no second try either.
+_pg_upsert = postgresql.insert(scope_totals).values(scope=bindparam("b_scope"))
+_LOCK_TOTALS_PG = _pg_upsert.on_conflict_do_update(
+    index_elements=[_T.scope], set_={"scope": _pg_upsert.excluded.scope},
+).returning(*scope_totals.c)
+_FIND = select(cache_entries).where(_E.scope == bindparam("scope"),
+                                    _E.image_id == bindparam("image_id"))
+_GET = select(cache_entries).where(_E.id == bindparam("entry_id"))
+# No values(): the SET clause is the parameters' columns (every mutable one, from ``save``).
+_SAVE = update(cache_entries).where(_E.id == bindparam("entry_id"))
+_END_LEASE = (update(cache_entries)
+              .where(_E.id == bindparam("entry_id"), _E.lease_until == bindparam("lease"))
+              .values(lease_until=None))
+# Not "scope": an update's bind names must not be its table's column names.
+# The hit's savings ride the same statements, as increments: exact whatever other hits
+# commit meanwhile.
+_COUNT_HIT = (update(scope_totals).where(_T.scope == bindparam("b_scope"))
+              .values(hits=_T.hits + 1,
+                      bytes_saved=_T.bytes_saved + bindparam("b_bytes_saved"),
+                      seconds_saved=_T.seconds_saved + bindparam("b_seconds_saved")))
+_END_HIT = update(cache_entries).where(_E.id == bindparam("entry_id")).values(
+    hits=_E.hits + 1,
+    bytes_saved=_E.bytes_saved + bindparam("b_bytes_saved"),
+    seconds_saved=_E.seconds_saved + bindparam("b_seconds_saved"),
+    lease_until=case((_E.lease_until == bindparam("lease"), None), else_=_E.lease_until))
+# PostgreSQL runs both of a hit's updates in one statement (one round trip): the totals'
+# update as a data-modifying CTE. PostgreSQL runs a WITH's statements in no set order, so
+# the entry's update is gated on the CTE's row (EXISTS): the totals row is locked first,
+# the order every transaction takes them in (the other order deadlocked under load). The
+# totals row exists: the lease was taken under ``lock_scope``. SQLite has no DML in CTEs
+# and runs the two statements (it has no round trips to save).
+_counted = _COUNT_HIT.returning(_T.scope).cte("counted")
+_END_HIT_PG = _END_HIT.where(select(_counted.c.scope).exists())
+
 
 class SqlCacheRepository:
     """``CacheRepository`` on one connection, inside the transaction of a ``SqlUnitOfWork``.
@@ -57,18 +98,32 @@ class SqlCacheRepository:
     def __init__(self, connection: Connection, *, lru_batch: int = LRU_BATCH) -> None:
         self._conn = connection
         self._lru_batch = lru_batch
+        # Scopes whose totals row this transaction has locked: it exists, so ``_bump``
+        # updates it without the insert-if-missing.
+        self._locked: set[str] = set()
 
     # -- totals ----------------------------------------------------------------------------
 
     def lock_scope(self, scope: str) -> ScopeTotals:
         """The scope's totals, its row locked until the transaction ends.
 
-        PostgreSQL: ``SELECT ... FOR UPDATE``. SQLite: the transaction already holds the
-        database's write lock (``BEGIN IMMEDIATE``) and SQLAlchemy leaves ``FOR UPDATE`` out.
+        PostgreSQL: ``INSERT ... ON CONFLICT DO UPDATE ... RETURNING``, which locks the row
+        as an update does (and makes it, for a new scope). SQLite: the transaction already
+        holds the database's write lock (``BEGIN IMMEDIATE``) and SQLAlchemy leaves
+        ``FOR UPDATE`` out.
         """
-        self._ensure_totals(scope)
-        row = self._conn.execute(
-            select(scope_totals).where(_T.scope == scope).with_for_update()).one()
+        row: Row[Any] | None
+        if self._conn.dialect.name == "postgresql":
+            row = self._conn.execute(_LOCK_TOTALS_PG, {"b_scope": scope}).one()
+        else:
+            # SQLite's write lock is held from BEGIN: nobody can insert the row between the
+            # read and the insert, and only a scope's first transaction pays the insert.
+            params = {"scope": scope}
+            row = self._conn.execute(_LOCK_TOTALS, params).one_or_none()
+            if row is None:
+                self._ensure_totals(scope)
+                row = self._conn.execute(_LOCK_TOTALS, params).one()
+        self._locked.add(scope)
         return _totals_from_row(row)
 
     def totals(self, scope: str) -> ScopeTotals:
@@ -88,11 +143,10 @@ class SqlCacheRepository:
     # -- entries ---------------------------------------------------------------------------
 
     def get(self, entry_id: str) -> CacheEntry | None:
-        return self._one(select(cache_entries).where(_E.id == entry_id))
+        return self._one(_GET, {"entry_id": entry_id})
 
     def find(self, scope: str, image_id: str) -> CacheEntry | None:
-        return self._one(
-            select(cache_entries).where(_E.scope == scope, _E.image_id == image_id))
+        return self._one(_FIND, {"scope": scope, "image_id": image_id})
 
     def find_by_volume(self, volume_id: str) -> CacheEntry | None:
         return self._one(
@@ -146,7 +200,8 @@ class SqlCacheRepository:
         values = _entry_to_row(entry)
         for key in _FIXED + _COUNTERS:
             del values[key]
-        self._conn.execute(update(cache_entries).where(_E.id == entry.id).values(values))
+        values["entry_id"] = entry.id
+        self._conn.execute(_SAVE, values)
 
     def move(self, entry: CacheEntry, to: Scope) -> bool:
         """Three statements: the entry's row, then the two totals rows (locked by the
@@ -172,24 +227,19 @@ class SqlCacheRepository:
 
     def end_lease(self, entry_id: str, scope: str, lease: dt.datetime, *,
                   hit: bool = False, bytes_saved: int = 0, seconds_saved: float = 0.0) -> None:
-        """Two statements for a hit, one otherwise: the totals row exists (the lease was
-        taken under ``lock_scope``), so it is updated without the insert-if-missing. The
-        hit's savings ride the same two statements, as increments: exact whatever other
-        hits commit meanwhile."""
+        """One statement (two for a hit on SQLite): the totals row exists (the lease was
+        taken under ``lock_scope``), so it is updated without the insert-if-missing. A
+        hit's savings are added in the same statements."""
         if not hit:
-            self._conn.execute(
-                update(cache_entries)
-                .where(_E.id == entry_id, _E.lease_until == lease)
-                .values(lease_until=None))
+            self._conn.execute(_END_LEASE, {"entry_id": entry_id, "lease": lease})
             return
-        self._conn.execute(update(scope_totals).where(_T.scope == scope)
-                           .values(hits=_T.hits + 1, bytes_saved=_T.bytes_saved + bytes_saved,
-                                   seconds_saved=_T.seconds_saved + seconds_saved))
-        self._conn.execute(
-            update(cache_entries).where(_E.id == entry_id).values(
-                hits=_E.hits + 1, bytes_saved=_E.bytes_saved + bytes_saved,
-                seconds_saved=_E.seconds_saved + seconds_saved,
-                lease_until=case((_E.lease_until == lease, None), else_=_E.lease_until)))
+        params = {"entry_id": entry_id, "b_scope": scope, "lease": lease,
+                  "b_bytes_saved": bytes_saved, "b_seconds_saved": seconds_saved}
+        if self._conn.dialect.name == "postgresql":
+            self._conn.execute(_END_HIT_PG, params)
+            return
+        self._conn.execute(_COUNT_HIT, params)
+        self._conn.execute(_END_HIT, params)
 
     def remove(self, entry: CacheEntry) -> bool:
         """Delete by id; return False if it was already gone.
@@ -239,8 +289,9 @@ class SqlCacheRepository:
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _one(self, query: Select[Any]) -> CacheEntry | None:
-        row = self._conn.execute(query).one_or_none()
+    def _one(self, query: Select[Any],
+             params: Mapping[str, Any] | None = None) -> CacheEntry | None:
+        row = self._conn.execute(query, params).one_or_none()
         return _entry_from_row(row) if row is not None else None
 
     def _ensure_totals(self, scope: str) -> None:
@@ -248,7 +299,8 @@ class SqlCacheRepository:
 
     def _bump(self, scope: str, **deltas: int) -> None:
         """Add ``deltas`` to the scope's totals row, creating it if missing."""
-        self._ensure_totals(scope)
+        if scope not in self._locked:
+            self._ensure_totals(scope)
         changes = {name: scope_totals.c[name] + n for name, n in deltas.items() if n}
         if changes:
             self._conn.execute(update(scope_totals).where(_T.scope == scope).values(changes))

@@ -122,9 +122,55 @@ def test_lock_scope_makes_a_second_transaction_wait_and_then_see_the_first_ones_
         first.entries.add(make_entry("img-1"))
         first.commit()
     thread.join(10)
-    # READ COMMITTED: after the wait, SELECT ... FOR UPDATE reads the committed row.
+    # READ COMMITTED: after the wait, the upsert that locks the row reads the committed one.
     assert seen == [1]
     assert waited[0] >= 0.4
+
+
+def test_first_locks_of_a_new_scope_and_ends_of_hits_racing_neither_deadlock_nor_lose_counts(
+        engine: Engine) -> None:
+    # The scope's totals row does not exist yet: every worker's first lock may be the one
+    # that makes it. Then leases (lock, save the entry) race with ends of hits (the totals
+    # row and the entry's, in one statement), as the hits of one image do.
+    uow = SqlUnitOfWork(engine)
+    workers, rounds = 8, 25
+    start = threading.Barrier(workers)
+    errors: list[BaseException] = []
+    hot = make_entry("hot", host="node-3")
+
+    def work(n: int) -> None:
+        try:
+            start.wait(10)
+            for r in range(rounds):
+                with uow:
+                    uow.entries.lock_scope(NODE_3)
+                    if r == 0:
+                        uow.entries.add(make_entry(f"img-{n}", host="node-3"))
+                        if n == 0:
+                            uow.entries.add(hot)
+                    leased = uow.entries.get(hot.id)
+                    if leased is not None:
+                        leased.lease_until = T0
+                        uow.entries.save(leased)
+                    uow.commit()
+                with uow:
+                    uow.entries.end_lease(hot.id, NODE_3, T0, hit=True)
+                    uow.commit()
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    with uow:
+        uow.entries.lock_scope(NODE_1)  # another scope's row only
+        uow.commit()
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    with uow:
+        totals = uow.entries.totals(NODE_3)
+    assert (totals.count, totals.hits) == (workers + 1, workers * rounds)
 
 
 def test_lock_scope_on_one_host_does_not_hold_up_another_host(engine: Engine) -> None:
