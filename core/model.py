@@ -247,6 +247,9 @@ class CacheEntry:
     A CREATING entry is a claim: it reserves its size and count while its owner
     downloads, and ``claim_expires`` says when another worker may take it over.
     ``lease_until`` keeps eviction off an entry that a clone is reading from.
+    ``fill_seconds`` is how long filling its volume took (None: not measured, e.g. made
+    before it was); ``priority`` is its GreedyDual-Size-Frequency value (see
+    ``CachePolicy.priority``), the order the ``gdsf`` eviction policy takes victims in.
     """
 
     id: str
@@ -266,6 +269,8 @@ class CacheEntry:
     cluster: str | None = None
     backend: str = DEFAULT_BACKEND
     pool: str = DEFAULT_BACKEND
+    fill_seconds: float | None = None
+    priority: float = 0.0
 
     @property
     def scope(self) -> Scope:
@@ -305,6 +310,8 @@ class ScopeTotals:
 
     ``downloads`` counts the images fetched from the image source; ``neighbour_fills`` the
     cache volumes filled instead from another scope's entry on storage the backend can copy.
+    ``gdsf_age`` is GreedyDual's aging value L: the priority of the last entry the ``gdsf``
+    policy evicted, from which every entry's new priority starts.
     """
 
     scope: str
@@ -316,6 +323,7 @@ class ScopeTotals:
     downloads: int = 0
     bytes_downloaded: int = 0
     neighbour_fills: int = 0
+    gdsf_age: float = 0.0
 
 
 @attrs.frozen

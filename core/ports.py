@@ -248,6 +248,19 @@ class CacheRepository(Protocol):
         """
         ...
 
+    def priority_victims(self, scope: str, now: dt.datetime) -> Iterator[CacheEntry]:
+        """The same entries as ``lru_victims``, lowest ``priority`` first (ties: least
+        recently used first, then by id).
+
+        Lazily, from an index on (scope, priority, last_used, id), as ``lru_victims``.
+        """
+        ...
+
+    def set_gdsf_age(self, scope: str, age: float) -> None:
+        """Set the scope's aging value (``ScopeTotals.gdsf_age``); the caller holds the
+        scope's lock."""
+        ...
+
 
 class UnitOfWork(Protocol):
     """A transaction per ``with`` block. Leaving the block rolls back whatever was not

@@ -218,11 +218,13 @@ class CacheService(OperatorCommands):
         the entry and the lease."""
         # The scope's lock orders leases with evictions, which take it too.
         scope = scope or self.scope.key
-        with self._locked(scope) as (repo, _):
+        with self._locked(scope) as (repo, totals):
             entry = repo.find(scope, image.id)
             if entry is None or not entry.ready or entry.is_stale_for(image):
                 return entry, None
             lease = self._take_lease(entry)
+            # Its uses: the fill, the hits counted so far, and this one.
+            entry.priority = self.policy.priority(totals.gdsf_age, entry, entry.hits + 2)
             # Same content, new metadata: keep the entry, remember the new updated_at.
             entry.image_updated_at = image.updated_at
             repo.save(entry)
@@ -278,7 +280,7 @@ class CacheService(OperatorCommands):
             claim = self._claim(image)
             if claim is None:
                 return None
-            self._drop_volumes(claim.victims, EvictReason.LRU)
+            self._drop_volumes(claim.victims, self._room_reason)
             try:
                 return self._fill(ctx, image, claim.entry, lease=lease, size_gb=size_gb)
             except _Larger as larger:
@@ -299,13 +301,14 @@ class CacheService(OperatorCommands):
                 raise AlreadyClaimed(scope.key, image.id)
             now = self.clock.now()
             victims = self.policy.victims(
-                totals, eviction_candidates(repo, scope.key, now), adding_gb=size)
+                totals, eviction_candidates(repo, scope.key, now, self.policy.eviction_policy),
+                adding_gb=size)
             # The quota is checked before anything is evicted: evicting for a new entry
             # that the quota then refuses would lose the old entries for nothing.
             if victims is None or not self.tenant.quota_allows(repo.all_totals(), size,
                                                                victims):
                 return None
-            self._remove(repo, scope.key, victims)
+            self._make_room(repo, totals, victims)
             entry = CacheEntry(
                 id=new_id(), host=scope.host, image_id=image.id, volume_id=new_id(),
                 size_gb=size, image_updated_at=image.updated_at,
@@ -328,6 +331,7 @@ class CacheService(OperatorCommands):
         """
         created = False
         nbytes, seconds = 0, 0.0
+        started = self.clock.now()
         try:
             neighbour = self._fill_from_neighbour(image, entry)
             created = neighbour is not None
@@ -346,12 +350,16 @@ class CacheService(OperatorCommands):
             self._abandon(entry, created)
             raise
         # Lock first, then read: a takeover between a read and the lock would go unseen.
-        with self._locked() as (repo, _):
+        with self._locked() as (repo, totals):
             current = repo.get(entry.id)
             if current is not None:
                 current.state = EntryState.READY
                 current.claim_expires = None
                 current.last_used = self.clock.now()
+                # What getting it back would cost: the gdsf policy's measure of its worth.
+                current.fill_seconds = max(0.0, (current.last_used - started).total_seconds())
+                current.priority = self.policy.priority(totals.gdsf_age, current,
+                                                        current.hits + 1)
                 taken = self._take_lease(current) if lease else None
                 repo.save(current)
                 if neighbour is None:

@@ -15,6 +15,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     Dialect,
+    Float,
     Index,
     Integer,
     MetaData,
@@ -105,9 +106,14 @@ cache_entries = Table(
     Column("pinned", Boolean, nullable=False, server_default=false()),
     Column("claim_expires", UTCDateTime, nullable=True),
     Column("lease_until", UTCDateTime, nullable=True),
+    # Seconds the miss took to fill the volume (NULL: not measured); the gdsf policy's cost.
+    Column("fill_seconds", Float, nullable=True),
+    Column("priority", Float, nullable=False, server_default=_ZERO),
     UniqueConstraint("scope", "image_id"),
     CheckConstraint("state IN ('creating', 'ready')", name="state"),
     Index("ix_cache_entries_scope_last_used_id", "scope", "last_used", "id"),
+    Index("ix_cache_entries_scope_priority_last_used_id", "scope", "priority", "last_used",
+          "id"),
     Index("ix_cache_entries_volume_id", "volume_id"),
     Index("ix_cache_entries_host_backend_scope", "host", "backend", "scope"),
 )
@@ -124,6 +130,7 @@ scope_totals = Table(
     Column("downloads", Integer, nullable=False, server_default=_ZERO),
     Column("bytes_downloaded", BigInteger, nullable=False, server_default=_ZERO),
     Column("neighbour_fills", Integer, nullable=False, server_default=_ZERO),
+    Column("gdsf_age", Float, nullable=False, server_default=_ZERO),
 )
 
 #: Events waiting for the bus, in ``id`` order. A sender claims a batch (``claimed_until``),

@@ -124,7 +124,7 @@ def test_upgrading_a_new_database_twice_leaves_it_at_the_newest_revision(url: st
     upgrade(url)
     engine = make_engine(url)
     try:
-        assert current_revision(engine) == head_revision() == "0003"
+        assert current_revision(engine) == head_revision() == "0005"
         assert set(inspect(engine).get_table_names()) == {
             "alembic_version", "cache_entries", "event_outbox", "scope_totals"}
     finally:
@@ -188,7 +188,9 @@ def test_the_schema_has_the_claim_constraint_and_the_lru_and_volume_indexes(
                if "duplicates_constraint" not in i}
     assert indexes == {"ix_cache_entries_scope_last_used_id": ["scope", "last_used", "id"],
                        "ix_cache_entries_volume_id": ["volume_id"],
-                       "ix_cache_entries_host_backend_scope": ["host", "backend", "scope"]}
+                       "ix_cache_entries_host_backend_scope": ["host", "backend", "scope"],
+                       "ix_cache_entries_scope_priority_last_used_id": [
+                           "scope", "priority", "last_used", "id"]}
 
 
 # -- the engine --------------------------------------------------------------------------------
