@@ -17,6 +17,7 @@ from typing import Any
 
 import attrs
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, event, insert, inspect, text
@@ -31,6 +32,7 @@ from ivcache.adapters.sql import (
     make_engine,
     upgrade,
 )
+from ivcache.adapters.sql.engine import _alembic_config
 from ivcache.adapters.sql.repository import LRU_BATCH
 from ivcache.adapters.sql.tables import cache_entries, metadata
 from ivcache.core.errors import AlreadyClaimed, ConfigError
@@ -160,6 +162,42 @@ def test_entries_and_totals_of_a_database_made_before_scopes_move_to_the_default
             # The claim is per scope now: the same image again in node-1's is refused.
             with pytest.raises(AlreadyClaimed):
                 uow.entries.add(make_entry("img-1"))
+    finally:
+        engine.dispose()
+
+
+def test_entries_made_before_fill_times_were_measured_come_first_under_gdsf_by_age(
+        url: str) -> None:
+    upgrade(url, "0003")
+    engine = make_engine(url)
+    t = T0.replace(tzinfo=None) if url.startswith("sqlite") else T0
+    try:
+        with engine.begin() as conn:  # what ivcache 0003 wrote
+            conn.execute(text(
+                "INSERT INTO cache_entries (id, host, backend, pool, scope, image_id, "
+                "volume_id, size_gb, state, created_at, last_used, hits, pinned) VALUES "
+                f"('e1', 'node-1', 'default', 'default', '{NODE_1}', 'img-1', 'vol-1', 2, "
+                "'ready', :t, :late, 9, false), "
+                f"('e2', 'node-1', 'default', 'default', '{NODE_1}', 'img-2', 'vol-2', 1, "
+                "'ready', :t, :t, 0, false)"),
+                {"t": t, "late": t + dt.timedelta(hours=1)})
+            conn.execute(text(f"INSERT INTO scope_totals (scope, count, size_gb) "
+                              f"VALUES ('{NODE_1}', 2, 3)"))
+        upgrade(engine)
+        uow = SqlUnitOfWork(engine)
+        with uow:
+            victims = list(uow.entries.priority_victims(NODE_1, T0 + dt.timedelta(days=1)))
+            assert [(v.id, v.fill_seconds, v.priority) for v in victims] == [
+                ("e2", None, 0.0), ("e1", None, 0.0)]
+            assert uow.entries.totals(NODE_1) == ScopeTotals(NODE_1, count=2, size_gb=3)
+        with engine.begin() as conn:  # and back: 0005's columns and index go, rows stay
+            command.downgrade(_alembic_config(conn), "0003")
+        assert "priority" not in {c["name"] for c in inspect(engine).get_columns(
+            "cache_entries")}
+        assert "gdsf_age" not in {c["name"] for c in inspect(engine).get_columns(
+            "scope_totals")}
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM cache_entries")).scalar() == 2
     finally:
         engine.dispose()
 
