@@ -109,10 +109,10 @@ def test_gdsf_from_the_config_keeps_the_popular_entry_lru_would_evict(
     env = {"IVCACHE_CONFIG": str(config)}
     popular, dead, new = (cli.ok("image", "add", str(image_file), "--json", env=env)
                           .json()["id"] for _ in range(3))
-    # popular is filled, then used five times more; dead once, after it: under lru popular,
+    # popular is filled, then used eight times more; dead once, after it: under lru popular,
     # used longest ago, would go. Their fill times are real (same bytes, same size), so
-    # popular's six uses outweigh any noise in them.
-    for image_id in (popular, *[popular] * 5, dead, new):
+    # popular's nine uses outweigh any noise in them.
+    for image_id in (popular, *[popular] * 8, dead, new):
         cli.ok("volume", "create", "--image", image_id, "--size", "1", env=env)
     listed = cli.ok("cache", "--admin", "list", "--json", env=env).json()
     assert sorted(e["image_id"] for e in listed) == sorted([popular, new])
