@@ -146,6 +146,14 @@ class InMemoryRepository:
             if e.state is EntryState.READY and not e.pinned and not e.leased(now):
                 yield e
 
+    def priority_victims(self, scope: str, now: dt.datetime) -> Iterator[CacheEntry]:
+        for e in sorted(self.list(scope=scope), key=lambda e: (e.priority, e.last_used, e.id)):
+            if e.state is EntryState.READY and not e.pinned and not e.leased(now):
+                yield e
+
+    def set_gdsf_age(self, scope: str, age: float) -> None:
+        self._totals[scope] = attrs.evolve(self.lock_scope(scope), gdsf_age=age)
+
 
 class InMemoryOutbox:
     """The events committed by an ``InMemoryUnitOfWork``'s transactions, in order."""
@@ -206,13 +214,21 @@ class InMemoryUnitOfWork:
 
 
 class InMemoryImageSource:
-    """Images and their bytes in dicts, with Glance's visibility rules."""
+    """Images and their bytes in dicts, with Glance's visibility rules.
 
-    def __init__(self, chunk_size: int = 1 << 20) -> None:
+    With a ``clock``, each download takes ``seconds_per_gib`` of its time per GiB of the
+    image's disk (``Image.min_size_gb``): a source whose download time is proportional to
+    size, without waiting for it.
+    """
+
+    def __init__(self, chunk_size: int = 1 << 20, *, clock: FakeClock | None = None,
+                 seconds_per_gib: float = 0.0) -> None:
         self.images: dict[str, Image] = {}
         self.data: dict[str, bytes] = {}
         self.chunk_size = chunk_size
         self.downloads = 0
+        self.clock = clock
+        self.seconds_per_gib = seconds_per_gib
 
     def add(self, image: Image, data: bytes, *, with_hash: bool = True) -> Image:
         if with_hash and image.os_hash_value is None and image.checksum is None:
@@ -233,8 +249,10 @@ class InMemoryImageSource:
         return image
 
     def open_data(self, ctx: RequestContext, image_id: str) -> Iterator[bytes]:
-        self.get_image(ctx, image_id)
+        image = self.get_image(ctx, image_id)
         self.downloads += 1
+        if self.clock is not None:
+            self.clock.advance(self.seconds_per_gib * image.min_size_gb)
         data = self.data[image_id]
         return (data[i:i + self.chunk_size] for i in range(0, len(data), self.chunk_size))
 
@@ -258,9 +276,13 @@ class FakeClock:
 
     def __init__(self, start: dt.datetime | None = None) -> None:
         self.current = start or dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+        self._start = self.current
 
     def now(self) -> dt.datetime:
         return self.current
+
+    def monotonic(self) -> float:
+        return (self.current - self._start).total_seconds()
 
     def sleep(self, seconds: float) -> None:
         self.advance(seconds)

@@ -813,17 +813,23 @@ def hit_vs_miss_rbd(work: Path) -> Figures:
             "clone_ms_p50_rbd": statistics.median(clones) * 1000}
 
 
-@bench("trace_hit_ratio_lru", "trace_gb_downloaded_lru")
-def trace_lru(work: Path) -> Figures:
+@bench("trace_hit_ratio_lru", "trace_gb_downloaded_lru", "trace_hit_ratio_gdsf",
+       "trace_bytes_downloaded_gdsf_vs_lru")
+def trace_lru_gdsf(work: Path) -> Figures:
     """A seeded Zipf trace (2,000 requests over 200 images of 1–20 GiB, alpha 0.9; quick:
-    500 over 50) through the service on fakes, the cache at 15 % of the working set
-    (bench/trace.py; replay your own log with `python bench/trace.py --log FILE`)."""
+    500 over 50) through the service on fakes, the cache at 15 % of the working set, once
+    per eviction policy; downloads take fake time proportional to size, the cost gdsf
+    measures (bench/trace.py; replay your own log with `python bench/trace.py --log FILE`)."""
     _repo_on_path()
     from bench.trace import replay, zipf_trace
     requests, images = (2000, 200) if not QUICK else (500, 50)
-    result = replay(zipf_trace(requests, images, alpha=0.9, seed=1), cache_fraction=0.15)
-    return {"trace_hit_ratio_lru": result.hit_ratio,
-            "trace_gb_downloaded_lru": float(result.gb_downloaded)}
+    trace = zipf_trace(requests, images, alpha=0.9, seed=1)
+    lru = replay(trace, cache_fraction=0.15, policy="lru")
+    gdsf = replay(trace, cache_fraction=0.15, policy="gdsf")
+    return {"trace_hit_ratio_lru": lru.hit_ratio,
+            "trace_gb_downloaded_lru": float(lru.gb_downloaded),
+            "trace_hit_ratio_gdsf": gdsf.hit_ratio,
+            "trace_bytes_downloaded_gdsf_vs_lru": gdsf.gb_downloaded / lru.gb_downloaded}
 
 
 def _hit_service(work: Path, notifier: Notifier, name: str,

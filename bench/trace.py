@@ -11,7 +11,11 @@ your own request log::
 A log has one request a line, ``IMAGE_ID SIZE_GB`` (blank lines and ``#`` comments are
 skipped). The cache is bounded to ``--cache-fraction`` of the trace's working set (the sum
 of its distinct images' sizes); storage and images are in-memory fakes, so what is measured
-is the policy's choice: hits, misses, and the GiB the misses downloaded.
+is the policy's choice: hits, misses, and the GiB the misses downloaded. ``--policy`` is the
+eviction policy (``lru``, Cinder's, or ``gdsf``; ``both`` compares them). Time is a fake
+clock: one second between requests, and a download takes ``--seconds-per-gib`` per GiB of
+the image (the cost ``gdsf`` measures as the entry's fill time), so a replay is fast and
+gives the same figures on every machine.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from ivcache.adapters.memory import (
 )
 from ivcache.adapters.storage.fake_lvm import FakeLvmStorage
 from ivcache.core.model import GIB, Image, Outcome, RequestContext
-from ivcache.core.policy import CachePolicy
+from ivcache.core.policy import EVICTION_POLICIES, CachePolicy
 from ivcache.core.service import CacheService
 
 __all__ = ["Replay", "Request", "read_log", "replay", "zipf_trace"]
@@ -97,19 +101,26 @@ def working_set_gb(trace: Sequence[Request]) -> int:
     return sum({r.image_id: r.size_gb for r in trace}.values())
 
 
-def replay(trace: Sequence[Request], *, cache_fraction: float = 0.15) -> Replay:
+#: A download's fake duration per GiB (about 128 MiB/s). With a cost proportional to size,
+#: the figures do not depend on it; a log whose sizes are not the download times would.
+SECONDS_PER_GIB = 8.0
+
+
+def replay(trace: Sequence[Request], *, cache_fraction: float = 0.15, policy: str = "lru",
+           seconds_per_gib: float = SECONDS_PER_GIB) -> Replay:
     """Every request through ``CacheService.create_volume`` with the cache bounded to
-    ``cache_fraction`` of the working set; one second of fake time between requests."""
+    ``cache_fraction`` of the working set, evicting by ``policy``; one second of fake time
+    between requests, and ``seconds_per_gib`` of it per GiB downloaded."""
     cache_gb = max(1, math.floor(working_set_gb(trace) * cache_fraction))
     clock = FakeClock(dt.datetime(2026, 1, 1, tzinfo=dt.UTC))
-    images = InMemoryImageSource()
+    images = InMemoryImageSource(clock=clock, seconds_per_gib=seconds_per_gib)
     for image_id, size in {r.image_id: r.size_gb for r in trace}.items():
         images.add(Image(id=image_id, name=image_id, virtual_size=size * GIB,
                          updated_at=clock.now()), image_id.encode())
     service = CacheService(
         host="trace", storage=FakeLvmStorage(10**9, host="trace"), images=images,
         uow=InMemoryUnitOfWork(), notifier=RecordingNotifier(), clock=clock,
-        policy=CachePolicy(max_size_gb=cache_gb))
+        policy=CachePolicy(max_size_gb=cache_gb, eviction_policy=policy))
     hits = gb = 0
     for request in trace:
         result = service.create_volume(CTX, request.image_id, request.size_gb)
@@ -131,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alpha", type=float, default=0.9)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--cache-fraction", type=float, default=0.15)
+    parser.add_argument("--policy", choices=(*EVICTION_POLICIES, "both"), default="both")
+    parser.add_argument("--seconds-per-gib", type=float, default=SECONDS_PER_GIB)
     args = parser.parse_args(argv)
     if args.log is not None:
         try:
@@ -140,10 +153,14 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     else:
         trace = zipf_trace(args.requests, args.images, alpha=args.alpha, seed=args.seed)
-    result = replay(trace, cache_fraction=args.cache_fraction)
-    print(f"requests {result.requests}  hits {result.hits}  misses {result.misses}  "
-          f"hit_ratio {result.hit_ratio:.3f}  gb_downloaded {result.gb_downloaded}  "
-          f"cache_gb {result.cache_gb} (of {working_set_gb(trace)} GiB working set)")
+    policies = EVICTION_POLICIES if args.policy == "both" else (args.policy,)
+    for policy in policies:
+        result = replay(trace, cache_fraction=args.cache_fraction, policy=policy,
+                        seconds_per_gib=args.seconds_per_gib)
+        print(f"{policy:<5} requests {result.requests}  hits {result.hits}  misses "
+              f"{result.misses}  hit_ratio {result.hit_ratio:.3f}  gb_downloaded "
+              f"{result.gb_downloaded}  cache_gb {result.cache_gb} (of "
+              f"{working_set_gb(trace)} GiB working set)")
     return 0
 
 

@@ -97,6 +97,9 @@ class SystemClock:
     def now(self) -> dt.datetime:
         return dt.datetime.now(dt.UTC)
 
+    def monotonic(self) -> float:
+        return time.monotonic()
+
     def sleep(self, seconds: float) -> None:
         time.sleep(seconds)
 
@@ -260,6 +263,22 @@ class ServiceBase:
             repo.count_stats(scope, evictions=len(gone))
             for entry in gone:
                 self.uow.outbox.add(_evicted(entry, reason))
+        return gone
+
+    @property
+    def _room_reason(self) -> EvictReason:
+        """Why the victims that make room go: the eviction policy that chose them."""
+        return EvictReason.GDSF if self.policy.eviction_policy == "gdsf" else EvictReason.LRU
+
+    def _make_room(self, repo: CacheRepository, totals: ScopeTotals,
+                   victims: list[CacheEntry]) -> list[CacheEntry]:
+        """Remove ``victims`` that the policy chose to make room in ``totals``' scope (inside
+        the caller's locked transaction), and move the scope's aging value past them (the
+        ``gdsf`` policy's L)."""
+        gone = self._remove(repo, totals.scope, victims, self._room_reason)
+        age = self.policy.aged(totals.gdsf_age, gone)
+        if age != totals.gdsf_age:
+            repo.set_gdsf_age(totals.scope, age)
         return gone
 
     def _drop_volumes(self, entries: list[CacheEntry], reason: EvictReason) -> None:

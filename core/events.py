@@ -19,7 +19,9 @@ __all__ = [
 
 
 class EvictReason(enum.Enum):
+    #: made room for a new entry (or a prune), chosen by the eviction policy named
     LRU = "lru"
+    GDSF = "gdsf"
     STALE = "stale"
     ADMIN = "admin"
     RECONCILE = "reconcile"

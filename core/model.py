@@ -250,6 +250,8 @@ class CacheEntry:
     The savings ledger: ``fill_seconds`` is how long filling its volume took (measured; None
     until READY, and for entries older than the ledger); each hit adds the image's bytes to
     ``bytes_saved`` and ``fill_seconds`` minus its own clone's time to ``seconds_saved``.
+    ``priority`` is its GreedyDual-Size-Frequency value (see ``CachePolicy.priority``, which
+    weighs ``fill_seconds``), the order the ``gdsf`` eviction policy takes victims in.
     """
 
     id: str
@@ -272,6 +274,7 @@ class CacheEntry:
     fill_seconds: float | None = None
     bytes_saved: int = 0
     seconds_saved: float = 0.0
+    priority: float = 0.0
 
     @property
     def scope(self) -> Scope:
@@ -313,6 +316,8 @@ class ScopeTotals:
     cache volumes filled instead from another scope's entry on storage the backend can copy.
     ``bytes_saved`` and ``seconds_saved`` are the savings ledger, the sum over the scope's
     hits of what each entry's ``CacheEntry`` ledger adds (kept when entries are evicted).
+    ``gdsf_age`` is GreedyDual's aging value L: the priority of the last entry the ``gdsf``
+    policy evicted, from which every entry's new priority starts.
     """
 
     scope: str
@@ -326,6 +331,7 @@ class ScopeTotals:
     neighbour_fills: int = 0
     bytes_saved: int = 0
     seconds_saved: float = 0.0
+    gdsf_age: float = 0.0
 
     @property
     def hit_ratio(self) -> float:

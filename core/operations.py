@@ -109,16 +109,18 @@ class OperatorCommands(ServiceBase):
         return self._evict(targets, EvictReason.ADMIN)
 
     def prune(self) -> list[CacheEntry]:
-        """Evict least recently used entries until the scope is within its limits again
-        (after the limits were lowered); as many as may go if that is not enough."""
+        """Evict entries, in the eviction policy's order (least recently used first under
+        ``lru``), until the scope is within its limits again (after the limits were
+        lowered); as many as may go if that is not enough."""
         key = self.scope.key
         with self._locked() as (repo, totals):
             now = self.clock.now()
-            victims = self.policy.victims(totals, eviction_candidates(repo, key, now))
+            kind = self.policy.eviction_policy
+            victims = self.policy.victims(totals, eviction_candidates(repo, key, now, kind))
             if victims is None:
-                victims = list(eviction_candidates(repo, key, now))
-            gone = self._remove(repo, key, victims, EvictReason.LRU)
-        self._drop_volumes(gone, EvictReason.LRU)
+                victims = list(eviction_candidates(repo, key, now, kind))
+            gone = self._make_room(repo, totals, victims)
+        self._drop_volumes(gone, self._room_reason)
         return gone
 
     def adopt(self) -> Adoption:

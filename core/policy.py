@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import attrs
@@ -12,17 +12,24 @@ if TYPE_CHECKING:
     from ivcache.core.model import CacheEntry, ScopeTotals
     from ivcache.core.ports import CacheRepository
 
-__all__ = ["CachePolicy", "eviction_candidates"]
+__all__ = ["EVICTION_POLICIES", "CachePolicy", "eviction_candidates"]
+
+#: ``lru``: Cinder's rule, the entry used longest ago goes first. ``gdsf``:
+#: GreedyDual-Size-Frequency, the entry that is cheapest to get back per GiB it holds goes
+#: first (see ``CachePolicy.priority``).
+EVICTION_POLICIES = ("lru", "gdsf")
 
 
-def eviction_candidates(entries: CacheRepository, scope: str,
-                        now: dt.datetime) -> Iterator[CacheEntry]:
-    """A scope's entries that may be evicted to make room, best victim first.
+def eviction_candidates(entries: CacheRepository, scope: str, now: dt.datetime,
+                        policy: str = "lru") -> Iterator[CacheEntry]:
+    """A scope's entries that may be evicted to make room, best victim first, by the
+    eviction ``policy`` (one of ``EVICTION_POLICIES``).
 
-    Cinder's rule: the entry used longest ago goes first. This function is the one seam for
-    another strategy (a cost-aware one); the repository yields lazily, so taking k victims
-    reads about k rows.
+    The repository yields lazily along an index (last_used for ``lru``, priority for
+    ``gdsf``), so taking k victims reads about k rows.
     """
+    if policy == "gdsf":
+        return entries.priority_victims(scope, now)
     return entries.lru_victims(scope, now)
 
 
@@ -33,7 +40,8 @@ class CachePolicy:
     ``claim_wait_seconds`` bounds how long a request waits for another worker's
     download; ``claim_lease_seconds`` is how old a claim may grow before another
     worker may take it over; ``clone_lease_seconds`` keeps eviction off an entry being
-    cloned.
+    cloned. ``eviction_policy`` (one of ``EVICTION_POLICIES``) says which entries give way
+    first.
     """
 
     enabled: bool = True
@@ -42,11 +50,40 @@ class CachePolicy:
     claim_wait_seconds: float = 600.0
     claim_lease_seconds: float = 3600.0
     clone_lease_seconds: float = 300.0
+    eviction_policy: str = "lru"
 
     def __attrs_post_init__(self) -> None:
         for name in ("max_size_gb", "max_count"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 (unlimited) or positive")
+        if self.eviction_policy not in EVICTION_POLICIES:
+            raise ValueError(f"eviction_policy {self.eviction_policy!r} is not one of "
+                             f"{', '.join(EVICTION_POLICIES)}")
+
+    @staticmethod
+    def priority(age: float, entry: CacheEntry, uses: int) -> float:
+        """GreedyDual-Size-Frequency's H = L + frequency × cost / size.
+
+        ``age`` is the scope's aging value L, ``uses`` the requests the entry has served
+        (its fill included), the cost its measured ``fill_seconds``: what evicting it would
+        cost the next request, per GiB it holds. An entry whose fill time is unknown counts
+        as free to get back (H = L): the first to go, least recently used first.
+
+        Kept under either policy (it costs one sum when an entry is touched), so that a
+        scope switched to ``gdsf`` finds its priorities in place.
+        """
+        if entry.fill_seconds is None:
+            return age
+        return age + uses * entry.fill_seconds / max(1, entry.size_gb)
+
+    def aged(self, age: float, victims: Sequence[CacheEntry]) -> float:
+        """The scope's aging value after ``victims`` (in the order taken) were evicted to
+        make room: under ``gdsf``, the last victim's priority (never lower than before), so
+        that entries not used for long sink below the newly touched ones; under ``lru``,
+        unchanged."""
+        if self.eviction_policy != "gdsf" or not victims:
+            return age
+        return max(age, victims[-1].priority)
 
     def fits(self, size_gb: int) -> bool:
         """Whether an image of this size may be cached at all."""

@@ -253,6 +253,19 @@ class CacheRepository(Protocol):
         """
         ...
 
+    def priority_victims(self, scope: str, now: dt.datetime) -> Iterator[CacheEntry]:
+        """The same entries as ``lru_victims``, lowest ``priority`` first (ties: least
+        recently used first, then by id).
+
+        Lazily, from an index on (scope, priority, last_used, id), as ``lru_victims``.
+        """
+        ...
+
+    def set_gdsf_age(self, scope: str, age: float) -> None:
+        """Set the scope's aging value (``ScopeTotals.gdsf_age``); the caller holds the
+        scope's lock."""
+        ...
+
 
 class EventOutbox(Protocol):
     """The events of a unit of work's transaction, kept with the change they announce:
@@ -290,6 +303,12 @@ class Notifier(Protocol):
 class Clock(Protocol):
     def now(self) -> dt.datetime:
         """Aware UTC time."""
+        ...
+
+    def monotonic(self) -> float:
+        """Seconds on a clock that never goes back: every duration the service measures
+        (fill, clone, request) is a difference of two readings, so that the ledger's
+        ``fill_seconds - clone_seconds`` compares like with like."""
         ...
 
     def sleep(self, seconds: float) -> None: ...

@@ -14,7 +14,6 @@ import contextlib
 import datetime as dt
 import hashlib
 import math
-import time
 from collections.abc import Iterator
 
 import attrs
@@ -98,7 +97,7 @@ class CacheService(OperatorCommands):
 
         Announces exactly one of hit or miss (none when the cache is disabled).
         """
-        started = time.perf_counter()
+        started = self.clock.monotonic()
         attributes: dict[str, str | int | float | bool] = {
             "image_id": image_id, "host": self.host, "scope": self.scope.key,
             "size_gb": size_gb}
@@ -115,7 +114,7 @@ class CacheService(OperatorCommands):
             span.set_attribute("outcome", served.outcome.value)
             self._announce(image, served)
         return CreateResult(served.volume, served.outcome, served.entry_id,
-                            time.perf_counter() - started, served.filled_from,
+                            self.clock.monotonic() - started, served.filled_from,
                             served.clone_seconds)
 
     # ------------------------------------------------------------------ authorize, validate
@@ -221,11 +220,13 @@ class CacheService(OperatorCommands):
         the entry and the lease."""
         # The scope's lock orders leases with evictions, which take it too.
         scope = scope or self.scope.key
-        with self._locked(scope) as (repo, _):
+        with self._locked(scope) as (repo, totals):
             entry = repo.find(scope, image.id)
             if entry is None or not entry.ready or entry.is_stale_for(image):
                 return entry, None
             lease = self._take_lease(entry)
+            # Its uses: the fill, the hits counted so far, and this one.
+            entry.priority = self.policy.priority(totals.gdsf_age, entry, entry.hits + 2)
             # Same content, new metadata: keep the entry, remember the new updated_at.
             entry.image_updated_at = image.updated_at
             repo.save(entry)
@@ -251,14 +252,14 @@ class CacheService(OperatorCommands):
         the clone is done: a clone that failed is no hit.
         """
         volume: Volume | None = None
-        started = time.perf_counter()
+        started = self.clock.monotonic()
         try:
             volume = self.storage.clone_volume(entry.volume_id, vol_id, size_gb,
                                                ctx.project_id)
         except VolumeNotFound:
             volume = None
         finally:
-            cloned = time.perf_counter() - started
+            cloned = self.clock.monotonic() - started
             self._end_lease(entry, lease, hit=hit and volume is not None,
                             clone_seconds=cloned, image_bytes=image_bytes)
         if volume is None:
@@ -300,7 +301,7 @@ class CacheService(OperatorCommands):
             claim = self._claim(image)
             if claim is None:
                 return None
-            self._drop_volumes(claim.victims, EvictReason.LRU)
+            self._drop_volumes(claim.victims, self._room_reason)
             try:
                 return self._fill(ctx, image, claim.entry, lease=lease, size_gb=size_gb)
             except _Larger as larger:
@@ -321,13 +322,14 @@ class CacheService(OperatorCommands):
                 raise AlreadyClaimed(scope.key, image.id)
             now = self.clock.now()
             victims = self.policy.victims(
-                totals, eviction_candidates(repo, scope.key, now), adding_gb=size)
+                totals, eviction_candidates(repo, scope.key, now, self.policy.eviction_policy),
+                adding_gb=size)
             # The quota is checked before anything is evicted: evicting for a new entry
             # that the quota then refuses would lose the old entries for nothing.
             if victims is None or not self.tenant.quota_allows(repo.all_totals(), size,
                                                                victims):
                 return None
-            self._remove(repo, scope.key, victims, EvictReason.LRU)
+            self._make_room(repo, totals, victims)
             entry = CacheEntry(
                 id=new_id(), host=scope.host, image_id=image.id, volume_id=new_id(),
                 size_gb=size, image_updated_at=image.updated_at,
@@ -350,9 +352,12 @@ class CacheService(OperatorCommands):
         With ``lease`` (a request's miss), the miss is counted and its event kept in the
         transaction that makes the entry READY; ``fill_seconds`` is measured from here.
         """
-        started = time.perf_counter()
         created = False
         nbytes, seconds = 0, 0.0
+        # On the service's clock, as the clones the ledger subtracts from it: real seconds in
+        # production, exact ones on a fake clock (the trace bench's downloads take simulated
+        # time).
+        started = self.clock.monotonic()
         try:
             neighbour = self._fill_from_neighbour(image, entry)
             created = neighbour is not None
@@ -370,15 +375,17 @@ class CacheService(OperatorCommands):
         except BaseException:
             self._abandon(entry, created)
             raise
-        filled = time.perf_counter() - started
         # Lock first, then read: a takeover between a read and the lock would go unseen.
-        with self._locked() as (repo, _):
+        with self._locked() as (repo, totals):
             current = repo.get(entry.id)
             if current is not None:
                 current.state = EntryState.READY
                 current.claim_expires = None
                 current.last_used = self.clock.now()
-                current.fill_seconds = filled
+                # The ledger's fill time and what getting it back would cost (gdsf).
+                current.fill_seconds = max(0.0, self.clock.monotonic() - started)
+                current.priority = self.policy.priority(totals.gdsf_age, current,
+                                                        current.hits + 1)
                 taken = self._take_lease(current) if lease else None
                 repo.save(current)
                 misses = 1 if lease else 0
@@ -497,9 +504,9 @@ class CacheService(OperatorCommands):
             raise _Larger(disk.virtual_size)
 
     def _write(self, disk: DiskImage, volume_id: str) -> tuple[int, float]:
-        started = time.perf_counter()
+        started = self.clock.monotonic()
         nbytes = disk.write_to(self.storage, volume_id)
-        return nbytes, time.perf_counter() - started
+        return nbytes, self.clock.monotonic() - started
 
     # ------------------------------------------------------------------ announce
 

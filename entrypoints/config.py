@@ -37,7 +37,7 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from ivcache.core.errors import ConfigError, InvalidRequest
 from ivcache.core.model import DEFAULT_BACKEND, InternalTenant, Scope
-from ivcache.core.policy import CachePolicy
+from ivcache.core.policy import EVICTION_POLICIES, CachePolicy
 
 __all__ = [
     "IMAGE_SOURCES",
@@ -146,6 +146,12 @@ OPTIONS: tuple[Option, ...] = (
     Option(_B, "image_volume_cache_max_count", int, 0,
            "The most cache entries in a scope (0: unlimited).",
            aliases=("image_volume_cache_max_size_count",)),
+    Option(_B, "image_volume_cache_eviction_policy", str, "lru",
+           "Which entries give way when a new one needs room: `lru` (Cinder's) evicts the "
+           "entry used longest ago; `gdsf` (GreedyDual-Size-Frequency) the one cheapest to "
+           "get back per GiB it holds, its measured fill time times its uses over its size, "
+           "aged by the last victim's (docs/architecture.md). Pinned entries never give way "
+           "under either.", choices=EVICTION_POLICIES),
     Option(_S, "storage", str, "file", "The storage backend (docs/storage.md).",
            choices=STORAGE_KINDS),
     Option(_S, "storage_path", Path, Path("volumes"),
@@ -582,6 +588,7 @@ class _Reader:
             enabled=cache["image_volume_cache_enabled"],
             max_size_gb=cache["image_volume_cache_max_size_gb"],
             max_count=cache["image_volume_cache_max_count"],
+            eviction_policy=cache["image_volume_cache_eviction_policy"],
             claim_wait_seconds=ivc["claim_wait_seconds"],
             claim_lease_seconds=ivc["claim_lease_seconds"],
         )

@@ -287,6 +287,46 @@ class SqlCacheRepository:
                 or_(_E.last_used > last_used, and_(_E.last_used == last_used, _E.id > last_id)),
             )
 
+    def priority_victims(self, scope: str, now: dt.datetime) -> Iterator[CacheEntry]:
+        """READY, unpinned, unleased entries of ``scope``, lowest priority first (ties:
+        least recently used, then id).
+
+        Lazily, ``lru_batch`` rows at a time along the (scope, priority, last_used, id)
+        index, keyset-paginated as ``lru_victims``.
+        """
+        order = (_E.priority, _E.last_used, _E.id)
+        base = (
+            select(cache_entries)
+            .where(
+                _E.scope == scope,
+                _E.state == EntryState.READY.value,
+                _E.pinned.is_(False),
+                or_(_E.lease_until.is_(None), _E.lease_until <= now),
+            )
+            .order_by(*order)
+            .limit(self._lru_batch)
+        )
+        query = base
+        while True:
+            rows = self._conn.execute(query).all()
+            for row in rows:
+                yield _entry_from_row(row)
+            if len(rows) < self._lru_batch:
+                return
+            last = rows[-1]
+            # (priority, last_used, id) > the last row's: the ">=" on the first column is
+            # the index range, the rest only filters within it (as in lru_victims).
+            after = order[-1] > last.id
+            for column, value in ((_E.last_used, last.last_used),
+                                  (_E.priority, last.priority)):
+                after = or_(column > value, and_(column == value, after))
+            query = base.where(_E.priority >= last.priority, after)
+
+    def set_gdsf_age(self, scope: str, age: float) -> None:
+        self._ensure_totals(scope)
+        self._conn.execute(update(scope_totals).where(_T.scope == scope)
+                           .values(gdsf_age=age))
+
     # -- helpers ---------------------------------------------------------------------------
 
     def _one(self, query: Select[Any],

@@ -106,13 +106,18 @@ cache_entries = Table(
     Column("pinned", Boolean, nullable=False, server_default=false()),
     Column("claim_expires", UTCDateTime, nullable=True),
     Column("lease_until", UTCDateTime, nullable=True),
-    # the savings ledger (migration 0004): moved only by the end of a hit's lease
+    # Seconds the miss took to fill the volume (NULL: not measured): the savings ledger's
+    # and the gdsf policy's cost (migration 0004).
     Column("fill_seconds", Float, nullable=True),
+    # the savings ledger (migration 0004): moved only by the end of a hit's lease
     Column("bytes_saved", BigInteger, nullable=False, server_default=_ZERO),
     Column("seconds_saved", Float, nullable=False, server_default=_ZERO),
+    Column("priority", Float, nullable=False, server_default=_ZERO),  # gdsf (0005)
     UniqueConstraint("scope", "image_id"),
     CheckConstraint("state IN ('creating', 'ready')", name="state"),
     Index("ix_cache_entries_scope_last_used_id", "scope", "last_used", "id"),
+    Index("ix_cache_entries_scope_priority_last_used_id", "scope", "priority", "last_used",
+          "id"),
     Index("ix_cache_entries_volume_id", "volume_id"),
     Index("ix_cache_entries_host_backend_scope", "host", "backend", "scope"),
 )
@@ -131,6 +136,7 @@ scope_totals = Table(
     Column("neighbour_fills", Integer, nullable=False, server_default=_ZERO),
     Column("bytes_saved", BigInteger, nullable=False, server_default=_ZERO),
     Column("seconds_saved", Float, nullable=False, server_default=_ZERO),
+    Column("gdsf_age", Float, nullable=False, server_default=_ZERO),
 )
 
 #: Events waiting for the bus, in ``id`` order. A sender claims a batch (``claimed_until``),

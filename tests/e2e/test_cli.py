@@ -100,6 +100,28 @@ def test_limits_from_the_config_evict_the_least_recently_used(cli: Cli, tmp_path
     assert (tmp_path / "fake-vg").is_dir()
 
 
+def test_gdsf_from_the_config_keeps_the_popular_entry_lru_would_evict(
+        cli: Cli, tmp_path: Path, image_file: Path) -> None:
+    config = tmp_path / "ivcache.ini"
+    config.write_text("[DEFAULT]\nhost = node-7\nimage_volume_cache_max_count = 2\n"
+                      "image_volume_cache_eviction_policy = gdsf\n"
+                      "[ivcache]\nstorage = fake-lvm\nstorage_path = fake-vg\n")
+    env = {"IVCACHE_CONFIG": str(config)}
+    popular, dead, new = (cli.ok("image", "add", str(image_file), "--json", env=env)
+                          .json()["id"] for _ in range(3))
+    # popular is filled, then used eight times more; dead once, after it: under lru popular,
+    # used longest ago, would go. Their fill times are real (same bytes, same size), so
+    # popular's nine uses outweigh any noise in them.
+    for image_id in (popular, *[popular] * 8, dead, new):
+        cli.ok("volume", "create", "--image", image_id, "--size", "1", env=env)
+    listed = cli.ok("cache", "--admin", "list", "--json", env=env).json()
+    assert sorted(e["image_id"] for e in listed) == sorted([popular, new])
+    config.write_text(config.read_text().replace("= gdsf", "= most-recent"))
+    run = cli.fails("cache", "--admin", "list", env=env)
+    assert run.err.strip().endswith("option image_volume_cache_eviction_policy = "
+                                    "'most-recent' is not one of lru, gdsf")
+
+
 def test_cache_evict_by_image_entry_and_all(cli: Cli, image_file: Path) -> None:
     ids = [cli.ok("image", "add", str(image_file), "--json").json()["id"] for _ in range(3)]
     for image_id in ids:

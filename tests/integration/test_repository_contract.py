@@ -10,13 +10,15 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterator
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import attrs
 import pytest
+from sqlalchemy import event, insert, text
 
 from ivcache.adapters.memory import InMemoryUnitOfWork
 from ivcache.adapters.sql import SqlUnitOfWork, make_engine, upgrade
+from ivcache.adapters.sql.tables import cache_entries
 from ivcache.core.errors import AlreadyClaimed
 from ivcache.core.model import CacheEntry, EntryState, ScopeTotals
 from ivcache.core.ports import UnitOfWork
@@ -406,6 +408,144 @@ def test_removing_victims_while_iterating_evicts_each_one_once(uow: UnitOfWork) 
     assert evicted == [e.image_id for e in entries[:30]]
     with uow:
         assert uow.entries.totals(NODE_1) == ScopeTotals(NODE_1, count=10, size_gb=10)
+
+
+# -- gdsf: priority victims and the aging value -------------------------------------------------
+
+def test_priority_victims_come_lowest_priority_first_then_least_recently_used_then_by_id(
+        uow: UnitOfWork) -> None:
+    # 60 entries: priorities shared by groups of 12, last_used shared by pairs within them,
+    # more than one batch of any SQL backend and ties across batch boundaries; added in an
+    # order that matches none of the three keys.
+    entries = [attrs.evolve(make_entry(f"img-{n:02}", entry_id=f"e-{(n * 37) % 60:02}",
+                                       last_used=at((n // 2) % 6)),
+                            priority=float(4 - n // 12) / 3, fill_seconds=float(n))
+               for n in range(60)]
+    committed(uow, *reversed(entries))
+    expected = sorted(entries, key=lambda e: (e.priority, e.last_used, e.id))
+    with uow:
+        assert list(uow.entries.priority_victims(NODE_1, at(100))) == expected
+
+
+def test_priority_victims_skip_pinned_creating_and_leased_entries(uow: UnitOfWork) -> None:
+    now = at(100)
+
+    def ranked(entry: CacheEntry, priority: float) -> CacheEntry:
+        return attrs.evolve(entry, priority=priority)
+
+    committed(
+        uow,
+        ranked(make_entry("ready"), 5),
+        ranked(make_entry("pinned", pinned=True), 1),
+        ranked(make_entry("creating", state=EntryState.CREATING), 1),
+        ranked(make_entry("leased", lease_until=now + dt.timedelta(seconds=1)), 1),
+        ranked(make_entry("lease-ends-now", lease_until=now), 3),
+        ranked(make_entry("lease-ended", lease_until=now - dt.timedelta(hours=1)), 4),
+    )
+    with uow:
+        victims = [e.image_id for e in uow.entries.priority_victims(NODE_1, now)]
+    assert victims == ["lease-ends-now", "lease-ended", "ready"]
+
+
+def test_priority_victims_are_taken_from_one_scope_only(uow: UnitOfWork) -> None:
+    committed(uow, attrs.evolve(make_entry("img-1", "node-1"), priority=2.0),
+              attrs.evolve(make_entry("img-2", "node-2"), priority=1.0))
+    with uow:
+        assert [e.image_id for e in uow.entries.priority_victims(NODE_1, at(9))] == ["img-1"]
+        assert list(uow.entries.priority_victims(NODE_3, at(9))) == []
+
+
+def test_removing_priority_victims_while_iterating_evicts_each_one_once(
+        uow: UnitOfWork) -> None:
+    entries = [attrs.evolve(make_entry(f"img-{n:02}"), priority=float(n // 3))
+               for n in range(40)]
+    committed(uow, *entries)
+    evicted = []
+    with uow:
+        for victim in uow.entries.priority_victims(NODE_1, at(100)):
+            if uow.entries.totals(NODE_1).count <= 10:
+                break
+            assert uow.entries.remove(victim)
+            evicted.append(victim.image_id)
+        uow.commit()
+    assert evicted == [e.image_id for e in entries[:30]]
+
+
+def test_the_fill_time_and_the_priority_are_stored_and_saved(uow: UnitOfWork) -> None:
+    entry = attrs.evolve(make_entry(), fill_seconds=12.345678, priority=1 / 3)
+    unmeasured = make_entry("img-2")
+    committed(uow, entry, unmeasured)
+    with uow:
+        assert uow.entries.get(entry.id) == entry
+        got = uow.entries.get(unmeasured.id)
+        assert got is not None and (got.fill_seconds, got.priority) == (None, 0.0)
+        uow.entries.save(attrs.evolve(got, fill_seconds=0.5, priority=2.5e9))
+        uow.commit()
+    with uow:
+        again = uow.entries.get(unmeasured.id)
+    assert again is not None and (again.fill_seconds, again.priority) == (0.5, 2.5e9)
+
+
+def test_the_aging_value_is_kept_per_scope_on_its_totals(uow: UnitOfWork) -> None:
+    with uow:
+        assert uow.entries.lock_scope(NODE_1).gdsf_age == 0.0
+        uow.entries.set_gdsf_age(NODE_1, 41.25)
+        uow.entries.count_stats(NODE_1, evictions=1)
+        uow.commit()
+    with uow:
+        assert uow.entries.lock_scope(NODE_1).gdsf_age == 41.25
+        assert uow.entries.totals(NODE_2).gdsf_age == 0.0
+        assert uow.entries.totals(NODE_1) == ScopeTotals(NODE_1, evictions=1, gdsf_age=41.25)
+    with uow:
+        uow.entries.set_gdsf_age(NODE_1, 99.0)  # not committed: rolled back
+    with uow:
+        assert uow.entries.totals(NODE_1).gdsf_age == 41.25
+
+
+@pytest.mark.parametrize("dialect", ["sqlite",
+                                     pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_the_priority_victim_queries_walk_the_scope_priority_index_without_a_sort(
+        request: pytest.FixtureRequest, dialect: str) -> None:
+    sql_uow: SqlUnitOfWork = request.getfixturevalue(f"{dialect}_uow")
+    engine = sql_uow.engine
+    rows = [{"id": f"e-{h}-{n:04}", "host": f"node-{h}", "backend": "default",
+             "pool": "default", "scope": scope_of(f"node-{h}"), "image_id": f"img-{n:04}",
+             "volume_id": f"vol-{h}-{n:04}", "size_gb": 1, "state": "ready",
+             "created_at": T0, "last_used": T0 + dt.timedelta(seconds=n % 7),
+             "priority": float(n % 50), "fill_seconds": float(n)}
+            for h in range(20) for n in range(500)]
+    with engine.begin() as conn:  # seeded in bulk: only the reads are under test
+        conn.execute(insert(cache_entries), rows)
+        conn.execute(text("ANALYZE"))
+    seen: list[tuple[str, Any]] = []
+
+    def record(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any,
+               executemany: bool) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "FROM cache_entries" in statement:
+            seen.append((statement, parameters))
+
+    small_batches = SqlUnitOfWork(engine, lru_batch=16)
+    event.listen(engine, "before_cursor_execute", record)
+    with small_batches:
+        victims = small_batches.entries.priority_victims(NODE_3, T0 + dt.timedelta(days=1))
+        taken = [next(victims) for _ in range(40)]  # three pages: the first, two keyset pages
+    event.remove(engine, "before_cursor_execute", record)
+    assert [v.host for v in taken] == ["node-3"] * 40
+    assert [v.priority for v in taken] == sorted(v.priority for v in taken)
+    assert len(seen) == 3
+    with engine.connect() as conn:
+        for sql, params in seen:
+            if dialect == "sqlite":
+                plan = " ".join(row[3] for row in
+                                conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}", params))
+                assert "USING INDEX ix_cache_entries_scope_priority_last_used_id" in plan, plan
+                assert "TEMP B-TREE" not in plan, plan  # the order comes from the index
+            else:
+                plan = "\n".join(row[0] for row in
+                                 conn.exec_driver_sql(f"EXPLAIN {sql}", params))
+                assert "ix_cache_entries_scope_priority_last_used_id" in plan, plan
+                assert "Seq Scan" not in plan, plan
+                assert "Sort" not in plan, plan  # the order comes straight off the index
 
 
 # -- time --------------------------------------------------------------------------------------

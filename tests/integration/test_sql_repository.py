@@ -17,6 +17,7 @@ from typing import Any
 
 import attrs
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, event, insert, inspect, text
@@ -31,6 +32,7 @@ from ivcache.adapters.sql import (
     make_engine,
     upgrade,
 )
+from ivcache.adapters.sql.engine import _alembic_config
 from ivcache.adapters.sql.repository import LRU_BATCH
 from ivcache.adapters.sql.tables import cache_entries, metadata
 from ivcache.core.errors import AlreadyClaimed, ConfigError
@@ -124,7 +126,7 @@ def test_upgrading_a_new_database_twice_leaves_it_at_the_newest_revision(url: st
     upgrade(url)
     engine = make_engine(url)
     try:
-        assert current_revision(engine) == head_revision() == "0004"
+        assert current_revision(engine) == head_revision() == "0005"
         assert set(inspect(engine).get_table_names()) == {
             "alembic_version", "cache_entries", "event_outbox", "scope_totals"}
     finally:
@@ -164,6 +166,42 @@ def test_entries_and_totals_of_a_database_made_before_scopes_move_to_the_default
         engine.dispose()
 
 
+def test_entries_made_before_fill_times_were_measured_come_first_under_gdsf_by_age(
+        url: str) -> None:
+    upgrade(url, "0003")
+    engine = make_engine(url)
+    t = T0.replace(tzinfo=None) if url.startswith("sqlite") else T0
+    try:
+        with engine.begin() as conn:  # what ivcache 0003 wrote
+            conn.execute(text(
+                "INSERT INTO cache_entries (id, host, backend, pool, scope, image_id, "
+                "volume_id, size_gb, state, created_at, last_used, hits, pinned) VALUES "
+                f"('e1', 'node-1', 'default', 'default', '{NODE_1}', 'img-1', 'vol-1', 2, "
+                "'ready', :t, :late, 9, false), "
+                f"('e2', 'node-1', 'default', 'default', '{NODE_1}', 'img-2', 'vol-2', 1, "
+                "'ready', :t, :t, 0, false)"),
+                {"t": t, "late": t + dt.timedelta(hours=1)})
+            conn.execute(text(f"INSERT INTO scope_totals (scope, count, size_gb) "
+                              f"VALUES ('{NODE_1}', 2, 3)"))
+        upgrade(engine)
+        uow = SqlUnitOfWork(engine)
+        with uow:
+            victims = list(uow.entries.priority_victims(NODE_1, T0 + dt.timedelta(days=1)))
+            assert [(v.id, v.fill_seconds, v.priority) for v in victims] == [
+                ("e2", None, 0.0), ("e1", None, 0.0)]
+            assert uow.entries.totals(NODE_1) == ScopeTotals(NODE_1, count=2, size_gb=3)
+        with engine.begin() as conn:  # and back: 0005's columns and index go, rows stay
+            command.downgrade(_alembic_config(conn), "0003")
+        assert "priority" not in {c["name"] for c in inspect(engine).get_columns(
+            "cache_entries")}
+        assert "gdsf_age" not in {c["name"] for c in inspect(engine).get_columns(
+            "scope_totals")}
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM cache_entries")).scalar() == 2
+    finally:
+        engine.dispose()
+
+
 def test_a_database_never_upgraded_has_no_revision(url: str) -> None:
     engine = make_engine(url)
     try:
@@ -188,7 +226,9 @@ def test_the_schema_has_the_claim_constraint_and_the_lru_and_volume_indexes(
                if "duplicates_constraint" not in i}
     assert indexes == {"ix_cache_entries_scope_last_used_id": ["scope", "last_used", "id"],
                        "ix_cache_entries_volume_id": ["volume_id"],
-                       "ix_cache_entries_host_backend_scope": ["host", "backend", "scope"]}
+                       "ix_cache_entries_host_backend_scope": ["host", "backend", "scope"],
+                       "ix_cache_entries_scope_priority_last_used_id": [
+                           "scope", "priority", "last_used", "id"]}
 
 
 # -- the engine --------------------------------------------------------------------------------

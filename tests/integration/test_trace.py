@@ -4,9 +4,11 @@ test runs without the repository's bench/ folder.)"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from bench.trace import Request, read_log, replay, working_set_gb, zipf_trace
+from bench.trace import Request, main, read_log, replay, working_set_gb, zipf_trace
 
 
 def test_the_seeded_trace_is_pinned() -> None:
@@ -47,3 +49,31 @@ def test_a_replay_counts_hits_misses_and_the_gigabytes_downloaded() -> None:
     tight = replay(trace, cache_fraction=5 / 9)
     assert (tight.cache_gb, tight.hits, tight.gb_downloaded) == (5, 2, 12)
     assert replay(zipf_trace(200, 20, seed=42), cache_fraction=0.3).hits == 103
+
+
+def test_gdsf_keeps_the_popular_image_that_lru_evicts() -> None:
+    # 5 GiB of cache: c (3) needs room. lru evicts a (used longest ago, but three times) and
+    # b; gdsf evicts b alone (one use, a download as costly per GiB as a's).
+    trace = [Request("a", 2)] * 3 + [Request("b", 3), Request("c", 3), Request("a", 2)]
+    lru = replay(trace, cache_fraction=5 / 8, policy="lru")
+    gdsf = replay(trace, cache_fraction=5 / 8, policy="gdsf")
+    assert (lru.cache_gb, lru.hits, lru.gb_downloaded) == (5, 2, 10)
+    assert (gdsf.cache_gb, gdsf.hits, gdsf.gb_downloaded) == (5, 3, 8)
+    small = zipf_trace(200, 20, seed=42)
+    small_gdsf = replay(small, cache_fraction=0.3, policy="gdsf")
+    assert (small_gdsf.hits, small_gdsf.gb_downloaded) == (116, 742)
+
+
+def test_the_script_replays_a_log_under_both_policies_or_one(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    log = tmp_path / "requests.txt"
+    log.write_text("a 2\na 2\na 2\nb 3\nc 3\na 2\n", encoding="utf-8")
+    assert main(["--log", str(log), "--cache-fraction", str(5 / 8)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["lru", "gdsf"]
+    assert "gb_downloaded 10 " in lines[0] and "gb_downloaded 8 " in lines[1]
+    assert main(["--log", str(log), "--policy", "gdsf"]) == 0
+    assert capsys.readouterr().out.startswith("gdsf ")
+    log.write_text("a two\n", encoding="utf-8")
+    assert main(["--log", str(log)]) == 1
+    assert "line 1: 'a two'" in capsys.readouterr().err

@@ -209,6 +209,8 @@ rbd_max_clone_depth = 2
     ("[glance]\nauth = password\n",
      "option auth = 'password' is not one of keystone, trusted-headers"),
     ("[glance]\nretries = -3\n", "option retries = -3 must be 0 or more"),
+    ("[DEFAULT]\nimage_volume_cache_eviction_policy = lfu\n",
+     "option image_volume_cache_eviction_policy = 'lfu' is not one of lru, gdsf"),
 ])
 def test_a_bad_value_is_refused_naming_the_option(tmp_path: Path, text: str,
                                                   expected: str) -> None:
@@ -294,6 +296,24 @@ def test_each_backend_section_has_its_own_cache_and_storage_options(tmp_path: Pa
     assert config.scope(bulk).key == "ceph-a@bulk#volumes"
     with pytest.raises(ConfigError, match=r"several backends are enabled \(fast, bulk\)"):
         config.backend()
+
+
+def test_the_eviction_policy_is_lru_unless_a_backend_or_default_says_gdsf(
+        tmp_path: Path) -> None:
+    config = _load(tmp_path, MULTI)
+    assert config.backend("fast").policy.eviction_policy == "lru"  # Cinder's
+    gdsf_for_bulk = MULTI.replace("[bulk]\n", "[bulk]\nimage_volume_cache_eviction_policy = gdsf\n")
+    config = _load(tmp_path, gdsf_for_bulk)
+    assert config.backend("bulk").policy.eviction_policy == "gdsf"
+    assert config.backend("fast").policy.eviction_policy == "lru"
+    everywhere = MULTI.replace("[DEFAULT]\n",
+                               "[DEFAULT]\nimage_volume_cache_eviction_policy = gdsf\n")
+    assert {_load(tmp_path, everywhere).backend(b).policy.eviction_policy
+            for b in ("fast", "bulk")} == {"gdsf"}
+    refused = _refused(tmp_path, MULTI.replace(
+        "[fast]\n", "[fast]\nimage_volume_cache_eviction_policy = LRU\n"))
+    assert refused.endswith("option image_volume_cache_eviction_policy = 'LRU' is not one of "
+                            "lru, gdsf")
 
 
 def test_without_enabled_backends_there_is_one_implicit_backend_named_default(
