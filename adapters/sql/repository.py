@@ -255,46 +255,22 @@ class SqlCacheRepository:
         return True
 
     def lru_victims(self, scope: str, now: dt.datetime) -> Iterator[CacheEntry]:
-        """READY, unpinned, unleased entries of ``scope``, least recently used first.
-
-        Lazily, ``lru_batch`` rows at a time along the (scope, last_used, id) index, each
-        batch starting after the last (last_used, id) seen (keyset pagination): entries
-        removed while iterating do not shift the pages.
-        """
-        base = (
-            select(cache_entries)
-            .where(
-                _E.scope == scope,
-                _E.state == EntryState.READY.value,
-                _E.pinned.is_(False),
-                or_(_E.lease_until.is_(None), _E.lease_until <= now),
-            )
-            .order_by(_E.last_used, _E.id)
-            .limit(self._lru_batch)
-        )
-        query = base
-        while True:
-            rows = self._conn.execute(query).all()
-            for row in rows:
-                yield _entry_from_row(row)
-            if len(rows) < self._lru_batch:
-                return
-            last_used, last_id = rows[-1].last_used, rows[-1].id
-            # (last_used, id) > (:lu, :id), written so that every dialect uses the index:
-            # the ">=" is the index range, the OR only filters within it.
-            query = base.where(
-                _E.last_used >= last_used,
-                or_(_E.last_used > last_used, and_(_E.last_used == last_used, _E.id > last_id)),
-            )
+        """READY, unpinned, unleased entries of ``scope``, least recently used first, along
+        the (scope, last_used, id) index."""
+        return self._victims(scope, now, (_E.last_used, _E.id))
 
     def priority_victims(self, scope: str, now: dt.datetime) -> Iterator[CacheEntry]:
         """READY, unpinned, unleased entries of ``scope``, lowest priority first (ties:
-        least recently used, then id).
+        least recently used, then id), along the (scope, priority, last_used, id) index."""
+        return self._victims(scope, now, (_E.priority, _E.last_used, _E.id))
 
-        Lazily, ``lru_batch`` rows at a time along the (scope, priority, last_used, id)
-        index, keyset-paginated as ``lru_victims``.
+    def _victims(self, scope: str, now: dt.datetime,
+                 order: tuple[Any, ...]) -> Iterator[CacheEntry]:
+        """The entries that may go, in ``order`` (an index's columns after the scope).
+
+        Lazily, ``lru_batch`` rows at a time, each batch starting after the last row seen
+        (keyset pagination): entries removed while iterating do not shift the pages.
         """
-        order = (_E.priority, _E.last_used, _E.id)
         base = (
             select(cache_entries)
             .where(
@@ -314,13 +290,13 @@ class SqlCacheRepository:
             if len(rows) < self._lru_batch:
                 return
             last = rows[-1]
-            # (priority, last_used, id) > the last row's: the ">=" on the first column is
-            # the index range, the rest only filters within it (as in lru_victims).
-            after = order[-1] > last.id
-            for column, value in ((_E.last_used, last.last_used),
-                                  (_E.priority, last.priority)):
+            values = [last._mapping[column] for column in order]
+            # (columns) > (the last row's), written so that every dialect uses the index:
+            # the ">=" on the first column is the index range, the ORs only filter within it.
+            after = order[-1] > values[-1]
+            for column, value in zip(order[-2::-1], values[-2::-1], strict=True):
                 after = or_(column > value, and_(column == value, after))
-            query = base.where(_E.priority >= last.priority, after)
+            query = base.where(order[0] >= values[0], after)
 
     def set_gdsf_age(self, scope: str, age: float) -> None:
         self._ensure_totals(scope)
