@@ -55,6 +55,7 @@ from ivcache.core.model import (
 from ivcache.core.operations import Finding, OperatorCommands
 from ivcache.core.policy import eviction_candidates
 from ivcache.core.ports import DiskImage, FileChunks
+from ivcache.core.upload import VolumeUploads
 
 __all__ = ["CacheService", "Finding", "Neighbour", "NullTracer", "SystemClock"]
 
@@ -82,11 +83,12 @@ class _Served:
     filled_from: str | None = None
 
 
-class CacheService(OperatorCommands):
+class CacheService(OperatorCommands, VolumeUploads):
     """Creates volumes from images on one backend, through the image-volume cache.
 
     ``scope`` (host, backend, pool, cluster) is what this service speaks for; entries,
-    limits and stats are per scope. The operator commands come from ``OperatorCommands``;
+    limits and stats are per scope. The operator commands come from ``OperatorCommands``,
+    ``volume upload`` from ``VolumeUploads`` (core/upload.py);
     the constructor from ``ServiceBase`` (host or scope, storage, images, uow, notifier,
     policy, tenant, clock, tracer, neighbours).
     """
