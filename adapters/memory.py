@@ -43,6 +43,8 @@ class InMemoryRepository:
     def __init__(self) -> None:
         self._entries: dict[str, CacheEntry] = {}
         self._totals: dict[str, ScopeTotals] = {}
+        #: volumes being written for a user, and until when at the latest
+        self._writes: dict[str, dt.datetime] = {}
 
     def lock_scope(self, scope: str) -> ScopeTotals:
         # Like the SQL one, locking a scope makes its totals row exist.
@@ -142,11 +144,24 @@ class InMemoryRepository:
         self._move_totals(gone.scope_key, -1, -gone.size_gb)
         return True
 
+    def mark_writing(self, volume_id: str, host: str, until: dt.datetime) -> None:
+        self._writes[volume_id] = until
+
+    def end_writing(self, volume_id: str) -> None:
+        self._writes.pop(volume_id, None)
+
+    def writing(self, volume_id: str, now: dt.datetime) -> bool:
+        until = self._writes.get(volume_id)
+        return until is not None and until > now
+
     def lru_victims(self, scope: str, now: dt.datetime) -> Iterator[CacheEntry]:
         # A cluster's scope holds entries of several hosts: LRU order ignores the host.
         for e in sorted(self.list(scope=scope), key=lambda e: (e.last_used, e.id)):
             if e.state is EntryState.READY and not e.pinned and not e.leased(now):
                 yield e
+
+
+_Snapshot = tuple[dict[str, CacheEntry], dict[str, ScopeTotals], dict[str, dt.datetime]]
 
 
 class InMemoryUnitOfWork:
@@ -162,7 +177,7 @@ class InMemoryUnitOfWork:
         self.committed = False
         self._lock = threading.Lock()
         self._holder: int | None = None
-        self._snapshot: tuple[dict[str, CacheEntry], dict[str, ScopeTotals]] | None = None
+        self._snapshot: _Snapshot | None = None
 
     def __enter__(self) -> InMemoryUnitOfWork:
         if self._holder == threading.get_ident():
@@ -180,6 +195,7 @@ class InMemoryUnitOfWork:
             if self._snapshot is not None:
                 self.entries._entries = {k: copy.copy(v) for k, v in self._snapshot[0].items()}
                 self.entries._totals = dict(self._snapshot[1])
+                self.entries._writes = dict(self._snapshot[2])
         finally:
             self._snapshot = None
             self._holder = None
@@ -190,9 +206,9 @@ class InMemoryUnitOfWork:
         if self._snapshot is not None:
             self._snapshot = self._copy()
 
-    def _copy(self) -> tuple[dict[str, CacheEntry], dict[str, ScopeTotals]]:
+    def _copy(self) -> _Snapshot:
         return ({k: copy.copy(v) for k, v in self.entries._entries.items()},
-                dict(self.entries._totals))
+                dict(self.entries._totals), dict(self.entries._writes))
 
 
 class InMemoryImageSource:

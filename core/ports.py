@@ -293,6 +293,17 @@ class CacheRepository(Protocol):
         """Delete; return False if it was already gone."""
         ...
 
+    def mark_writing(self, volume_id: str, host: str, until: dt.datetime) -> None:
+        """Note that ``host`` is writing a user's volume (an uncached create) until
+        ``until`` at the latest: ``volume upload`` refuses it meanwhile."""
+        ...
+
+    def end_writing(self, volume_id: str) -> None: ...
+
+    def writing(self, volume_id: str, now: dt.datetime) -> bool:
+        """Whether the volume is being written (a mark not yet ended nor expired)."""
+        ...
+
     def lru_victims(self, scope: str, now: dt.datetime) -> Iterator[CacheEntry]:
         """READY, unpinned, unleased entries of ``scope``, least recently used first.
 

@@ -417,7 +417,7 @@ class CacheService(OperatorCommands, VolumeUploads):
     def _uncached(self, ctx: RequestContext, image: Image, vol_id: str,
                   size_gb: int) -> Volume:
         """Download straight into the caller's new volume (cache disabled, or no room)."""
-        with self._open(ctx, image) as disk:
+        with self._open(ctx, image) as disk, self._writing(vol_id):
             self._check_fits(image, disk, asked_gb=size_gb, reserved_gb=size_gb)
             volume = self.storage.create_volume(vol_id, size_gb, ctx.project_id)
             try:

@@ -24,6 +24,7 @@ changes neither the image nor the entry.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import hashlib
 from collections.abc import Iterator
 from typing import Protocol
@@ -172,6 +173,22 @@ class VolumeUploads(ServiceBase):
 
     # ------------------------------------------------------------------ checks
 
+    @contextlib.contextmanager
+    def _writing(self, volume_id: str) -> Iterator[None]:
+        """Mark a user's volume as being written (an uncached create, whose volume exists
+        before its bytes do) for the block: ``upload_volume`` refuses it meanwhile. A mark
+        whose writer died lapses after ``claim_lease_seconds``."""
+        until = self.clock.now() + dt.timedelta(seconds=self.policy.claim_lease_seconds)
+        with self.uow as uow:
+            uow.entries.mark_writing(volume_id, self.host, until)
+            uow.commit()
+        try:
+            yield
+        finally:
+            with self.uow as uow:
+                uow.entries.end_writing(volume_id)
+                uow.commit()
+
     def _upload_ports(self) -> tuple[ImageUploader, VolumeExporter]:
         if not isinstance(self.images, ImageUploader):
             raise InvalidRequest(f"this image source ({type(self.images).__name__}) takes "
@@ -191,6 +208,9 @@ class VolumeUploads(ServiceBase):
             if entry is not None and not entry.ready:
                 raise InvalidRequest(f"volume {volume.id} is being written (the cache is "
                                      "filling it): upload it once that is done")
+        elif self._read(lambda repo: repo.writing(volume.id, self.clock.now())):
+            raise InvalidRequest(f"volume {volume.id} is being written (its create is in "
+                                 "progress): upload it once that is done")
         return volume
 
     # ------------------------------------------------------------------ the upload

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Callable, Iterable, Iterator
 
 import pytest
@@ -194,3 +195,43 @@ def test_with_the_cache_disabled_the_upload_is_uncached(world: World) -> None:
     assert not result.cached and result.reason is not None and "disabled" in result.reason
     stored = world.images.data[result.image.id]
     assert hashlib.sha512(stored).hexdigest() == result.sha512
+
+
+class _Trickling(InMemoryImageSource):
+    """Its downloads wait after the first chunk (the head a converter reads before the
+    volume is made) until ``go`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__(chunk_size=1024)
+        self.started = threading.Event()
+        self.go = threading.Event()
+
+    def open_data(self, ctx: RequestContext, image_id: str) -> Iterator[bytes]:
+        chunks = super().open_data(ctx, image_id)
+
+        def slow() -> Iterator[bytes]:
+            yield next(chunks)
+            self.started.set()
+            assert self.go.wait(30)
+            yield from chunks
+        return slow()
+
+
+def test_a_volume_whose_create_is_in_progress_cannot_be_uploaded(world: World) -> None:
+    source = world.images = _Trickling()
+    service = _service(world, policy=CachePolicy(enabled=False))
+    world.image("base", data=b"base" * 1000)
+    made: list[str] = []
+    creating = threading.Thread(target=lambda: made.append(
+        service.create_volume(world.alice, "base", 1, volume_id="vol-new").volume.id))
+    creating.start()
+    try:
+        assert source.started.wait(30)
+        assert world.storage().get_volume("vol-new").owner == "alice"
+        with pytest.raises(InvalidRequest, match="being written"):
+            service.upload_volume(world.alice, "vol-new", name="half")
+    finally:
+        source.go.set()
+        creating.join(30)
+    assert made == ["vol-new"]
+    assert not service.upload_volume(world.alice, "vol-new", name="whole").cached
