@@ -55,6 +55,17 @@ class _QemuSource(Protocol):
     def qemu_target(self, volume_id: str) -> str: ...
 
 
+def _readable(storage: StorageBackend) -> StorageBackend:
+    """The storage itself where a wrapper (the OTel adapter's ``MeteredStorage``, which
+    keeps its backend in ``inner``) hides how its volumes can be read."""
+    while not isinstance(storage, LocalFile | RangeReader | _QemuSource):
+        inner = getattr(storage, "inner", None)
+        if inner is None:
+            break
+        storage = inner
+    return storage
+
+
 class _Out:
     """Chunks of one file, up to ``limit`` bytes, then scratch files removed on close."""
 
@@ -131,6 +142,7 @@ class VolumeExport:
         if disk_format not in EXPORT_FORMATS:
             raise InvalidRequest(f"a volume can be read out as {', '.join(EXPORT_FORMATS)}, "
                                  f"not {disk_format!r}")
+        storage = _readable(storage)
         size = storage.get_volume(volume_id).size_gb * GIB
         what = f"volume {volume_id}"
         local = storage.local_file(volume_id) if isinstance(storage, LocalFile) else None

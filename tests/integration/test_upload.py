@@ -257,3 +257,36 @@ def test_data_changed_between_our_hash_and_the_sources_answer_makes_no_entry(
     assert {v.id for v in world.storage.list_volumes()} == volumes
     miss = world.service.create_volume(alice, result.image.id, 1)
     assert miss.outcome is Outcome.MISS
+
+
+def test_the_export_reads_through_the_otel_wrapper_and_leaves_no_scratch_file(
+        tmp_path: Path) -> None:
+    from ivcache.adapters.convert.export import VolumeExport
+    from ivcache.adapters.notify.otel import MeteredStorage, OtelNotifier
+    from ivcache.core.errors import InvalidRequest
+
+    inner = FileStorage(tmp_path / "volumes", host=HOST)
+    inner.create_volume("vol-1", 1, "alice")
+    inner.write_image("vol-1", [CHANGE])
+    storage = MeteredStorage(inner, OtelNotifier(), HOST)
+    export = VolumeExport(tmp_path / "scratch")
+
+    raw = export.export(storage, "vol-1", "raw")
+    try:
+        head = next(raw)
+        total = len(head)
+        for chunk in raw:
+            total += len(chunk)
+    finally:
+        raw.close()
+    assert total == GIB and head[:len(CHANGE)] == CHANGE
+    qcow2 = export.export(storage, "vol-1", "qcow2")
+    try:
+        head = next(iter(qcow2))
+        assert head[:4] == b"QFI\xfb"
+        assert len(list((tmp_path / "scratch").iterdir())) == 1
+    finally:
+        qcow2.close()
+    assert list((tmp_path / "scratch").iterdir()) == []
+    with pytest.raises(InvalidRequest):
+        export.export(storage, "vol-1", "vmdk")
