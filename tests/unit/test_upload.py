@@ -6,6 +6,7 @@ import hashlib
 import threading
 from collections.abc import Callable, Iterable, Iterator
 
+import attrs
 import pytest
 
 from ivcache.adapters.memory import FakeConverter, InMemoryImageSource
@@ -235,3 +236,28 @@ def test_a_volume_whose_create_is_in_progress_cannot_be_uploaded(world: World) -
         creating.join(30)
     assert made == ["vol-new"]
     assert not service.upload_volume(world.alice, "vol-new", name="whole").cached
+
+
+class _NeverActive(InMemoryImageSource):
+    """A source whose uploaded images stay ``saving`` (a Glance whose store hangs)."""
+
+    def upload_image(self, ctx: RequestContext, spec: NewImage,
+                     data: Callable[[Image], Iterable[bytes]]) -> Image:
+        image = super().upload_image(ctx, spec, data)
+        self.images[image.id] = attrs.evolve(image, status="saving")
+        return self.images[image.id]
+
+
+def test_an_image_that_never_becomes_active_makes_no_entry(world: World) -> None:
+    world.images = _NeverActive(chunk_size=64 * 1024)
+    service = _service(world)
+    volume_id = _volume(world, service, world.alice)
+    started = world.clock.now()
+
+    result = service.upload_volume(world.alice, volume_id, name="golden",
+                                   active_wait_seconds=30)
+
+    assert not result.cached and result.entry_id is None
+    assert result.reason is not None and "'saving', not 'active'" in result.reason
+    assert (world.clock.now() - started).total_seconds() >= 30
+    assert [e.image_id for e in service.list_entries()] == ["base"]
