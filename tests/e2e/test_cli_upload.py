@@ -4,9 +4,13 @@ upload, a full cache, Cinder's image_upload_use_internal_tenant."""
 from __future__ import annotations
 
 import hashlib
+import uuid
 from pathlib import Path
 
+import pytest
+
 from tests.e2e.conftest import Cli
+from tests.support.glance_server import GlanceServer
 
 FIELDS = {"image_id", "size", "disk_format", "os_hash_algo", "os_hash_value", "cached",
           "entry_id", "reason"}
@@ -105,3 +109,38 @@ notifier = none
     [image] = [i for i in cli.ok("image", "list", "--config", str(config), "--json").json()
                if i["id"] == up["image_id"]]
     assert image["owner"] == "internal" and image["status"] == "active"
+
+
+@pytest.mark.glance
+def test_an_upload_to_glance_goes_with_the_callers_identity_and_is_cached(
+        cli: Cli, glance: GlanceServer) -> None:
+    project = f"up-{uuid.uuid4().hex[:8]}"
+    base = glance.create_image(glance.identity(project), b"base" * (1 << 18), name="base")
+    config = cli.home / "glance.ini"
+    config.write_text(f"""[DEFAULT]
+host = node-1
+[ivcache]
+image_source = glance
+notifier = none
+[glance]
+url = {glance.url}
+auth = trusted-headers
+""", encoding="utf-8")
+    common = ("--config", str(config), "--project", project)
+    volume = cli.ok("volume", "create", "--image", base, "--size", "1", *common,
+                    "--json").json()
+    with open(volume["path"], "r+b") as fh:
+        fh.write(CHANGE)
+
+    up = cli.ok("volume", "upload", volume["id"], "--name", "golden", "--private", *common,
+                "--json").json()
+
+    assert up["cached"] is True and up["os_hash_value"] == _sha512(Path(volume["path"]))
+    image = glance.get(glance.identity(project), up["image_id"])
+    assert image["owner"] == project and image["visibility"] == "private"
+    assert image["status"] == "active"
+    made = cli.ok("volume", "create", "--image", up["image_id"], "--size", "1", *common,
+                  "--json").json()
+    assert made["outcome"] == "hit"
+    cli.fails("volume", "upload", volume["id"], "--name", "stolen", "--config", str(config),
+              "--project", "someone-else")
