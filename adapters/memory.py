@@ -6,14 +6,24 @@ import copy
 import datetime as dt
 import hashlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 
 import attrs
 
-from ivcache.core.errors import AlreadyClaimed, ImageNotFound, IvcacheError
+from ivcache.core.errors import AlreadyClaimed, ImageNotFound, InvalidRequest, IvcacheError
 from ivcache.core.events import Event
-from ivcache.core.model import CacheEntry, EntryState, Image, RequestContext, Scope, ScopeTotals
+from ivcache.core.model import (
+    GIB,
+    CacheEntry,
+    EntryState,
+    Image,
+    NewImage,
+    RequestContext,
+    Scope,
+    ScopeTotals,
+    new_id,
+)
 from ivcache.core.ports import ImageData, StorageBackend
 
 __all__ = [
@@ -34,6 +44,8 @@ class InMemoryRepository:
     def __init__(self) -> None:
         self._entries: dict[str, CacheEntry] = {}
         self._totals: dict[str, ScopeTotals] = {}
+        #: volumes being written for a user, and until when at the latest
+        self._writes: dict[str, dt.datetime] = {}
 
     def lock_scope(self, scope: str) -> ScopeTotals:
         # Like the SQL one, locking a scope makes its totals row exist.
@@ -140,6 +152,16 @@ class InMemoryRepository:
         self._move_totals(gone.scope_key, -1, -gone.size_gb)
         return True
 
+    def mark_writing(self, volume_id: str, host: str, until: dt.datetime) -> None:
+        self._writes[volume_id] = until
+
+    def end_writing(self, volume_id: str) -> None:
+        self._writes.pop(volume_id, None)
+
+    def writing(self, volume_id: str, now: dt.datetime) -> bool:
+        until = self._writes.get(volume_id)
+        return until is not None and until > now
+
     def lru_victims(self, scope: str, now: dt.datetime) -> Iterator[CacheEntry]:
         # A cluster's scope holds entries of several hosts: LRU order ignores the host.
         for e in sorted(self.list(scope=scope), key=lambda e: (e.last_used, e.id)):
@@ -165,6 +187,9 @@ class InMemoryOutbox:
         self.events.append(event)
 
 
+_Snapshot = tuple[dict[str, CacheEntry], dict[str, ScopeTotals], dict[str, dt.datetime], int]
+
+
 class InMemoryUnitOfWork:
     """Snapshot on enter, restore on exit what was not committed; a lock stands in for the
     database's.
@@ -179,7 +204,7 @@ class InMemoryUnitOfWork:
         self.committed = False
         self._lock = threading.Lock()
         self._holder: int | None = None
-        self._snapshot: tuple[dict[str, CacheEntry], dict[str, ScopeTotals], int] | None = None
+        self._snapshot: _Snapshot | None = None
 
     def __enter__(self) -> InMemoryUnitOfWork:
         if self._holder == threading.get_ident():
@@ -197,7 +222,8 @@ class InMemoryUnitOfWork:
             if self._snapshot is not None:
                 self.entries._entries = {k: copy.copy(v) for k, v in self._snapshot[0].items()}
                 self.entries._totals = dict(self._snapshot[1])
-                del self.outbox.events[self._snapshot[2]:]
+                self.entries._writes = dict(self._snapshot[2])
+                del self.outbox.events[self._snapshot[3]:]
         finally:
             self._snapshot = None
             self._holder = None
@@ -208,9 +234,9 @@ class InMemoryUnitOfWork:
         if self._snapshot is not None:
             self._snapshot = self._copy()
 
-    def _copy(self) -> tuple[dict[str, CacheEntry], dict[str, ScopeTotals], int]:
+    def _copy(self) -> _Snapshot:
         return ({k: copy.copy(v) for k, v in self.entries._entries.items()},
-                dict(self.entries._totals), len(self.outbox.events))
+                dict(self.entries._totals), dict(self.entries._writes), len(self.outbox.events))
 
 
 class InMemoryImageSource:
@@ -258,6 +284,27 @@ class InMemoryImageSource:
 
     def list_images(self, ctx: RequestContext) -> list[Image]:
         return [i for i in self.images.values() if self._visible(ctx, i)]
+
+    def upload_image(self, ctx: RequestContext, spec: NewImage,
+                     data: Callable[[Image], Iterable[bytes]]) -> Image:
+        """Queued, then active with the sha512 and md5 of what was stored (the
+        ``ImageUploader`` port); gone again if ``data`` raises."""
+        queued = Image(new_id(), spec.name, owner=ctx.project_id,
+                       visibility=spec.visibility or "public", status="queued",
+                       disk_format=spec.disk_format, container_format=spec.container_format)
+        self.images[queued.id] = queued
+        try:
+            stored = b"".join(data(queued))
+        except BaseException:
+            del self.images[queued.id]
+            raise
+        image = attrs.evolve(queued, size=len(stored), status="active",
+                             os_hash_algo="sha512",
+                             os_hash_value=hashlib.sha512(stored).hexdigest(),
+                             checksum=hashlib.md5(stored, usedforsecurity=False).hexdigest())
+        self.images[image.id] = image
+        self.data[image.id] = stored
+        return image
 
 
 class RecordingNotifier:
@@ -310,6 +357,24 @@ class FakeConverter:
             opened.close()
             raise self.refusals[image.id]
         return _FakeDisk(image.disk_format, self.virtual_sizes.get(image.id), head, opened)
+
+    def export(self, storage: StorageBackend, volume_id: str,
+               disk_format: str) -> Iterator[bytes]:
+        """A volume's bytes as a raw image, read by ranges from a fake storage that has
+        ``read`` (fake-lvm, fake-rbd); other formats are refused. Unlike a real export it
+        stops after the last MiB that holds data, so that unit tests do not hash GiBs of
+        zeros; what it gives is still the volume's bytes from offset 0."""
+        if disk_format != "raw":
+            raise InvalidRequest(f"the fake converter reads volumes out as raw only, not "
+                                 f"{disk_format!r}")
+        read = getattr(storage, "read")  # noqa: B009  # the fakes' own test helper
+        size = storage.get_volume(volume_id).size_gb * GIB
+        step = 1 << 20
+        pieces = [bytes(read(volume_id, offset, min(step, size - offset)))
+                  for offset in range(0, size, step)]
+        while pieces and pieces[-1].count(0) == len(pieces[-1]):
+            pieces.pop()
+        return (piece for piece in pieces)
 
     def leftovers(self, *, remove: bool) -> list[tuple[str, int]]:
         found = list(self.leftover)

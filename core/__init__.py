@@ -9,7 +9,8 @@ the submodules say where each name lives:
 - ``events``: what the cache announces (``CacheHit``, ``CacheMiss``, ``CacheEvict``...)
 - ``errors``: the one exception hierarchy (``IvcacheError`` and below)
 - ``ports``: the Protocols adapters implement (``StorageBackend``, ``ImageSource``...)
-- ``service``: ``CacheService``, the one owner of every decision
+- ``service``: ``CacheService``, the one owner of every decision (``volume upload``:
+  ``upload``)
 """
 
 from ivcache.core.errors import (
@@ -42,6 +43,7 @@ from ivcache.core.errors import (
 )
 from ivcache.core.events import (
     IMAGE_SOURCE,
+    UPLOAD,
     CacheEntryCreated,
     CacheEvict,
     CacheHit,
@@ -58,6 +60,7 @@ from ivcache.core.model import (
     EntryState,
     Image,
     InternalTenant,
+    NewImage,
     Outcome,
     RequestContext,
     Scope,
@@ -77,18 +80,23 @@ from ivcache.core.ports import (
     ImageConverter,
     ImageData,
     ImageSource,
+    ImageUploader,
     Notifier,
     Span,
     StorageBackend,
     Tracer,
     UnitOfWork,
+    VolumeData,
+    VolumeExporter,
 )
 from ivcache.core.service import CacheService, Finding, Neighbour, NullTracer, SystemClock
+from ivcache.core.upload import UploadResult
 
 __all__ = [
     "DEFAULT_BACKEND",
     "GIB",
     "IMAGE_SOURCE",
+    "UPLOAD",
     "Adoption",
     "AlreadyClaimed",
     "AuthError",
@@ -126,12 +134,14 @@ __all__ = [
     "ImageNotFound",
     "ImageSource",
     "ImageUnavailable",
+    "ImageUploader",
     "InternalTenant",
     "InvalidIdentifier",
     "InvalidRequest",
     "InvalidSize",
     "IvcacheError",
     "Neighbour",
+    "NewImage",
     "NoScratchSpace",
     "NoSpace",
     "Notifier",
@@ -150,7 +160,10 @@ __all__ = [
     "UnitOfWork",
     "UnsafeImage",
     "UnsupportedImage",
+    "UploadResult",
     "Volume",
+    "VolumeData",
+    "VolumeExporter",
     "VolumeNotFound",
     "check_id",
     "new_id",

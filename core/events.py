@@ -8,6 +8,7 @@ import attrs
 
 __all__ = [
     "IMAGE_SOURCE",
+    "UPLOAD",
     "CacheEntryCreated",
     "CacheEvict",
     "CacheHit",
@@ -34,6 +35,8 @@ class EvictReason(enum.Enum):
 
 #: ``CacheMiss.filled_from`` when the bytes came from the image source, not a neighbour
 IMAGE_SOURCE = "image-source"
+#: ``CacheEntryCreated.filled_from`` of an entry made from a volume as it was uploaded
+UPLOAD = "upload"
 
 
 @attrs.frozen
@@ -90,6 +93,8 @@ class CacheEvict(Event):
 class CacheEntryCreated(Event):
     entry_id: str = ""
     size_gb: int = 0
+    #: where the entry's bytes came from, when not a miss's download (``upload``)
+    filled_from: str | None = None
     name = "image_volume_cache.create"
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "EntryState",
     "Image",
     "InternalTenant",
+    "NewImage",
     "Outcome",
     "RequestContext",
     "Scope",
@@ -147,6 +148,17 @@ class Image:
         if self.checksum:
             return "md5", self.checksum
         return None
+
+
+@attrs.frozen
+class NewImage:
+    """An image to be made from a volume's bytes: its name, its disk format (the bytes'
+    format: ``raw`` or ``qcow2``) and its visibility (None: the image source's default)."""
+
+    name: str
+    disk_format: str = "raw"
+    container_format: str = "bare"
+    visibility: str | None = None
 
 
 @attrs.frozen

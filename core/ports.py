@@ -9,7 +9,15 @@ from types import TracebackType
 from typing import Protocol, runtime_checkable
 
 from ivcache.core.events import Event
-from ivcache.core.model import CacheEntry, Image, RequestContext, Scope, ScopeTotals, Volume
+from ivcache.core.model import (
+    CacheEntry,
+    Image,
+    NewImage,
+    RequestContext,
+    Scope,
+    ScopeTotals,
+    Volume,
+)
 
 __all__ = [
     "CacheRepository",
@@ -20,11 +28,14 @@ __all__ = [
     "ImageConverter",
     "ImageData",
     "ImageSource",
+    "ImageUploader",
     "Notifier",
     "Span",
     "StorageBackend",
     "Tracer",
     "UnitOfWork",
+    "VolumeData",
+    "VolumeExporter",
 ]
 
 
@@ -88,6 +99,25 @@ class ImageSource(Protocol):
         ...
 
     def list_images(self, ctx: RequestContext) -> list[Image]: ...
+
+
+@runtime_checkable
+class ImageUploader(Protocol):
+    """An image source that takes new images (``volume upload``). A port of its own beside
+    ``ImageSource``, so that a source which only serves images still fits that one."""
+
+    def upload_image(self, ctx: RequestContext, spec: NewImage,
+                     data: Callable[[Image], Iterable[bytes]]) -> Image:
+        """Create an image as ``ctx`` (owned by its project), then store ``data(image)``'s
+        bytes as its data; return the image as the source has it afterwards: its status,
+        and the hash *it* computed of what it stored.
+
+        ``data`` is called once the image exists (queued, its id known) and before any byte
+        moves. If ``data`` or the upload raises, the image is deleted and the error
+        propagates (``ImageUnavailable`` for the source's own failures, an ``ImageError``
+        for data it refuses).
+        """
+        ...
 
 
 @runtime_checkable
@@ -172,6 +202,29 @@ class ImageConverter(Protocol):
         ...
 
 
+class VolumeData(Protocol):
+    """A volume's bytes on their way out, in the format asked for."""
+
+    def __iter__(self) -> Iterator[bytes]: ...
+
+    def __next__(self) -> bytes: ...
+
+    def close(self) -> None:
+        """Release what the export holds (its scratch files); may be called twice."""
+        ...
+
+
+@runtime_checkable
+class VolumeExporter(Protocol):
+    """Reads volumes out as image data (the image converter does, when it can)."""
+
+    def export(self, storage: StorageBackend, volume_id: str, disk_format: str) -> VolumeData:
+        """The bytes of ``storage``'s volume as a ``disk_format`` image (``raw``: the
+        volume's bytes from offset 0 to its end; ``qcow2``: converted by qemu-img).
+        ``InvalidRequest`` for a format it cannot write."""
+        ...
+
+
 class CacheRepository(Protocol):
     """Cache entries and per-scope totals, inside one unit of work.
 
@@ -243,6 +296,17 @@ class CacheRepository(Protocol):
 
     def remove(self, entry: CacheEntry) -> bool:
         """Delete; return False if it was already gone."""
+        ...
+
+    def mark_writing(self, volume_id: str, host: str, until: dt.datetime) -> None:
+        """Note that ``host`` is writing a user's volume (an uncached create) until
+        ``until`` at the latest: ``volume upload`` refuses it meanwhile."""
+        ...
+
+    def end_writing(self, volume_id: str) -> None: ...
+
+    def writing(self, volume_id: str, now: dt.datetime) -> bool:
+        """Whether the volume is being written (a mark not yet ended nor expired)."""
         ...
 
     def lru_victims(self, scope: str, now: dt.datetime) -> Iterator[CacheEntry]:

@@ -54,6 +54,7 @@ from ivcache.core.model import (
 from ivcache.core.operations import Finding, OperatorCommands
 from ivcache.core.policy import eviction_candidates
 from ivcache.core.ports import DiskImage, FileChunks
+from ivcache.core.upload import VolumeUploads
 
 __all__ = ["CacheService", "Finding", "Neighbour", "NullTracer", "SystemClock"]
 
@@ -82,11 +83,12 @@ class _Served:
     clone_seconds: float | None = None
 
 
-class CacheService(OperatorCommands):
+class CacheService(OperatorCommands, VolumeUploads):
     """Creates volumes from images on one backend, through the image-volume cache.
 
     ``scope`` (host, backend, pool, cluster) is what this service speaks for; entries,
-    limits and stats are per scope. The operator commands come from ``OperatorCommands``;
+    limits and stats are per scope. The operator commands come from ``OperatorCommands``,
+    ``volume upload`` from ``VolumeUploads`` (core/upload.py);
     the constructor from ``ServiceBase`` (host or scope, storage, images, uow, notifier,
     policy, tenant, clock, tracer, neighbours).
     """
@@ -455,7 +457,7 @@ class CacheService(OperatorCommands):
                   size_gb: int, *, miss: bool = False) -> Volume:
         """Download straight into the caller's new volume (cache disabled, or no room);
         with ``miss``, count the miss and keep its event in the download's transaction."""
-        with self._open(ctx, image) as disk:
+        with self._open(ctx, image) as disk, self._writing(vol_id):
             self._check_fits(image, disk, asked_gb=size_gb, reserved_gb=size_gb)
             volume = self.storage.create_volume(vol_id, size_gb, ctx.project_id)
             try:

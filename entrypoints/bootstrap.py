@@ -9,7 +9,7 @@ entry there to fill from).
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,9 +25,16 @@ from ivcache.adapters.notify.otel import MeteredStorage, OtelNotifier
 from ivcache.adapters.sql.engine import make_engine, upgrade
 from ivcache.adapters.sql.outbox import SqlOutbox
 from ivcache.adapters.sql.repository import SqlUnitOfWork
-from ivcache.core.errors import ConfigError
-from ivcache.core.model import Image, RequestContext
-from ivcache.core.ports import FileChunks, ImageSource, Notifier, StorageBackend, Tracer
+from ivcache.core.errors import ConfigError, InvalidRequest
+from ivcache.core.model import Image, NewImage, RequestContext
+from ivcache.core.ports import (
+    FileChunks,
+    ImageSource,
+    ImageUploader,
+    Notifier,
+    StorageBackend,
+    Tracer,
+)
 from ivcache.core.service import CacheService, Neighbour, SystemClock
 from ivcache.entrypoints.config import (
     IMAGE_SOURCES,
@@ -262,6 +269,13 @@ class ProgressImages:
 
     def list_images(self, ctx: RequestContext) -> list[Image]:
         return self.inner.list_images(ctx)
+
+    def upload_image(self, ctx: RequestContext, spec: NewImage,
+                     data: Callable[[Image], Iterable[bytes]]) -> Image:
+        if not isinstance(self.inner, ImageUploader):
+            raise InvalidRequest(f"this image source ({type(self.inner).__name__}) takes no "
+                                 "new images")
+        return self.inner.upload_image(ctx, spec, data)
 
     def open_data(self, ctx: RequestContext, image_id: str) -> Iterator[bytes]:
         image = self.inner.get_image(ctx, image_id)

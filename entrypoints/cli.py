@@ -21,6 +21,7 @@ from click.core import ParameterSource
 from ivcache.core.errors import ConfigError, Forbidden, IvcacheError
 from ivcache.core.model import CacheEntry, Image, RequestContext, Scope, ScopeTotals, Volume
 from ivcache.core.operations import Adoption
+from ivcache.core.upload import UPLOAD_FORMATS
 from ivcache.entrypoints.bootstrap import (
     CONTAINER_FORMATS,
     DISK_FORMATS,
@@ -444,6 +445,31 @@ def volume_create(image_id: str, size_gb: int, host: str | None, backend: str | 
     doc.update(outcome=result.outcome.value, entry_id=result.entry_id,
                seconds=round(result.seconds, 6), scope=wiring.service.scope.key,
                filled_from=result.filled_from, clone_seconds=result.clone_seconds)
+    _emit(doc, lambda: _fields(doc))
+
+
+@volume.command("upload")
+@common
+@caller
+@_backend_option
+@click.argument("volume_id", metavar="VOLUME_ID")
+@click.option("--name", metavar="N", required=True, help="The new image's name.")
+@click.option("--disk-format", type=click.Choice(UPLOAD_FORMATS), default="raw",
+              show_default=True, help="The image's format (qcow2: converted on the way).")
+@click.option("--private", is_flag=True, help="Only the project may see the image.")
+def volume_upload(volume_id: str, name: str, disk_format: str, private: bool,
+                  backend: str | None, who: RequestContext) -> None:
+    """Upload a volume to a new image, and cache it: the next volume from it is a hit."""
+    wiring = _wiring(backend=backend)
+    result = wiring.service.upload_volume(
+        who, volume_id, name=name, disk_format=disk_format, private=private,
+        as_internal_tenant=wiring.backend.image_upload_use_internal_tenant)
+    image = result.image
+    doc: dict[str, object] = {
+        "image_id": image.id, "size": image.size or result.size,
+        "disk_format": image.disk_format, "os_hash_algo": image.os_hash_algo,
+        "os_hash_value": image.os_hash_value, "cached": result.cached,
+        "entry_id": result.entry_id, "reason": result.reason}
     _emit(doc, lambda: _fields(doc))
 
 

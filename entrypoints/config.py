@@ -152,6 +152,9 @@ OPTIONS: tuple[Option, ...] = (
            "get back per GiB it holds, its measured fill time times its uses over its size, "
            "aged by the last victim's (docs/architecture.md). Pinned entries never give way "
            "under either.", choices=EVICTION_POLICIES),
+    Option(_B, "image_upload_use_internal_tenant", bool, False,
+           "`volume upload` makes the image owned by the internal tenant instead of the "
+           "caller's project, as Cinder does for its uploads."),
     Option(_S, "storage", str, "file", "The storage backend (docs/storage.md).",
            choices=STORAGE_KINDS),
     Option(_S, "storage_path", Path, Path("volumes"),
@@ -340,6 +343,7 @@ class BackendConfig:
     rbd_conf: str = "/etc/ceph/ceph.conf"
     rbd_user: str = ""
     rbd_max_clone_depth: int = 5
+    image_upload_use_internal_tenant: bool = False
 
     @property
     def pool(self) -> str:
@@ -592,7 +596,9 @@ class _Reader:
             claim_wait_seconds=ivc["claim_wait_seconds"],
             claim_lease_seconds=ivc["claim_lease_seconds"],
         )
-        return BackendConfig(name=name, policy=policy, **storage)
+        return BackendConfig(name=name, policy=policy, **storage,
+                             image_upload_use_internal_tenant=cache[
+                                 "image_upload_use_internal_tenant"])
 
     def check_backend_section(self, section: str) -> None:
         """A backend section may hold anything of Cinder's, but not ivcache's global

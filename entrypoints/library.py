@@ -46,6 +46,7 @@ from ivcache.core.ports import (
     UnitOfWork,
 )
 from ivcache.core.service import CacheService
+from ivcache.core.upload import UploadResult
 from ivcache.entrypoints.bootstrap import Wiring, wire
 from ivcache.entrypoints.config import Config, load_config
 
@@ -138,6 +139,20 @@ class ImageVolumeCache:
         ``demo``), for ``context``'s caller, or for the owner of a Keystone ``token``."""
         return self.service.create_volume(
             self._caller(project, user, False, context, token), image_id, size_gb)
+
+    def upload_volume(self, volume_id: str, *, name: str, disk_format: str = "raw",
+                      private: bool = False, project: str | None = None,
+                      user: str | None = None, admin: bool = False,
+                      context: RequestContext | None = None,
+                      token: str | None = None) -> UploadResult:
+        """Upload the caller's volume as a new image and cache it on the way, so that the
+        next volume from it is a hit (``ivcache volume upload``); owned by the internal
+        tenant with ``image_upload_use_internal_tenant``."""
+        internal = (self._wiring is not None
+                    and self._wiring.backend.image_upload_use_internal_tenant)
+        return self.service.upload_volume(
+            self._caller(project, user, admin, context, token), volume_id, name=name,
+            disk_format=disk_format, private=private, as_internal_tenant=internal)
 
     def get_volume(self, volume_id: str, *, project: str | None = None,
                    admin: bool = False, context: RequestContext | None = None,

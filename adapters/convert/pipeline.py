@@ -40,6 +40,7 @@ from typing import Protocol, runtime_checkable
 
 from oslo_utils.imageutils import format_inspector as fi
 
+from ivcache.adapters.convert.export import VolumeExport
 from ivcache.adapters.convert.formats import (
     AS_IS,
     FormatPolicy,
@@ -60,7 +61,7 @@ from ivcache.core.errors import (
     NoSpace,
 )
 from ivcache.core.model import GIB, Image
-from ivcache.core.ports import ImageData, StorageBackend
+from ivcache.core.ports import ImageData, StorageBackend, VolumeData
 
 __all__ = ["HEAD_LIMIT", "ImagePipeline", "QemuTarget", "RawFileTarget"]
 
@@ -116,6 +117,12 @@ class ImagePipeline:
         except BaseException:
             opened.close()
             raise
+
+    def export(self, storage: StorageBackend, volume_id: str, disk_format: str) -> VolumeData:
+        """A volume read out as ``raw`` or ``qcow2`` image data (``VolumeExporter``; see
+        ``export.VolumeExport``), its scratch files in ``image_conversion_dir``."""
+        return VolumeExport(self.scratch_dir, self.qemu).export(storage, volume_id,
+                                                                disk_format)
 
     def leftovers(self, *, remove: bool) -> list[tuple[str, int]]:
         if not self.scratch_dir.is_dir():

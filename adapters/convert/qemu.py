@@ -76,6 +76,24 @@ class QemuImg:
         raise ConversionFailed(f"{what}: qemu-img could not convert its {fmt} data: "
                                f"{message}")
 
+    def convert_to(self, what: str, fmt: str, source: str, out_format: str, target: str, *,
+                   pass_fds: Sequence[int] = (), full: Callable[[], IvcacheError]) -> None:
+        """Write ``source`` (format ``fmt``) as a new ``out_format`` image file ``target``
+        (a volume read out as an image: ``volume upload``)."""
+        proc = self._run(["convert", "-q", "-f", fmt, "-O", out_format, source, target],
+                         what, pass_fds)
+        if proc.returncode == 0:
+            return
+        self._limits_hit(what, proc.returncode)
+        message = _last_line(proc)
+        if "No space left" in message or "Disk quota exceeded" in message:
+            raise full()
+        if "Unknown protocol" in message:
+            raise DriverMissing(f"{what}: qemu-img cannot open {source.partition(':')[0]} "
+                                f"sources ({message}): install qemu-block-extra")
+        raise ConversionFailed(f"{what}: qemu-img could not write it as {out_format}: "
+                               f"{message}")
+
     def _run(self, args: list[str], what: str,
              pass_fds: Sequence[int]) -> subprocess.CompletedProcess[str]:
         program = shutil.which(self.program)

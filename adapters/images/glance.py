@@ -34,11 +34,12 @@ resumed download that stitched different bytes together still fails the hash che
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime as dt
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import openstack
@@ -53,12 +54,15 @@ from ivcache.adapters._reasons import describe as _describe
 from ivcache.core.errors import (
     AuthError,
     ConfigError,
+    Forbidden,
+    ImageError,
     ImageNotFound,
     ImageUnavailable,
     InvalidIdentifier,
+    IvcacheError,
     TokenRefused,
 )
-from ivcache.core.model import Image, InternalTenant, RequestContext, check_id
+from ivcache.core.model import Image, InternalTenant, NewImage, RequestContext, check_id
 
 __all__ = ["AUTH_MODES", "GlanceImageSource"]
 
@@ -148,6 +152,72 @@ class GlanceImageSource:
     def open_data(self, ctx: RequestContext, image_id: str) -> Iterator[bytes]:
         path = self._image_path(image_id) + "/file"
         return self._stream(ctx, image_id, path)
+
+    def upload_image(self, ctx: RequestContext, spec: NewImage,
+                     data: Callable[[Image], Iterable[bytes]]) -> Image:
+        """``POST /v2/images`` then ``PUT /v2/images/ID/file`` with ``data(image)``'s bytes,
+        streamed (chunked), as ``ctx`` (the ``ImageUploader`` port); the image as Glance
+        has it afterwards (``active``, with its own ``os_hash_value`` of what it stored).
+
+        Neither request is retried: a repeated POST would make a second image, and the
+        stream cannot be replayed. If anything fails after the POST, the image is deleted.
+        """
+        body: dict[str, str] = {"name": spec.name, "disk_format": spec.disk_format,
+                                "container_format": spec.container_format}
+        if spec.visibility:
+            body["visibility"] = spec.visibility
+        response = self._once(ctx, "POST", "images", json=body)
+        queued = _to_image(self._answer(response, 201, f"creating image {spec.name!r}"))
+        try:
+            chunks = _Remembered(data(queued))
+            response = self._once(ctx, "PUT", self._image_path(queued.id) + "/file",
+                                  data=chunks,
+                                  headers={"Content-Type": "application/octet-stream"},
+                                  failed=chunks)
+            response.close()
+            if response.status_code != 204:
+                raise self._refused(response, f"storing the data of image {queued.id}")
+            return self.get_image(ctx, queued.id)
+        except BaseException:
+            self._delete_quietly(ctx, queued.id)
+            raise
+
+    def _once(self, ctx: RequestContext, method: str, path: str, *,
+              failed: _Remembered | None = None, **body: Any) -> requests.Response:
+        """One request, not retried; a connection failure is ``ImageUnavailable`` (or the
+        error the request body's own iterator raised, if that is what broke it)."""
+        try:
+            return self._attempt(ctx, method, path, stream=False, headers=body.pop(
+                "headers", None), params=None, **body)
+        except _Retry as exc:
+            if failed is not None and failed.error is not None:
+                raise failed.error from None
+            raise ImageUnavailable(f"{self._where} is unavailable: {exc} ({method} "
+                                   f"{path})") from None
+        except BaseException:
+            if failed is not None and failed.error is not None:
+                raise failed.error from None
+            raise
+
+    def _answer(self, response: requests.Response, status: int, what: str) -> dict[str, Any]:
+        if response.status_code != status:
+            response.close()
+            raise self._refused(response, what)
+        return self._json(response, what, status=status)
+
+    def _refused(self, response: requests.Response, what: str) -> IvcacheError:
+        detail = f"HTTP {response.status_code} {response.reason or ''}".strip()
+        if response.status_code == 403:
+            return Forbidden(f"{self._where} refused {what}: {detail} (its policy does not "
+                             "let this project do it)")
+        if response.status_code in (400, 409, 413):
+            return ImageError(f"{self._where} refused {what}: {detail}")
+        return ImageUnavailable(f"{self._where}: {detail} {what}")
+
+    def _delete_quietly(self, ctx: RequestContext, image_id: str) -> None:
+        with contextlib.suppress(IvcacheError, *_TRANSIENT):
+            self._attempt(ctx, "DELETE", self._image_path(image_id), stream=False,
+                          headers=None, params=None).close()
 
     def list_images(self, ctx: RequestContext) -> list[Image]:
         found: list[Image] = []
@@ -239,13 +309,13 @@ class GlanceImageSource:
 
     def _attempt(self, ctx: RequestContext, method: str, path: str, *, stream: bool,
                  headers: dict[str, str] | None,
-                 params: dict[str, str | int] | None) -> requests.Response:
+                 params: dict[str, str | int] | None, **body: Any) -> requests.Response:
         try:
             conn = self._connection(ctx)
             response: requests.Response = conn.image.request(
                 path, method, stream=stream, headers=headers or {}, params=params,
                 timeout=self.timeout, connect_retries=0, status_code_retries=0,
-                raise_exc=False)
+                raise_exc=False, **body)
         except ks_exceptions.DiscoveryFailure as exc:
             raise _Retry(self._why_no_discovery(exc)) from exc
         except _TRANSIENT as exc:
@@ -277,9 +347,10 @@ class GlanceImageSource:
     def _delay(self, attempt: int) -> float:
         return float(min(self.backoff * (2**attempt), _MAX_BACKOFF))
 
-    def _json(self, response: requests.Response, what: str) -> dict[str, Any]:
+    def _json(self, response: requests.Response, what: str, *,
+              status: int = 200) -> dict[str, Any]:
         try:
-            if response.status_code != 200:
+            if response.status_code != status:
                 raise ImageUnavailable(
                     f"{self._where}: HTTP {response.status_code} {response.reason or ''} "
                     f"for {what}")
@@ -379,6 +450,22 @@ class GlanceImageSource:
                                   f"{self.os_cloud!r} has no image endpoint: set url")
             self._catalog_url = str(found).rstrip("/")
         return self._catalog_url
+
+
+class _Remembered:
+    """A request body's chunks that remember the error their iterator raised: requests
+    reports it as a broken connection, and the caller wants the error itself."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._chunks = chunks
+        self.error: BaseException | None = None
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            yield from self._chunks
+        except BaseException as exc:
+            self.error = exc
+            raise
 
 
 def _content_length(response: requests.Response) -> int | None:

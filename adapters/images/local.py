@@ -28,7 +28,7 @@ import json
 import os
 import stat
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,7 @@ from ivcache.core.errors import (
     InvalidIdentifier,
     InvalidRequest,
 )
-from ivcache.core.model import Image, RequestContext, check_id, new_id
+from ivcache.core.model import Image, NewImage, RequestContext, check_id, new_id
 
 __all__ = ["LocalImageSource"]
 
@@ -171,6 +171,49 @@ class LocalImageSource:
             raise
         return image
 
+    def upload_image(self, ctx: RequestContext, spec: NewImage,
+                     data: Callable[[Image], Iterable[bytes]]) -> Image:
+        """A new image owned by ``ctx``'s project, its bytes ``data(image)``'s (the
+        ``ImageUploader`` port): queued in the index first, so that its id is known before a
+        byte moves; active once the bytes are stored, with the hashes (sha512, md5) this
+        source computed of what it wrote, and the format and virtual size it found in them
+        (a declared format the bytes do not have is refused, as by ``add_image``).
+
+        Visibility: ``public`` unless ``spec`` says ``private``. If anything fails, the
+        image is gone again (row and data) and the error propagates.
+        """
+        visibility = spec.visibility or "public"
+        if visibility not in _VISIBILITIES:
+            raise InvalidRequest(
+                f"visibility must be 'public' or 'private', not {visibility!r}")
+        if spec.container_format != "bare":
+            raise InvalidRequest("an uploaded image's container format is bare, not "
+                                 f"{spec.container_format!r}")
+        queued = Image(id=new_id(), name=spec.name, updated_at=_now(), owner=ctx.project_id,
+                       visibility=visibility, status="queued", disk_format=spec.disk_format,
+                       container_format=spec.container_format)
+        with self._locked_index() as images:
+            images[queued.id] = queued
+        path = self._data_path(queued.id)
+        try:
+            copied = self._store(iter(data(queued)), f"image {queued.id}", path, None,
+                                 declared=spec.disk_format, compressed=False)
+            with self._locked_index() as images:
+                if queued.id not in images:
+                    raise ImageNotFound(queued.id)  # deleted while its bytes came in
+                image = attrs.evolve(
+                    queued, size=copied.size, virtual_size=copied.virtual_size,
+                    disk_format=copied.disk_format, os_hash_algo="sha512",
+                    os_hash_value=copied.sha512, checksum=copied.md5, status="active",
+                    updated_at=_later(queued.updated_at))
+                images[image.id] = image
+        except BaseException:
+            with contextlib.suppress(ImageError), self._locked_index() as images:
+                images.pop(queued.id, None)
+            path.unlink(missing_ok=True)
+            raise
+        return image
+
     def delete_image(self, ctx: RequestContext, image_id: str) -> None:
         """Delete the image and its data; only its owner project or an admin may.
 
@@ -272,24 +315,32 @@ class LocalImageSource:
                                  "disk image file)")
         fin = os.fdopen(fd, "rb")
         with fin:
-            try:
-                self._data_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise ImageUnavailable(
-                    f"cannot write images into {self._data_dir}: {e.strerror or e}") from None
-            tmp = dst.with_name(f".tmp-{dst.name}-{uuid.uuid4().hex}")
-            try:
-                copied = self._copy_sparse(fin, src, tmp, progress, declared=declared,
-                                           compressed=compressed)
-                os.replace(tmp, dst)
-            except OSError as e:
-                raise ImageUnavailable(
-                    f"cannot write image into {self._data_dir}: {e.strerror or e}") from None
-            finally:
-                tmp.unlink(missing_ok=True)
+            return self._store(_read_file(fin, src, self.chunk_size), f"image file {src}",
+                               dst, progress, declared=declared, compressed=compressed)
+
+    def _store(self, chunks: Iterator[bytes], what: str, dst: Path,
+               progress: Callable[[int], None] | None, *, declared: str | None,
+               compressed: bool) -> _Copied:
+        """Write ``chunks`` to ``dst`` (through a temp name), keeping holes, hashing and
+        inspecting on the way."""
+        try:
+            self._data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ImageUnavailable(
+                f"cannot write images into {self._data_dir}: {e.strerror or e}") from None
+        tmp = dst.with_name(f".tmp-{dst.name}-{uuid.uuid4().hex}")
+        try:
+            copied = self._copy_sparse(chunks, what, tmp, progress, declared=declared,
+                                       compressed=compressed)
+            os.replace(tmp, dst)
+        except OSError as e:
+            raise ImageUnavailable(
+                f"cannot write image into {self._data_dir}: {e.strerror or e}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
         return copied
 
-    def _copy_sparse(self, fin: io.BufferedReader, src: Path, tmp: Path,
+    def _copy_sparse(self, chunks: Iterator[bytes], what: str, tmp: Path,
                      progress: Callable[[int], None] | None, *, declared: str | None,
                      compressed: bool) -> _Copied:
         sha512 = hashlib.sha512()
@@ -303,14 +354,7 @@ class LocalImageSource:
 
             def copied_chunks() -> Iterator[bytes]:
                 nonlocal size
-                while True:
-                    try:
-                        chunk: bytes = fin.read(self.chunk_size)
-                    except OSError as e:
-                        raise InvalidRequest(
-                            f"cannot read image file {src}: {e.strerror or e}") from None
-                    if not chunk:
-                        return
+                for chunk in chunks:
                     sha512.update(chunk)
                     md5.update(chunk)
                     if chunk.count(0) == len(chunk):
@@ -324,7 +368,6 @@ class LocalImageSource:
                         progress(len(chunk))
                     yield chunk
 
-            what = f"image file {src}"
             # The copy is the inspectors' stream: one read copies, hashes and inspects (the
             # disk inside the gzip data, for a compressed image).
             stream = copied_chunks()
@@ -426,6 +469,17 @@ class _FileChunks:
 
     def close(self) -> None:
         self._file.close()
+
+
+def _read_file(fin: io.BufferedReader, src: Path, chunk_size: int) -> Iterator[bytes]:
+    while True:
+        try:
+            chunk: bytes = fin.read(chunk_size)
+        except OSError as e:
+            raise InvalidRequest(f"cannot read image file {src}: {e.strerror or e}") from None
+        if not chunk:
+            return
+        yield chunk
 
 
 def _visible(ctx: RequestContext, image: Image) -> bool:

@@ -33,7 +33,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
 from ivcache.adapters.sql.outbox import SqlOutbox
-from ivcache.adapters.sql.tables import cache_entries, scope_totals
+from ivcache.adapters.sql.tables import cache_entries, scope_totals, volume_writes
 from ivcache.core.errors import AlreadyClaimed
 from ivcache.core.events import Event
 from ivcache.core.model import CacheEntry, EntryState, Scope, ScopeTotals
@@ -253,6 +253,20 @@ class SqlCacheRepository:
             return False
         self._bump(gone.scope, count=-1, size_gb=-gone.size_gb)
         return True
+
+    def mark_writing(self, volume_id: str, host: str, until: dt.datetime) -> None:
+        self._conn.execute(delete(volume_writes).where(volume_writes.c.volume_id == volume_id))
+        self._conn.execute(insert(volume_writes).values(volume_id=volume_id, host=host,
+                                                        expires_at=until))
+
+    def end_writing(self, volume_id: str) -> None:
+        self._conn.execute(delete(volume_writes).where(volume_writes.c.volume_id == volume_id))
+
+    def writing(self, volume_id: str, now: dt.datetime) -> bool:
+        found = self._conn.execute(
+            select(volume_writes.c.volume_id).where(volume_writes.c.volume_id == volume_id,
+                                                    volume_writes.c.expires_at > now))
+        return found.first() is not None
 
     def lru_victims(self, scope: str, now: dt.datetime) -> Iterator[CacheEntry]:
         """READY, unpinned, unleased entries of ``scope``, least recently used first, along

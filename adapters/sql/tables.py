@@ -36,6 +36,7 @@ __all__ = [
     "event_outbox",
     "metadata",
     "scope_totals",
+    "volume_writes",
 ]
 
 #: Constraint and index names, so that migrations (and SQLite batch mode) can refer to them.
@@ -153,4 +154,14 @@ event_outbox = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Column("claimed_until", UTCDateTime, nullable=True),
     UniqueConstraint("message_id"),
+)
+
+#: Volumes being written for a user (an uncached create: the volume exists before its bytes
+#: do), so that ``volume upload`` refuses them; a mark past ``expires_at`` is a dead writer's.
+volume_writes = Table(
+    "volume_writes",
+    metadata,
+    Column("volume_id", String(255), primary_key=True),
+    Column("host", String(255), nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False),
 )

@@ -632,3 +632,26 @@ def test_the_savings_of_hits_add_up_on_the_entry_and_its_scope(uow: UnitOfWork) 
         # An evicted entry's savings stay in its scope's ledger.
         assert uow.entries.remove(one)
         assert uow.entries.totals(NODE_1).bytes_saved == 6 * 2**40 + 10
+
+
+# -- volumes being written (volume upload refuses them) ------------------------------------
+
+def test_a_volume_is_being_written_from_its_mark_until_it_ends_or_expires(
+        uow: UnitOfWork) -> None:
+    with uow:
+        uow.entries.mark_writing("vol-1", "node-1", at(60))
+        uow.entries.mark_writing("vol-2", "node-1", at(60))
+        uow.commit()
+    with uow:
+        assert uow.entries.writing("vol-1", at(0)) and uow.entries.writing("vol-2", at(0))
+        assert not uow.entries.writing("vol-1", at(61))  # its writer died: the mark lapsed
+        assert not uow.entries.writing("vol-3", at(0))
+        uow.entries.end_writing("vol-1")
+        uow.entries.mark_writing("vol-2", "node-2", at(120))  # marked again: the later one
+        uow.commit()
+    with uow:
+        assert not uow.entries.writing("vol-1", at(0))
+        assert uow.entries.writing("vol-2", at(90))
+        uow.entries.end_writing("vol-2")  # not committed: rolled back
+    with uow:
+        assert uow.entries.writing("vol-2", at(90))

@@ -25,6 +25,8 @@ CORE = {
     # events
     "CacheEntryCreated", "CacheEvict", "CacheHit", "CacheMiss", "Event", "EvictReason",
     "ImageDownloaded", "IMAGE_SOURCE",
+    # volume upload (issue 15)
+    "NewImage", "UploadResult", "UPLOAD", "ImageUploader", "VolumeData", "VolumeExporter",
     # ports
     "CacheRepository", "Clock", "DiskImage", "EventOutbox", "FileChunks", "ImageConverter",
     "ImageData", "ImageSource", "Notifier", "Span", "StorageBackend", "Tracer", "UnitOfWork",
@@ -40,7 +42,7 @@ CORE = {
 FACADE = {
     "from_config", "from_adapters", "config", "service",
     "add_image", "list_images",
-    "create_volume", "get_volume", "delete_volume", "list_volumes",
+    "create_volume", "upload_volume", "get_volume", "delete_volume", "list_volumes",
     "entries", "get_entry", "evict", "prune", "warm", "pin", "unpin", "reconcile", "stats",
     "adopt",
     "close",
