@@ -13,6 +13,7 @@ the submodules say where each name lives:
   ``upload``)
 """
 
+from ivcache.core.base import NoFaults
 from ivcache.core.errors import (
     AlreadyClaimed,
     AuthError,
@@ -76,6 +77,7 @@ from ivcache.core.ports import (
     Clock,
     DiskImage,
     EventOutbox,
+    FaultPoints,
     FileChunks,
     ImageConverter,
     ImageData,
@@ -120,6 +122,7 @@ __all__ = [
     "Event",
     "EventOutbox",
     "EvictReason",
+    "FaultPoints",
     "FileChunks",
     "Finding",
     "Forbidden",
@@ -142,6 +145,7 @@ __all__ = [
     "IvcacheError",
     "Neighbour",
     "NewImage",
+    "NoFaults",
     "NoScratchSpace",
     "NoSpace",
     "Notifier",

@@ -24,6 +24,7 @@ from ivcache.core.ports import (
     CacheRepository,
     Clock,
     DiskImage,
+    FaultPoints,
     ImageConverter,
     ImageData,
     ImageSource,
@@ -34,7 +35,8 @@ from ivcache.core.ports import (
     UnitOfWork,
 )
 
-__all__ = ["Filled", "Neighbour", "NullTracer", "RawPassThrough", "ServiceBase", "SystemClock"]
+__all__ = ["Filled", "Neighbour", "NoFaults", "NullTracer", "RawPassThrough", "ServiceBase",
+           "SystemClock"]
 
 T = TypeVar("T")
 
@@ -150,6 +152,13 @@ class _RawData:
         self._data.close()
 
 
+class NoFaults:
+    """No fault point is ever hit: the default outside crash tests."""
+
+    def reached(self, point: str) -> None:
+        return None
+
+
 class ServiceBase:
     """The ports and policy of one scope's cache, and the shared moves.
 
@@ -158,6 +167,7 @@ class ServiceBase:
     on the default backend (a configuration without ``enabled_backends``). ``neighbours``
     are the other scopes a miss may be filled from.
     ``converter`` turns images into raw volumes (default: ``RawPassThrough``).
+    ``faults`` names the crash tests' fault points (default: ``NoFaults``, none).
     """
 
     def __init__(
@@ -175,6 +185,7 @@ class ServiceBase:
         tracer: Tracer | None = None,
         converter: ImageConverter | None = None,
         neighbours: Sequence[Neighbour] = (),
+        faults: FaultPoints | None = None,
     ) -> None:
         if scope is None:
             if host is None:
@@ -194,6 +205,7 @@ class ServiceBase:
         self.clock: Clock = clock or SystemClock()
         self.tracer: Tracer = tracer or NullTracer()
         self.converter: ImageConverter = converter or RawPassThrough()
+        self.faults: FaultPoints = faults or NoFaults()
 
     # -- transactions --------------------------------------------------------------------
 

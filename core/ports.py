@@ -24,6 +24,7 @@ __all__ = [
     "Clock",
     "DiskImage",
     "EventOutbox",
+    "FaultPoints",
     "FileChunks",
     "ImageConverter",
     "ImageData",
@@ -376,6 +377,17 @@ class Clock(Protocol):
         ...
 
     def sleep(self, seconds: float) -> None: ...
+
+
+class FaultPoints(Protocol):
+    """Named points on the request, eviction and reconcile paths where a developer's crash
+    test may stop the process (``IVCACHE_FAULT``, docs/development.md); off in production.
+
+    ``reached`` returns at once unless the point was asked for; the adapter then kills the
+    process (SIGKILL: nothing after it runs), a test's fake raises instead.
+    """
+
+    def reached(self, point: str) -> None: ...
 
 
 class Span(Protocol):

@@ -18,6 +18,7 @@ from sqlalchemy import Engine
 
 from ivcache.adapters.convert import FormatPolicy, ImagePipeline, QemuImg
 from ivcache.adapters.convert.formats import ACCEPTED, CONTAINERS
+from ivcache.adapters.faults import EnvFaults
 from ivcache.adapters.images.local import LocalImageSource
 from ivcache.adapters.notify import MultiNotifier, NullNotifier
 from ivcache.adapters.notify.log import LogNotifier
@@ -359,6 +360,7 @@ def wire(config: Config, *, backend: str | None = None, progress: Progress | Non
         tracer=tracer,
         converter=build_converter(config),
         neighbours=neighbours,
+        faults=EnvFaults(),
     )
     if bus is not None:
         # Before anything can announce (adopt may evict).

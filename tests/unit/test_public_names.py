@@ -19,7 +19,7 @@ CORE = {
     # model: scopes (issue 11)
     "DEFAULT_BACKEND", "Scope", "ScopeTotals",
     # policy, service
-    "CachePolicy", "CacheService", "Finding", "NullTracer", "SystemClock",
+    "CachePolicy", "CacheService", "Finding", "NoFaults", "NullTracer", "SystemClock",
     # service: neighbours and adoption (issue 11)
     "Adoption", "Neighbour",
     # events
@@ -28,8 +28,9 @@ CORE = {
     # volume upload (issue 15)
     "NewImage", "UploadResult", "UPLOAD", "ImageUploader", "VolumeData", "VolumeExporter",
     # ports
-    "CacheRepository", "Clock", "DiskImage", "EventOutbox", "FileChunks", "ImageConverter",
-    "ImageData", "ImageSource", "Notifier", "Span", "StorageBackend", "Tracer", "UnitOfWork",
+    "CacheRepository", "Clock", "DiskImage", "EventOutbox", "FaultPoints", "FileChunks",
+    "ImageConverter", "ImageData", "ImageSource", "Notifier", "Span", "StorageBackend", "Tracer",
+    "UnitOfWork",
     # errors
     "AlreadyClaimed", "ChecksumMismatch", "ConfigError", "ConversionFailed", "CorruptImage",
     "EntryNotFound", "ImageError", "ImageFormatMismatch", "ImageNotActive", "ImageNotFound",
