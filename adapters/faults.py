@@ -21,22 +21,30 @@ ENV = "IVCACHE_FAULT"
 
 
 class EnvFaults:
-    """The ``FaultPoints`` named by ``IVCACHE_FAULT`` (read when made)."""
+    """The ``FaultPoints`` named by ``IVCACHE_FAULT`` (read when made).
+
+    ``point`` kills the process there; ``point:pause`` stops it there instead (SIGSTOP),
+    so that a test can send it a signal (SIGTERM, SIGINT) and SIGCONT, and see what the
+    process does with a signal at that point.
+    """
 
     def __init__(self, points: str | None = None) -> None:
         raw = os.environ.get(ENV, "") if points is None else points
-        self.points = frozenset(p.strip() for p in raw.split(",") if p.strip())
+        self.points: dict[str, str] = {}
+        for item in raw.split(","):
+            name, _, how = item.strip().partition(":")
+            if name:
+                self.points[name] = how.strip() or "kill"
 
     def reached(self, point: str) -> None:
-        if point in self.points:
-            _die()
+        how = self.points.get(point)
+        if how == "pause":
+            os.kill(os.getpid(), signal.SIGSTOP)
+        elif how is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def reached(point: str) -> None:
     """A storage adapter's fault point: die here if ``IVCACHE_FAULT`` names it."""
     if os.environ.get(ENV):
         EnvFaults().reached(point)
-
-
-def _die() -> None:
-    os.kill(os.getpid(), signal.SIGKILL)

@@ -303,6 +303,7 @@ class CacheService(OperatorCommands, VolumeUploads):
             claim = self._claim(image)
             if claim is None:
                 return None
+            self.faults.reached("after-claim")
             self._drop_volumes(claim.victims, self._room_reason)
             try:
                 return self._fill(ctx, image, claim.entry, lease=lease, size_gb=size_gb)
@@ -370,6 +371,7 @@ class CacheService(OperatorCommands, VolumeUploads):
                     self.storage.create_volume(entry.volume_id, entry.size_gb,
                                                self.tenant.project_id)
                     created = True
+                    self.faults.reached("mid-download")
                     nbytes, seconds = self._write(disk, entry.volume_id)
         except NoSpace:
             self._abandon(entry, created)

@@ -9,6 +9,7 @@ import datetime as dt
 import functools
 import json
 import logging
+import signal
 import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -675,13 +676,38 @@ def _one_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+class _Stopped(BaseException):
+    """SIGTERM or SIGINT arrived: it unwinds the command like an error (not an
+    ``Exception``, so that no handler takes it for a failure it may retry), and every
+    clean-up on the way runs: the claim released, the half-made volume deleted."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum: int, frame: object) -> None:
+    # Only the first signal unwinds: a second one must not cut that clean-up short
+    # (SIGKILL still stops the process; reconcile then finds what it left).
+    for each in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(each, signal.SIG_IGN)
+    raise _Stopped(signum)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Run the CLI; domain errors become one line on stderr and exit code 1."""
+    """Run the CLI; domain errors become one line on stderr and exit code 1; SIGTERM and
+    SIGINT abort cleanly (exit 128 + the signal's number)."""
     # keystoneauth warns on stderr of what the CLI reports itself in one line (a failed
     # version discovery when Keystone is unreachable).
     logging.getLogger("keystoneauth").setLevel(logging.ERROR)
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     try:
         code = cli.main(args=argv, prog_name="ivcache", standalone_mode=False)
+    except _Stopped as stopped:
+        name = signal.Signals(stopped.signum).name
+        click.echo(f"ivcache: stopped by {name}: what it had begun was undone", err=True)
+        sys.exit(128 + stopped.signum)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(1)

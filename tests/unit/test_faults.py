@@ -41,6 +41,6 @@ def test_without_the_variable_every_point_returns() -> None:
 
 
 def test_points_are_read_from_the_variable_or_given() -> None:
-    assert EnvFaults(" a , b,,").points == {"a", "b"}
-    assert EnvFaults("").points == frozenset()
+    assert EnvFaults(" a , b:pause,,").points == {"a": "kill", "b": "pause"}
+    assert EnvFaults("").points == {}
     NoFaults().reached("a")  # returns, whatever the environment says
