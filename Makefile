@@ -10,7 +10,7 @@ EDITABLE = --config-settings editable_mode=strict
 # source folders is invisible until reinstalled, so the install depends on every file there.
 SRC := $(shell find core adapters entrypoints -type f ! -path '*/__pycache__/*' ! -name '*.py[co]' 2>/dev/null)
 
-.PHONY: install ceph-bindings demo docs lint ruff mypy imports bare-imports test unit integration e2e wheel-test bench clean
+.PHONY: install ceph-bindings demo docs lint ruff mypy imports bare-imports test test-integration test-rest unit integration e2e wheel-test bench clean
 
 install: $(VENV)/.installed ceph-bindings
 
@@ -55,9 +55,20 @@ imports: install
 bare-imports:
 	python3 tools/check_bare_imports.py
 
+# Two lanes at once: the real-part suites (tests/integration: PostgreSQL, glance-api, Ceph,
+# RabbitMQ, Keystone, qemu-img), and unit + e2e followed by the wheel test. Much of each is
+# waiting for servers and disks, so on two cores they overlap well; every fixture takes
+# its own temporary directory and free ports, so they cannot meet. Each lane's output is
+# printed as a whole when it ends.
 test: install lint
-	$(PYTEST) tests/unit tests/integration tests/e2e
-	$(MAKE) wheel-test
+	$(MAKE) --no-print-directory -j2 --output-sync=target test-integration test-rest
+
+test-integration: install
+	$(PYTEST) -p no:cacheprovider tests/integration
+
+test-rest: install
+	$(PYTEST) -p no:cacheprovider tests/unit tests/e2e
+	$(MAKE) --no-print-directory wheel-test
 
 unit: install
 	$(PYTEST) tests/unit
