@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import builtins
 import copy
 import datetime as dt
 import hashlib
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
 
 import attrs
@@ -18,10 +19,13 @@ from ivcache.core.model import (
     CacheEntry,
     EntryState,
     Image,
+    Lease,
     NewImage,
+    Owner,
     RequestContext,
     Scope,
     ScopeTotals,
+    VolumeWrite,
     new_id,
 )
 from ivcache.core.ports import ImageData, StorageBackend
@@ -29,6 +33,7 @@ from ivcache.core.ports import ImageData, StorageBackend
 __all__ = [
     "FakeClock",
     "FakeConverter",
+    "FakeProcesses",
     "InMemoryImageSource",
     "InMemoryOutbox",
     "InMemoryRepository",
@@ -44,8 +49,10 @@ class InMemoryRepository:
     def __init__(self) -> None:
         self._entries: dict[str, CacheEntry] = {}
         self._totals: dict[str, ScopeTotals] = {}
-        #: volumes being written for a user, and until when at the latest
-        self._writes: dict[str, dt.datetime] = {}
+        #: volumes being written for a user
+        self._writes: dict[str, VolumeWrite] = {}
+        #: clones' leases, by lease id
+        self._leases: dict[str, Lease] = {}
 
     def lock_scope(self, scope: str) -> ScopeTotals:
         # Like the SQL one, locking a scope makes its totals row exist.
@@ -73,20 +80,25 @@ class InMemoryRepository:
         self._totals[scope] = attrs.evolve(t, count=t.count + count,
                                            size_gb=t.size_gb + size_gb)
 
+    def _out(self, entry: CacheEntry) -> CacheEntry:
+        """A copy, its ``lease_until`` read from its leases, as the SQL one reads it."""
+        untils = [lease.until for lease in self._leases.values() if lease.entry_id == entry.id]
+        return attrs.evolve(entry, lease_until=max(untils) if untils else None)
+
     def get(self, entry_id: str) -> CacheEntry | None:
         e = self._entries.get(entry_id)
-        return copy.copy(e) if e else None
+        return self._out(e) if e else None
 
     def find(self, scope: str, image_id: str) -> CacheEntry | None:
         for e in self._entries.values():
             if e.scope_key == scope and e.image_id == image_id:
-                return copy.copy(e)
+                return self._out(e)
         return None
 
     def find_by_volume(self, volume_id: str) -> CacheEntry | None:
         for e in self._entries.values():
             if e.volume_id == volume_id:
-                return copy.copy(e)
+                return self._out(e)
         return None
 
     def strays(self, host: str, backend: str, scope: str) -> list[CacheEntry]:
@@ -95,7 +107,7 @@ class InMemoryRepository:
 
     def list(self, host: str | None = None, *, scope: str | None = None,
              backend: str | None = None) -> list[CacheEntry]:
-        found = [copy.copy(e) for e in self._entries.values()
+        found = [self._out(e) for e in self._entries.values()
                  if (host is None or e.host == host) and (scope is None or e.scope_key == scope)
                  and (backend is None or e.backend == backend)]
         return sorted(found, key=lambda e: (e.host, e.last_used, e.id))
@@ -103,7 +115,7 @@ class InMemoryRepository:
     def add(self, entry: CacheEntry) -> None:
         if self.find(entry.scope_key, entry.image_id) is not None:
             raise AlreadyClaimed(entry.scope_key, entry.image_id)
-        self._entries[entry.id] = copy.copy(entry)
+        self._entries[entry.id] = attrs.evolve(entry, lease_until=None)
         self._move_totals(entry.scope_key, 1, entry.size_gb)
 
     def save(self, entry: CacheEntry) -> None:
@@ -115,7 +127,8 @@ class InMemoryRepository:
         self._entries[entry.id] = attrs.evolve(entry, size_gb=old.size_gb, cluster=old.cluster,
                                                backend=old.backend, pool=old.pool,
                                                hits=old.hits, bytes_saved=old.bytes_saved,
-                                               seconds_saved=old.seconds_saved)
+                                               seconds_saved=old.seconds_saved,
+                                               lease_until=None)
 
     def move(self, entry: CacheEntry, to: Scope) -> bool:
         old = self._entries.get(entry.id)
@@ -130,9 +143,13 @@ class InMemoryRepository:
         self._entries[entry.id] = moved
         return True
 
-    def end_lease(self, entry_id: str, scope: str, lease: dt.datetime, *,
+    def take_lease(self, lease: Lease) -> None:
+        self._leases[lease.id] = lease
+
+    def end_lease(self, lease: Lease, scope: str, *,
                   hit: bool = False, bytes_saved: int = 0, seconds_saved: float = 0.0) -> None:
-        entry = self._entries.get(entry_id)
+        self._leases.pop(lease.id, None)
+        entry = self._entries.get(lease.entry_id)
         if hit:
             t = self.totals(scope)
             self._totals[scope] = attrs.evolve(
@@ -142,25 +159,54 @@ class InMemoryRepository:
                 entry.hits += 1
                 entry.bytes_saved += bytes_saved
                 entry.seconds_saved += seconds_saved
-        if entry is not None and entry.lease_until == lease:
-            entry.lease_until = None
+
+    def leases(self, entry_id: str, now: dt.datetime) -> builtins.list[Lease]:
+        return sorted((lease for lease in self._leases.values()
+                       if lease.entry_id == entry_id and lease.holds(now)),
+                      key=lambda lease: lease.id)
+
+    def leased(self, scope: str, now: dt.datetime) -> builtins.list[Lease]:
+        return sorted((lease for lease in self._leases.values() if lease.holds(now)
+                       and (e := self._entries.get(lease.entry_id)) is not None
+                       and e.scope_key == scope), key=lambda lease: lease.id)
+
+    def drop_leases(self, lease_ids: Sequence[str]) -> None:
+        for lease_id in lease_ids:
+            self._leases.pop(lease_id, None)
+
+    def beat(self, owner: str, until: dt.datetime, *, claims: Sequence[str] = (),
+             leases: Sequence[str] = (), writes: Sequence[str] = ()) -> None:
+        for entry_id in claims:
+            entry = self._entries.get(entry_id)
+            if (entry is not None and entry.state is EntryState.CREATING
+                    and entry.claim_owner == owner):
+                entry.claim_expires = until
+        for lease_id in leases:
+            lease = self._leases.get(lease_id)
+            if lease is not None and lease.owner == owner:
+                self._leases[lease_id] = attrs.evolve(lease, until=until)
+        for volume_id in writes:
+            write = self._writes.get(volume_id)
+            if write is not None and write.owner == owner:
+                self._writes[volume_id] = attrs.evolve(write, until=until)
 
     def remove(self, entry: CacheEntry) -> bool:
         gone = self._entries.pop(entry.id, None)
         if gone is None:
             return False
+        for lease in [lease for lease in self._leases.values() if lease.entry_id == entry.id]:
+            del self._leases[lease.id]
         self._move_totals(gone.scope_key, -1, -gone.size_gb)
         return True
 
-    def mark_writing(self, volume_id: str, host: str, until: dt.datetime) -> None:
-        self._writes[volume_id] = until
+    def mark_writing(self, write: VolumeWrite) -> None:
+        self._writes[write.volume_id] = write
 
     def end_writing(self, volume_id: str) -> None:
         self._writes.pop(volume_id, None)
 
-    def writing(self, volume_id: str, now: dt.datetime) -> bool:
-        until = self._writes.get(volume_id)
-        return until is not None and until > now
+    def writes(self) -> builtins.list[VolumeWrite]:
+        return sorted(self._writes.values(), key=lambda w: w.volume_id)
 
     def lru_victims(self, scope: str, now: dt.datetime) -> Iterator[CacheEntry]:
         # A cluster's scope holds entries of several hosts: LRU order ignores the host.
@@ -187,7 +233,8 @@ class InMemoryOutbox:
         self.events.append(event)
 
 
-_Snapshot = tuple[dict[str, CacheEntry], dict[str, ScopeTotals], dict[str, dt.datetime], int]
+_Snapshot = tuple[dict[str, CacheEntry], dict[str, ScopeTotals], dict[str, VolumeWrite],
+                  dict[str, Lease], int]
 
 
 class InMemoryUnitOfWork:
@@ -223,7 +270,8 @@ class InMemoryUnitOfWork:
                 self.entries._entries = {k: copy.copy(v) for k, v in self._snapshot[0].items()}
                 self.entries._totals = dict(self._snapshot[1])
                 self.entries._writes = dict(self._snapshot[2])
-                del self.outbox.events[self._snapshot[3]:]
+                self.entries._leases = dict(self._snapshot[3])
+                del self.outbox.events[self._snapshot[4]:]
         finally:
             self._snapshot = None
             self._holder = None
@@ -236,7 +284,8 @@ class InMemoryUnitOfWork:
 
     def _copy(self) -> _Snapshot:
         return ({k: copy.copy(v) for k, v in self.entries._entries.items()},
-                dict(self.entries._totals), dict(self.entries._writes), len(self.outbox.events))
+                dict(self.entries._totals), dict(self.entries._writes),
+                dict(self.entries._leases), len(self.outbox.events))
 
 
 class InMemoryImageSource:
@@ -401,3 +450,26 @@ class _FakeDisk:
     def close(self) -> None:
         self.closed = True
         self._rest.close()
+
+
+class FakeProcesses:
+    """Owners as a test wants them: this process is ``me``; ``kill`` makes an owner
+    provably gone (as a dead pid on this machine)."""
+
+    def __init__(self, me: Owner | None = None) -> None:
+        self._me = me or Owner("test-node", 1, 1)
+        self.dead: set[Owner] = set()
+
+    def me(self) -> Owner:
+        return self._me
+
+    def become(self, owner: Owner) -> None:
+        """From now on this process is ``owner`` (a restarted process, say)."""
+        self._me = owner
+
+    def kill(self, owner: Owner | None = None) -> None:
+        """``owner`` (this process by default) is dead from now on."""
+        self.dead.add(owner or self._me)
+
+    def gone(self, owner: Owner) -> bool:
+        return owner in self.dead

@@ -13,7 +13,7 @@ the submodules say where each name lives:
   ``upload``)
 """
 
-from ivcache.core.base import NoFaults
+from ivcache.core.base import Heartbeat, NoFaults, UnknownProcesses
 from ivcache.core.errors import (
     AlreadyClaimed,
     AuthError,
@@ -61,12 +61,15 @@ from ivcache.core.model import (
     EntryState,
     Image,
     InternalTenant,
+    Lease,
     NewImage,
     Outcome,
+    Owner,
     RequestContext,
     Scope,
     ScopeTotals,
     Volume,
+    VolumeWrite,
     check_id,
     new_id,
 )
@@ -84,6 +87,7 @@ from ivcache.core.ports import (
     ImageSource,
     ImageUploader,
     Notifier,
+    Processes,
     Span,
     StorageBackend,
     Tracer,
@@ -126,6 +130,7 @@ __all__ = [
     "FileChunks",
     "Finding",
     "Forbidden",
+    "Heartbeat",
     "IdentityUnavailable",
     "Image",
     "ImageConverter",
@@ -143,6 +148,7 @@ __all__ = [
     "InvalidRequest",
     "InvalidSize",
     "IvcacheError",
+    "Lease",
     "Neighbour",
     "NewImage",
     "NoFaults",
@@ -151,6 +157,8 @@ __all__ = [
     "Notifier",
     "NullTracer",
     "Outcome",
+    "Owner",
+    "Processes",
     "QuotaExceeded",
     "RequestContext",
     "Scope",
@@ -162,6 +170,7 @@ __all__ = [
     "TokenRefused",
     "Tracer",
     "UnitOfWork",
+    "UnknownProcesses",
     "UnsafeImage",
     "UnsupportedImage",
     "UploadResult",
@@ -169,6 +178,7 @@ __all__ = [
     "VolumeData",
     "VolumeExporter",
     "VolumeNotFound",
+    "VolumeWrite",
     "check_id",
     "new_id",
 ]

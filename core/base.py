@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import os
+import platform
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TypeVar
@@ -18,7 +21,17 @@ import attrs
 
 from ivcache.core.errors import UnsupportedImage, VolumeNotFound
 from ivcache.core.events import IMAGE_SOURCE, CacheEvict, EvictReason
-from ivcache.core.model import CacheEntry, Image, InternalTenant, Scope, ScopeTotals
+from ivcache.core.model import (
+    CacheEntry,
+    EntryState,
+    Image,
+    InternalTenant,
+    Lease,
+    Owner,
+    Scope,
+    ScopeTotals,
+    VolumeWrite,
+)
 from ivcache.core.policy import CachePolicy
 from ivcache.core.ports import (
     CacheRepository,
@@ -29,14 +42,15 @@ from ivcache.core.ports import (
     ImageData,
     ImageSource,
     Notifier,
+    Processes,
     Span,
     StorageBackend,
     Tracer,
     UnitOfWork,
 )
 
-__all__ = ["Filled", "Neighbour", "NoFaults", "NullTracer", "RawPassThrough", "ServiceBase",
-           "SystemClock"]
+__all__ = ["Filled", "Heartbeat", "Neighbour", "NoFaults", "NullTracer", "RawPassThrough",
+           "ServiceBase", "SystemClock", "UnknownProcesses"]
 
 T = TypeVar("T")
 
@@ -54,11 +68,6 @@ def free(entry: CacheEntry, now: dt.datetime) -> bool:
     return not entry.leased(now)
 
 
-def dead_claim(entry: CacheEntry, now: dt.datetime) -> bool:
-    """A claim whose owner let its lease run out: it died mid-download."""
-    return entry.claim_expired(now)
-
-
 def anything(entry: CacheEntry, now: dt.datetime) -> bool:
     """Whatever its state or lease: for an entry whose volume is known to be gone."""
     return True
@@ -70,7 +79,7 @@ class Filled:
     bytes came from (``image-source`` or a neighbour's scope)."""
 
     entry: CacheEntry
-    lease: dt.datetime | None
+    lease: Lease | None
     filled_from: str = IMAGE_SOURCE
 
 
@@ -152,6 +161,92 @@ class _RawData:
         self._data.close()
 
 
+class UnknownProcesses:
+    """The processes port when none is wired: this process is known, no other is ever
+    provably gone, so holds end by their heartbeat's time alone (as on another machine).
+    Entrypoints wire ``ivcache.adapters.processes.LocalProcesses``, which asks the OS."""
+
+    def me(self) -> Owner:
+        return Owner(platform.node() or "localhost", os.getpid())
+
+    def gone(self, owner: Owner) -> bool:
+        return False
+
+
+class Heartbeat:
+    """Keeps this process's holds alive: its claims (entry ids), leases (lease ids) and
+    writes (volume ids). While any is held, a daemon thread moves their ``until`` on every
+    ``every`` seconds, to ``hold_seconds`` (three beats) ahead, so a live holder is never
+    taken for dead however long its work runs, and a dead one lapses within three beats
+    even where its death cannot be seen (another machine).
+
+    A beat that fails (the database is away) is skipped; the holds lapse only if beats keep
+    failing for three beats. The thread ends when the last hold is let go.
+    """
+
+    def __init__(self, beat: Callable[[str, dt.datetime, list[str], list[str], list[str]],
+                                      None],
+                 clock: Clock, owner: Callable[[], str], every: float) -> None:
+        self._beat = beat
+        self._clock = clock
+        self._owner = owner
+        self.every = every
+        self._held: dict[str, dict[str, int]] = {"claims": {}, "leases": {}, "writes": {}}
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def hold_seconds(self) -> float:
+        return 3 * self.every
+
+    def until(self) -> dt.datetime:
+        """Where a hold taken now runs to, until the next beat moves it on."""
+        return self._clock.now() + dt.timedelta(seconds=self.hold_seconds)
+
+    @contextlib.contextmanager
+    def holding(self, *, claim: str | None = None, lease: str | None = None,
+                write: str | None = None) -> Iterator[None]:
+        """Keep the named holds alive for the block."""
+        named = [(kind, key) for kind, key in
+                 (("claims", claim), ("leases", lease), ("writes", write)) if key]
+        with self._cond:
+            for kind, key in named:
+                self._held[kind][key] = self._held[kind].get(key, 0) + 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="ivcache-heartbeat",
+                                                daemon=True)
+                self._thread.start()
+        try:
+            yield
+        finally:
+            with self._cond:
+                for kind, key in named:
+                    left = self._held[kind][key] - 1
+                    if left:
+                        self._held[kind][key] = left
+                    else:
+                        del self._held[kind][key]
+                self._cond.notify_all()
+
+    def _holds(self) -> bool:
+        return any(self._held.values())
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                deadline = time.monotonic() + self.every
+                while self._holds() and (left := deadline - time.monotonic()) > 0:
+                    self._cond.wait(left)
+                if not self._holds():
+                    self._thread = None
+                    return
+                claims, leases, writes = (list(self._held[k])
+                                          for k in ("claims", "leases", "writes"))
+            # The work itself waits for no beat: a failed one is tried again next time.
+            with contextlib.suppress(Exception):
+                self._beat(self._owner(), self.until(), claims, leases, writes)
+
+
 class NoFaults:
     """No fault point is ever hit: the default outside crash tests."""
 
@@ -168,6 +263,8 @@ class ServiceBase:
     are the other scopes a miss may be filled from.
     ``converter`` turns images into raw volumes (default: ``RawPassThrough``).
     ``faults`` names the crash tests' fault points (default: ``NoFaults``, none).
+    ``processes`` tells this process's ``Owner`` and whether another owner is gone
+    (default: ``UnknownProcesses``: holds then lapse by their heartbeat only).
     """
 
     def __init__(
@@ -186,6 +283,7 @@ class ServiceBase:
         converter: ImageConverter | None = None,
         neighbours: Sequence[Neighbour] = (),
         faults: FaultPoints | None = None,
+        processes: Processes | None = None,
     ) -> None:
         if scope is None:
             if host is None:
@@ -206,6 +304,67 @@ class ServiceBase:
         self.tracer: Tracer = tracer or NullTracer()
         self.converter: ImageConverter = converter or RawPassThrough()
         self.faults: FaultPoints = faults or NoFaults()
+        self.processes: Processes = processes or UnknownProcesses()
+        self.heartbeat = Heartbeat(self._beat, self.clock, self._owner,
+                                   self.policy.claim_heartbeat_seconds)
+
+    # -- owners ----------------------------------------------------------------------------
+
+    def _owner(self) -> str:
+        return str(self.processes.me())
+
+    def _beat(self, owner: str, until: dt.datetime, claims: list[str], leases: list[str],
+              writes: list[str]) -> None:
+        with self.uow as uow:
+            uow.entries.beat(owner, until, claims=claims, leases=leases, writes=writes)
+            uow.commit()
+
+    def _gone(self, owner: str | None) -> bool:
+        """Whether the owner a row names is provably dead (rows of older versions name
+        none: their time alone tells)."""
+        parsed = Owner.parse(owner) if owner else None
+        return parsed is not None and self.processes.gone(parsed)
+
+    def _dead_claim(self, entry: CacheEntry, now: dt.datetime) -> bool:
+        """A claim whose owner died mid-download: it is provably gone, or its heartbeat
+        stopped (three beats without one)."""
+        if entry.state is not EntryState.CREATING:
+            return False
+        if entry.claim_expires is not None and entry.claim_expires <= now:
+            return True
+        return self._gone(entry.claim_owner)
+
+    def _writes(self) -> dict[str, VolumeWrite]:
+        """The volumes being written, by id (their writers may be dead: half-written)."""
+        return {w.volume_id: w for w in self._read(lambda repo: repo.writes())}
+
+    def _being_written(self, volume_id: str) -> bool:
+        return volume_id in self._writes()
+
+    def _dead_write(self, write: VolumeWrite, now: dt.datetime) -> bool:
+        return write.until <= now or self._gone(write.owner)
+
+    def _free_dead_leases(self, repo: CacheRepository, leases: Iterable[Lease]) -> set[str]:
+        """Drop the leases whose owners are provably gone (inside the caller's locked
+        transaction); the ids of the entries that lost one."""
+        dead = [lease for lease in leases if self._gone(lease.owner)]
+        if dead:
+            repo.drop_leases([lease.id for lease in dead])
+        return {lease.entry_id for lease in dead}
+
+    def _without_dead_leases(self, repo: CacheRepository, entry: CacheEntry,
+                             now: dt.datetime) -> CacheEntry:
+        """The entry as it is once its dead owners' leases are dropped: a clone killed
+        mid-way never keeps an eviction off it (one indexed read, and only for an entry
+        that is leased)."""
+        if not entry.leased(now):
+            return entry
+        leases = repo.leases(entry.id, now)
+        if not self._free_dead_leases(repo, leases):
+            return entry
+        left = [lease.until for lease in repo.leases(entry.id, now)]
+        entry.lease_until = max(left) if left else None
+        return entry
 
     # -- transactions --------------------------------------------------------------------
 
@@ -260,7 +419,9 @@ class ServiceBase:
                 now = self.clock.now()
                 current = [repo.get(e.id) for e in group]
                 gone += self._remove(repo, scope, [
-                    c for c in current if c is not None and may_go(c, now)], reason)
+                    c for c in current
+                    if c is not None and may_go(self._without_dead_leases(repo, c, now), now)],
+                    reason)
         self._drop_volumes(gone, reason)
         return gone
 
@@ -294,6 +455,9 @@ class ServiceBase:
         return gone
 
     def _drop_volumes(self, entries: list[CacheEntry], reason: EvictReason) -> None:
+        if entries:
+            # Their entries are gone, their volumes not yet: reconcile's orphans.
+            self.faults.reached("after-victim-removed")
         for entry in entries:
             self._delete_quietly(entry.volume_id)
             self.notifier.publish(_evicted(entry, reason))
@@ -304,11 +468,11 @@ class ServiceBase:
 
     def _take_over(self, entry: CacheEntry) -> bool:
         """Remove a claim whose owner died, if it still is one; say whether it was."""
-        return bool(self._evict([entry], EvictReason.RECONCILE, may_go=dead_claim))
+        return bool(self._evict([entry], EvictReason.RECONCILE, may_go=self._dead_claim))
 
     def _evict_image(self, image_id: str, reason: EvictReason) -> None:
         """Evict this scope's entry of the image, a dead claim included."""
         entry = self._find(self.scope.key, image_id)
         if entry is not None:
             self._evict([entry], reason,
-                        may_go=lambda e, now: ready_and_free(e, now) or dead_claim(e, now))
+                        may_go=lambda e, now: ready_and_free(e, now) or self._dead_claim(e, now))

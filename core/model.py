@@ -23,12 +23,15 @@ __all__ = [
     "EntryState",
     "Image",
     "InternalTenant",
+    "Lease",
     "NewImage",
     "Outcome",
+    "Owner",
     "RequestContext",
     "Scope",
     "ScopeTotals",
     "Volume",
+    "VolumeWrite",
     "check_id",
     "new_id",
 ]
@@ -238,6 +241,56 @@ class InternalTenant:
                     or (self.quota_volumes and volumes > self.quota_volumes))
 
 
+@attrs.frozen
+class Owner:
+    """A process that holds a claim, a lease or a write: the machine (``node``), its pid and
+    its start time (clock ticks after boot), so that a pid used again by a new process is
+    not taken for the old one. Written ``NODE:PID.START`` (``START`` 0: not known)."""
+
+    node: str
+    pid: int
+    started: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.node}:{self.pid}.{self.started}"
+
+    @classmethod
+    def parse(cls, text: str) -> Owner | None:
+        """The owner ``str`` wrote, or None for text that is not one (rows of older
+        versions, which named no owner)."""
+        node, sep, rest = text.rpartition(":")
+        pid, _, started = rest.partition(".")
+        if not sep or not node or not pid.isdigit() or not (started or "0").isdigit():
+            return None
+        return cls(node, int(pid), int(started or 0))
+
+
+@attrs.frozen
+class Lease:
+    """A clone reading an entry's volume: eviction keeps off the entry while a lease is
+    held. ``owner`` (an ``Owner``'s text) keeps it alive by its heartbeat: ``until`` is
+    moved on at each beat; a lease past ``until``, or whose owner is provably dead, no
+    longer holds."""
+
+    id: str
+    entry_id: str
+    owner: str
+    until: dt.datetime
+
+    def holds(self, now: dt.datetime) -> bool:
+        return self.until > now
+
+
+@attrs.frozen
+class VolumeWrite:
+    """A user's volume being written by ``owner`` (an uncached create: the volume exists
+    before its bytes do). Kept alive by the owner's heartbeat, as a lease."""
+
+    volume_id: str
+    owner: str
+    until: dt.datetime
+
+
 class EntryState(enum.Enum):
     CREATING = "creating"
     READY = "ready"
@@ -257,8 +310,11 @@ class CacheEntry:
     ``host`` made it; ``cluster``, ``backend`` and ``pool`` with it say its scope (see
     ``Scope``): a cluster's entry serves every host of the cluster.
     A CREATING entry is a claim: it reserves its size and count while its owner
-    downloads, and ``claim_expires`` says when another worker may take it over.
-    ``lease_until`` keeps eviction off an entry that a clone is reading from.
+    (``claim_owner``, an ``Owner``'s text) downloads; the owner's heartbeat moves
+    ``claim_expires`` on, and a claim past it, or whose owner is provably dead, is taken
+    over by the next request. ``lease_until`` is when the last of the entry's leases (see
+    ``Lease``: clones reading its volume) runs out, as the repository read it; eviction
+    keeps off a leased entry.
     The savings ledger: ``fill_seconds`` is how long filling its volume took (measured; None
     until READY, and for entries older than the ledger); each hit adds the image's bytes to
     ``bytes_saved`` and ``fill_seconds`` minus its own clone's time to ``seconds_saved``.
@@ -280,6 +336,7 @@ class CacheEntry:
     pinned: bool = False
     claim_expires: dt.datetime | None = None
     lease_until: dt.datetime | None = None
+    claim_owner: str | None = None
     cluster: str | None = None
     backend: str = DEFAULT_BACKEND
     pool: str = DEFAULT_BACKEND

@@ -8,9 +8,11 @@ decision; they change entries only through the shared moves of ``ServiceBase``.
 
 from __future__ import annotations
 
+import datetime as dt
+
 import attrs
 
-from ivcache.core.base import Filled, ServiceBase, dead_claim, free, ready_and_free
+from ivcache.core.base import Filled, ServiceBase, free, ready_and_free
 from ivcache.core.errors import (
     AlreadyClaimed,
     EntryNotFound,
@@ -20,8 +22,10 @@ from ivcache.core.errors import (
 )
 from ivcache.core.events import EvictReason
 from ivcache.core.model import (
+    GIB,
     CacheEntry,
     Image,
+    Lease,
     RequestContext,
     ScopeTotals,
     Volume,
@@ -45,9 +49,18 @@ class Adoption:
 
 @attrs.frozen
 class Finding:
-    """What ``reconcile`` found: ``kind`` is ``missing-volume``, ``expired-claim``,
-    ``orphan-volume`` or ``scratch-file`` (a conversion's scratch file whose process died:
-    its ``path`` and ``size`` in bytes; no volume, so ``volume_id`` is empty)."""
+    """What ``reconcile`` found: ``kind`` is
+
+    - ``dead-claim``: a CREATING entry whose owner died mid-download (fix: taken over, its
+      volume deleted);
+    - ``dead-lease``: leases of clones whose processes died (fix: dropped, so that the
+      entry may be evicted again);
+    - ``missing-volume``: a READY entry whose volume is gone (fix: evicted);
+    - ``partial-volume``: a user's volume whose writer died mid-write (an uncached create;
+      ``size`` its bytes; fix: deleted);
+    - ``orphan-volume``: a cache volume no entry owns (fix: deleted);
+    - ``scratch-file``: a conversion's scratch file whose process died (its ``path`` and
+      ``size`` in bytes; no volume, so ``volume_id`` is empty; fix: removed)."""
 
     kind: str
     volume_id: str
@@ -153,7 +166,7 @@ class OperatorCommands(ServiceBase):
                     if repo.find(key, current.image_id) is None:
                         repo.move(current, self.scope)
                         adopted.append(repo.get(current.id) or current)
-                    elif ready_and_free(current, now) or dead_claim(current, now):
+                    elif ready_and_free(current, now) or self._dead_claim(current, now):
                         duplicates.append(current)
                     else:
                         left.append(current)
@@ -176,7 +189,7 @@ class OperatorCommands(ServiceBase):
                     raise InvalidRequest(f"the stale entry of image {image.id} in {key} "
                                          "is being cloned; try again shortly")
                 continue
-            if entry is not None and not entry.claim_expired(self.clock.now()):
+            if entry is not None and not self._dead_claim(entry, self.clock.now()):
                 raise AlreadyClaimed(key, image.id)
             if entry is not None:
                 self._take_over(entry)
@@ -206,9 +219,11 @@ class OperatorCommands(ServiceBase):
     def reconcile(self, *, fix: bool = False) -> list[Finding]:
         """Compare this scope's entries with its storage; with ``fix``, repair what differs.
 
-        Finds entries whose volume is gone, claims whose owner died, cache volumes no
-        entry owns (left by a crash between an eviction and its volume's deletion), and
-        scratch files of conversions whose process died.
+        Finds entries whose volume is gone, claims and leases whose owners died, users'
+        volumes whose writer died mid-write, cache volumes no entry owns (left by a crash
+        between an eviction and its volume's deletion), and scratch files of conversions
+        whose process died (see ``Finding``). Safe while requests run: a live owner's
+        claim, lease or write is never touched; running it twice changes nothing more.
         """
         # Volumes first: an entry is committed before its volume is made, so any volume
         # listed here that has an entry will show it in the entries read after.
@@ -219,15 +234,18 @@ class OperatorCommands(ServiceBase):
         for entry in every_scope:
             if entry.scope_key != self.scope.key:
                 continue
-            if entry.claim_expired(now):
-                kind = "expired-claim"
+            if self._dead_claim(entry, now):
+                kind = "dead-claim"
                 fixed = fix and self._take_over(entry)
+                self.faults.reached("reconcile-fix")
             elif entry.ready and entry.volume_id not in volumes:
                 kind = "missing-volume"
                 fixed = fix and bool(self._evict([entry], EvictReason.RECONCILE))
             else:
                 continue
             findings.append(Finding(kind, entry.volume_id, entry.id, entry.image_id, fixed))
+        findings += self._dead_leases(every_scope, now, fix=fix)
+        findings += self._partial_volumes(now, fix=fix)
         # Any scope's entry counts as an owner: hosts and clusters may share one storage.
         owned = {e.volume_id for e in every_scope}
         for volume_id in sorted(volumes - owned):
@@ -236,6 +254,44 @@ class OperatorCommands(ServiceBase):
             findings.append(Finding("orphan-volume", volume_id, fixed=fix))
         for path, size in self.converter.leftovers(remove=fix):
             findings.append(Finding("scratch-file", "", path=path, size=size, fixed=fix))
+        return findings
+
+    def _dead_leases(self, entries: list[CacheEntry], now: dt.datetime, *,
+                     fix: bool) -> list[Finding]:
+        """This scope's entries leased by clones that died."""
+        def leases_of(entry_id: str) -> list[Lease]:
+            return self._read(lambda repo: repo.leases(entry_id, now))
+
+        findings = []
+        for entry in entries:
+            if entry.scope_key != self.scope.key or not entry.leased(now):
+                continue
+            dead = [lease for lease in leases_of(entry.id) if self._gone(lease.owner)]
+            if not dead:
+                continue
+            if fix:
+                with self._locked() as (repo, _):
+                    self._free_dead_leases(repo, dead)
+            findings.append(Finding("dead-lease", entry.volume_id, entry.id, entry.image_id,
+                                    fix))
+        return findings
+
+    def _partial_volumes(self, now: dt.datetime, *, fix: bool) -> list[Finding]:
+        """Users' volumes whose writer died mid-write: never complete, never listed."""
+        findings = []
+        for write in self._writes().values():
+            if not self._dead_write(write, now):
+                continue
+            try:
+                size = self.storage.get_volume(write.volume_id).size_gb * GIB
+            except VolumeNotFound:
+                size = 0  # the writer died before the volume was made, or after it was gone
+            if fix:
+                self._delete_quietly(write.volume_id)
+                with self.uow as uow:
+                    uow.entries.end_writing(write.volume_id)
+                    uow.commit()
+            findings.append(Finding("partial-volume", write.volume_id, size=size, fixed=fix))
         return findings
 
     # ------------------------------------------------------------------ volumes
@@ -253,8 +309,12 @@ class OperatorCommands(ServiceBase):
         if all_projects:
             if not ctx.is_admin:
                 raise InvalidRequest("listing every project's volumes needs --admin")
-            return self.storage.list_volumes()
-        return self.storage.list_volumes(owner=ctx.project_id)
+            volumes = self.storage.list_volumes()
+        else:
+            volumes = self.storage.list_volumes(owner=ctx.project_id)
+        # A volume appears once complete: one being written (or whose writer died) is not.
+        writes = self._writes()
+        return [v for v in volumes if v.id not in writes]
 
     def delete_volume(self, ctx: RequestContext, volume_id: str) -> None:
         """Delete a volume; an admin deleting a cache volume also removes its entry (in

@@ -38,9 +38,10 @@ class CachePolicy:
     """Limits are per scope (``CLUSTER_OR_HOST@BACKEND#POOL``); 0 means unlimited.
 
     ``claim_wait_seconds`` bounds how long a request waits for another worker's
-    download; ``claim_lease_seconds`` is how old a claim may grow before another
-    worker may take it over; ``clone_lease_seconds`` keeps eviction off an entry being
-    cloned. ``eviction_policy`` (one of ``EVICTION_POLICIES``) says which entries give way
+    download. ``claim_heartbeat_seconds`` is how often a process tells that its claims,
+    leases and writes are still alive; one whose owner is provably gone is taken over at
+    once, one not heard of for three beats (an owner on another machine) too.
+    ``eviction_policy`` (one of ``EVICTION_POLICIES``) says which entries give way
     first.
     """
 
@@ -48,14 +49,15 @@ class CachePolicy:
     max_size_gb: int = 0
     max_count: int = 0
     claim_wait_seconds: float = 600.0
-    claim_lease_seconds: float = 3600.0
-    clone_lease_seconds: float = 300.0
+    claim_heartbeat_seconds: float = 5.0
     eviction_policy: str = "lru"
 
     def __attrs_post_init__(self) -> None:
         for name in ("max_size_gb", "max_count"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 (unlimited) or positive")
+        if not 0 < self.claim_heartbeat_seconds < 1e9:
+            raise ValueError("claim_heartbeat_seconds must be a positive number of seconds")
         if self.eviction_policy not in EVICTION_POLICIES:
             raise ValueError(f"eviction_policy {self.eviction_policy!r} is not one of "
                              f"{', '.join(EVICTION_POLICIES)}")

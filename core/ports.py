@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import builtins
 import datetime as dt
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Protocol, runtime_checkable
@@ -12,11 +13,14 @@ from ivcache.core.events import Event
 from ivcache.core.model import (
     CacheEntry,
     Image,
+    Lease,
     NewImage,
+    Owner,
     RequestContext,
     Scope,
     ScopeTotals,
     Volume,
+    VolumeWrite,
 )
 
 __all__ = [
@@ -31,6 +35,7 @@ __all__ = [
     "ImageSource",
     "ImageUploader",
     "Notifier",
+    "Processes",
     "Span",
     "StorageBackend",
     "Tracer",
@@ -281,9 +286,14 @@ class CacheRepository(Protocol):
         totals rows' locks; (``to``, image) must be free. False if the entry is gone."""
         ...
 
-    def end_lease(self, entry_id: str, scope: str, lease: dt.datetime, *,
+    def take_lease(self, lease: Lease) -> None:
+        """Record a lease on its entry (the caller holds the entry's scope lock and saves
+        the entry in the same transaction)."""
+        ...
+
+    def end_lease(self, lease: Lease, scope: str, *,
                   hit: bool = False, bytes_saved: int = 0, seconds_saved: float = 0.0) -> None:
-        """Clear the entry's lease if it is still ``lease``; with ``hit``, also count one
+        """Drop the lease (other holders' leases stay); with ``hit``, also count one
         more hit, and the hit's ``bytes_saved`` and ``seconds_saved`` (the savings ledger),
         for the entry (if it still exists) and for ``scope``'s totals. Only this moves an
         entry's counters (``hits`` and the ledger): ``save`` leaves them alone, so hits that
@@ -295,19 +305,38 @@ class CacheRepository(Protocol):
         """
         ...
 
+    def leases(self, entry_id: str, now: dt.datetime) -> builtins.list[Lease]:
+        """The entry's leases that still hold by their time (their owners may be dead)."""
+        ...
+
+    def leased(self, scope: str, now: dt.datetime) -> builtins.list[Lease]:
+        """The leases of ``scope``'s entries that still hold by their time: as many as
+        clones run, read from an index, never a scan of the scope's entries."""
+        ...
+
+    def drop_leases(self, lease_ids: Sequence[str]) -> None:
+        """Forget leases whose owners died."""
+        ...
+
+    def beat(self, owner: str, until: dt.datetime, *, claims: Sequence[str] = (),
+             leases: Sequence[str] = (), writes: Sequence[str] = ()) -> None:
+        """The owner's heartbeat: move ``until`` on for its claims (entry ids, still
+        CREATING and still its own), its leases (lease ids) and its writes (volume ids)."""
+        ...
+
     def remove(self, entry: CacheEntry) -> bool:
         """Delete; return False if it was already gone."""
         ...
 
-    def mark_writing(self, volume_id: str, host: str, until: dt.datetime) -> None:
-        """Note that ``host`` is writing a user's volume (an uncached create) until
-        ``until`` at the latest: ``volume upload`` refuses it meanwhile."""
+    def mark_writing(self, write: VolumeWrite) -> None:
+        """Note that ``write.owner`` is writing a user's volume (an uncached create): the
+        volume is not listed, and ``volume upload`` refuses it, until ``end_writing``."""
         ...
 
     def end_writing(self, volume_id: str) -> None: ...
 
-    def writing(self, volume_id: str, now: dt.datetime) -> bool:
-        """Whether the volume is being written (a mark not yet ended nor expired)."""
+    def writes(self) -> builtins.list[VolumeWrite]:
+        """Every volume being written (the marks not ended: their owners may be dead)."""
         ...
 
     def lru_victims(self, scope: str, now: dt.datetime) -> Iterator[CacheEntry]:
@@ -388,6 +417,19 @@ class FaultPoints(Protocol):
     """
 
     def reached(self, point: str) -> None: ...
+
+
+class Processes(Protocol):
+    """Who this process is, and whether another one is provably gone: claims, leases and
+    writes name their ``Owner``, so that the dead never make the living wait."""
+
+    def me(self) -> Owner: ...
+
+    def gone(self, owner: Owner) -> bool:
+        """True only when ``owner`` provably runs no more: it ran on this machine and its
+        pid is dead or used by another process. An owner on another machine is never
+        provably gone (its heartbeat tells then)."""
+        ...
 
 
 class Span(Protocol):

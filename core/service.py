@@ -45,15 +45,17 @@ from ivcache.core.model import (
     CreateResult,
     EntryState,
     Image,
+    Lease,
     Outcome,
     RequestContext,
+    ScopeTotals,
     Volume,
     check_id,
     new_id,
 )
 from ivcache.core.operations import Finding, OperatorCommands
 from ivcache.core.policy import eviction_candidates
-from ivcache.core.ports import DiskImage, FileChunks
+from ivcache.core.ports import CacheRepository, DiskImage, FileChunks
 from ivcache.core.upload import VolumeUploads
 
 __all__ = ["CacheService", "Finding", "Neighbour", "NullTracer", "SystemClock"]
@@ -184,7 +186,7 @@ class CacheService(OperatorCommands, VolumeUploads):
                     backoff = min(backoff * 2, 1.0)
                 continue
             if entry is not None:
-                if entry.claim_expired(now):
+                if self._dead_claim(entry, now):
                     # Its owner died mid-download: take the claim over.
                     self._take_over(entry)
                     continue
@@ -216,7 +218,7 @@ class CacheService(OperatorCommands, VolumeUploads):
     # ------------------------------------------------------------------ hit
 
     def _lease_if_fresh(self, image: Image, scope: str | None = None,
-                        ) -> tuple[CacheEntry | None, dt.datetime | None]:
+                        ) -> tuple[CacheEntry | None, Lease | None]:
         """Find the image's entry in ``scope`` (this one by default); if READY and fresh,
         lease and touch it, in one transaction (the hit path's only locked write). Returns
         the entry and the lease."""
@@ -226,24 +228,25 @@ class CacheService(OperatorCommands, VolumeUploads):
             entry = repo.find(scope, image.id)
             if entry is None or not entry.ready or entry.is_stale_for(image):
                 return entry, None
-            lease = self._take_lease(entry)
             # Its uses: the fill, the hits counted so far, and this one.
             entry.priority = self.policy.priority(totals.gdsf_age, entry, entry.hits + 2)
             # Same content, new metadata: keep the entry, remember the new updated_at.
             entry.image_updated_at = image.updated_at
+            lease = self._take_lease(repo, entry)
             repo.save(entry)
             return entry, lease
 
-    def _take_lease(self, entry: CacheEntry) -> dt.datetime:
-        """Touch the entry and extend its lease (the caller saves it, under its scope's
-        lock)."""
-        now = self.clock.now()
-        lease = now + dt.timedelta(seconds=self.policy.clone_lease_seconds)
-        entry.lease_until = max(lease, entry.lease_until or lease)
-        entry.last_used = now
-        return entry.lease_until
+    def _take_lease(self, repo: CacheRepository, entry: CacheEntry) -> Lease:
+        """Touch the entry and lease it for this process (the caller saves the entry, under
+        its scope's lock). The lease lives while the heartbeat keeps it (``_clone_leased``
+        holds it)."""
+        lease = Lease(new_id(), entry.id, self._owner(), self.heartbeat.until())
+        repo.take_lease(lease)
+        entry.lease_until = max(lease.until, entry.lease_until or lease.until)
+        entry.last_used = self.clock.now()
+        return lease
 
-    def _clone_leased(self, ctx: RequestContext, entry: CacheEntry, lease: dt.datetime,
+    def _clone_leased(self, ctx: RequestContext, entry: CacheEntry, lease: Lease,
                       vol_id: str, size_gb: int, *, hit: bool,
                       image_bytes: int = 0) -> tuple[Volume | None, float]:
         """Clone the leased entry's volume for the caller: the clone (None if that volume
@@ -256,8 +259,11 @@ class CacheService(OperatorCommands, VolumeUploads):
         volume: Volume | None = None
         started = self.clock.monotonic()
         try:
-            volume = self.storage.clone_volume(entry.volume_id, vol_id, size_gb,
-                                               ctx.project_id)
+            with self.heartbeat.holding(lease=lease.id):
+                self.faults.reached("mid-clone")
+                volume = self.storage.clone_volume(entry.volume_id, vol_id, size_gb,
+                                                   ctx.project_id)
+                self.faults.reached("after-clone")
         except VolumeNotFound:
             volume = None
         finally:
@@ -272,21 +278,21 @@ class CacheService(OperatorCommands, VolumeUploads):
             self._evict([entry], EvictReason.MISSING_VOLUME, may_go=anything)
         return volume, cloned
 
-    def _end_lease(self, entry: CacheEntry, lease: dt.datetime, *, hit: bool = False,
+    def _end_lease(self, entry: CacheEntry, lease: Lease, *, hit: bool = False,
                    clone_seconds: float = 0.0, image_bytes: int = 0) -> None:
         """End the lease; for a ``hit``, count it, its savings and its event in the same
         transaction (the hit path's second and last write)."""
         with self.uow as uow:
-            # Only the holder of the latest lease clears it; no scope lock needed.
+            # Each holder drops its own lease; no scope lock needed.
             if hit:
                 # Measured, not guessed: an entry with no measured fill saves no seconds.
                 saved = (entry.fill_seconds - clone_seconds
                          if entry.fill_seconds is not None else 0.0)
-                uow.entries.end_lease(entry.id, entry.scope_key, lease, hit=True,
+                uow.entries.end_lease(lease, entry.scope_key, hit=True,
                                       bytes_saved=image_bytes, seconds_saved=saved)
                 uow.outbox.add(self._hit_event(entry.image_id, entry.id))
             else:
-                uow.entries.end_lease(entry.id, entry.scope_key, lease)
+                uow.entries.end_lease(lease, entry.scope_key)
             uow.commit()
 
     # ------------------------------------------------------------------ miss
@@ -303,10 +309,11 @@ class CacheService(OperatorCommands, VolumeUploads):
             claim = self._claim(image)
             if claim is None:
                 return None
-            self.faults.reached("after-claim")
-            self._drop_volumes(claim.victims, self._room_reason)
             try:
-                return self._fill(ctx, image, claim.entry, lease=lease, size_gb=size_gb)
+                with self.heartbeat.holding(claim=claim.entry.id):
+                    self.faults.reached("after-claim")
+                    self._drop_volumes(claim.victims, self._room_reason)
+                    return self._fill(ctx, image, claim.entry, lease=lease, size_gb=size_gb)
             except _Larger as larger:
                 # Only where the source's metadata lacks (or understates) the virtual size:
                 # the claim is gone; claim again for the size the header gave.
@@ -324,9 +331,7 @@ class CacheService(OperatorCommands, VolumeUploads):
             if repo.find(scope.key, image.id) is not None:
                 raise AlreadyClaimed(scope.key, image.id)
             now = self.clock.now()
-            victims = self.policy.victims(
-                totals, eviction_candidates(repo, scope.key, now, self.policy.eviction_policy),
-                adding_gb=size)
+            victims = self._victims_for(repo, totals, now, size)
             # The quota is checked before anything is evicted: evicting for a new entry
             # that the quota then refuses would lose the old entries for nothing.
             if victims is None or not self.tenant.quota_allows(repo.all_totals(), size,
@@ -337,11 +342,26 @@ class CacheService(OperatorCommands, VolumeUploads):
                 id=new_id(), host=scope.host, image_id=image.id, volume_id=new_id(),
                 size_gb=size, image_updated_at=image.updated_at,
                 image_hash=image.content_hash, state=EntryState.CREATING, created_at=now,
-                last_used=now,
-                claim_expires=now + dt.timedelta(seconds=self.policy.claim_lease_seconds),
+                last_used=now, claim_expires=self.heartbeat.until(),
+                claim_owner=self._owner(),
                 cluster=scope.cluster, backend=scope.backend, pool=scope.pool)
             repo.add(entry)
         return _Claim(entry, victims)
+
+    def _victims_for(self, repo: CacheRepository, totals: ScopeTotals, now: dt.datetime,
+                     size_gb: int) -> list[CacheEntry] | None:
+        """The entries to evict for a new one of ``size_gb`` (None: no room). Only when
+        there is not room enough are the scope's leases looked at (an index read of the
+        clones running): those of dead clones are dropped, and the choice made again."""
+        for _ in range(2):
+            victims = self.policy.victims(
+                totals, eviction_candidates(repo, totals.scope, now,
+                                            self.policy.eviction_policy),
+                adding_gb=size_gb)
+            if victims is not None or not self._free_dead_leases(
+                    repo, repo.leased(totals.scope, now)):
+                return victims
+        return None
 
     def _fill(self, ctx: RequestContext, image: Image, entry: CacheEntry, *,
               lease: bool, size_gb: int | None) -> Filled | None:
@@ -390,7 +410,7 @@ class CacheService(OperatorCommands, VolumeUploads):
                 current.fill_seconds = max(0.0, self.clock.monotonic() - started)
                 current.priority = self.policy.priority(totals.gdsf_age, current,
                                                         current.hits + 1)
-                taken = self._take_lease(current) if lease else None
+                taken = self._take_lease(repo, current) if lease else None
                 repo.save(current)
                 misses = 1 if lease else 0
                 if neighbour is None:
@@ -401,8 +421,9 @@ class CacheService(OperatorCommands, VolumeUploads):
                 if lease:
                     self.uow.outbox.add(self._miss_event(
                         image.id, Outcome.MISS, neighbour or IMAGE_SOURCE, current.id))
+        self.faults.reached("after-ready")
         if current is None:
-            # Taken over (its lease ran out) while we downloaded: ours is an orphan.
+            # Taken over (its heartbeat stopped) while we downloaded: ours is an orphan.
             self._delete_quietly(entry.volume_id)
             return None
         if neighbour is None:
@@ -436,8 +457,9 @@ class CacheService(OperatorCommands, VolumeUploads):
             if source is None or lease is None:
                 continue
             try:
-                self.storage.fill_from(storage, source.volume_id, entry.volume_id,
-                                       entry.size_gb, self.tenant.project_id)
+                with self.heartbeat.holding(lease=lease.id):
+                    self.storage.fill_from(storage, source.volume_id, entry.volume_id,
+                                           entry.size_gb, self.tenant.project_id)
             except VolumeNotFound as exc:
                 if exc.volume_id != source.volume_id:
                     raise
@@ -463,6 +485,7 @@ class CacheService(OperatorCommands, VolumeUploads):
             self._check_fits(image, disk, asked_gb=size_gb, reserved_gb=size_gb)
             volume = self.storage.create_volume(vol_id, size_gb, ctx.project_id)
             try:
+                self.faults.reached("mid-write")
                 nbytes, seconds = self._write(disk, vol_id)
             except BaseException:
                 self._delete_quietly(vol_id)

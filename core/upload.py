@@ -24,7 +24,6 @@ changes neither the image nor the entry.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import hashlib
 from collections.abc import Iterator
 from typing import Protocol
@@ -42,6 +41,7 @@ from ivcache.core.model import (
     NewImage,
     RequestContext,
     Volume,
+    VolumeWrite,
     check_id,
 )
 from ivcache.core.ports import ImageUploader, VolumeData, VolumeExporter
@@ -109,6 +109,8 @@ class _Run:
     data: VolumeData | None = None
     hashed: _Hashed | None = None
     reason: str | None = None
+    #: the heartbeat of the claim, from the claim to the entry's READY or release
+    holds: contextlib.ExitStack = attrs.Factory(contextlib.ExitStack)
 
 
 class VolumeUploads(ServiceBase):
@@ -153,6 +155,7 @@ class VolumeUploads(ServiceBase):
             owner = self.tenant.context() if as_internal_tenant else ctx
             try:
                 try:
+                    run.holds.__enter__()
                     image = uploader.upload_image(
                         owner, spec, lambda queued: self._start(run, queued, exporter))
                 finally:
@@ -164,6 +167,8 @@ class VolumeUploads(ServiceBase):
                 if run.entry is not None:
                     self._release(run.entry)
                 raise
+            finally:
+                run.holds.close()
             span.set_attribute("cached", entry is not None)
         hashed = run.hashed
         assert hashed is not None  # the source read the data, or it raised
@@ -176,14 +181,16 @@ class VolumeUploads(ServiceBase):
     @contextlib.contextmanager
     def _writing(self, volume_id: str) -> Iterator[None]:
         """Mark a user's volume as being written (an uncached create, whose volume exists
-        before its bytes do) for the block: ``upload_volume`` refuses it meanwhile. A mark
-        whose writer died lapses after ``claim_lease_seconds``."""
-        until = self.clock.now() + dt.timedelta(seconds=self.policy.claim_lease_seconds)
+        before its bytes do) for the block: it is not listed, and ``upload_volume`` refuses
+        it, meanwhile. The mark is kept alive by the heartbeat; a dead writer's mark, and
+        its half-written volume, are reconcile's ``partial-volume``."""
         with self.uow as uow:
-            uow.entries.mark_writing(volume_id, self.host, until)
+            uow.entries.mark_writing(VolumeWrite(volume_id, self._owner(),
+                                                 self.heartbeat.until()))
             uow.commit()
         try:
-            yield
+            with self.heartbeat.holding(write=volume_id):
+                yield
         finally:
             with self.uow as uow:
                 uow.entries.end_writing(volume_id)
@@ -208,7 +215,7 @@ class VolumeUploads(ServiceBase):
             if entry is not None and not entry.ready:
                 raise InvalidRequest(f"volume {volume.id} is being written (the cache is "
                                      "filling it): upload it once that is done")
-        elif self._read(lambda repo: repo.writing(volume.id, self.clock.now())):
+        elif self._being_written(volume.id):
             raise InvalidRequest(f"volume {volume.id} is being written (its create is in "
                                  "progress): upload it once that is done")
         return volume
@@ -218,16 +225,16 @@ class VolumeUploads(ServiceBase):
     def _start(self, run: _Run, queued: Image, exporter: VolumeExporter) -> _Hashed:
         """The image exists (queued): claim it, clone the volume into the claim, and open
         the bytes to send (the clone's, else the volume's)."""
-        run.entry, run.reason = self._claim_upload(queued, run.volume)
+        run.entry, run.reason = self._claim_upload(queued, run.volume, run.holds)
         source = run.entry.volume_id if run.entry is not None else run.volume.id
         run.data = exporter.export(self.storage, source, run.disk_format)
         run.hashed = _Hashed(run.data)
         return run.hashed
 
-    def _claim_upload(self, queued: Image,
-                      volume: Volume) -> tuple[CacheEntry | None, str | None]:
-        """Claim the new image in this scope and clone the volume into the claim; the
-        claimed entry, or None and why not."""
+    def _claim_upload(self, queued: Image, volume: Volume, holds: contextlib.ExitStack,
+                      ) -> tuple[CacheEntry | None, str | None]:
+        """Claim the new image in this scope and clone the volume into the claim, whose
+        heartbeat ``holds`` keeps; the claimed entry, or None and why not."""
         if not self.policy.enabled:
             return None, "the cache is disabled on this backend (image_volume_cache_enabled)"
         # The image is the volume's bytes: its disk is the volume's size.
@@ -240,8 +247,9 @@ class VolumeUploads(ServiceBase):
         if claim is None:
             return None, ("no room in the cache: its limits or the internal tenant's quota "
                           "leave no room, and no entry may be evicted for it")
-        self._drop_volumes(claim.victims, self._room_reason)
         entry = claim.entry
+        holds.enter_context(self.heartbeat.holding(claim=entry.id))
+        self._drop_volumes(claim.victims, self._room_reason)
         try:
             self.storage.clone_volume(volume.id, entry.volume_id, entry.size_gb,
                                       self.tenant.project_id)
@@ -288,7 +296,7 @@ class VolumeUploads(ServiceBase):
                 current.image_updated_at = image.updated_at
                 repo.save(current)
         if current is None:
-            # Taken over (its claim's lease ran out) while the bytes were sent: an orphan.
+            # Taken over (its heartbeat stopped) while the bytes were sent: an orphan.
             self._delete_quietly(run.entry.volume_id)
             run.entry = None
             run.reason = "the claim on the image expired during the upload"

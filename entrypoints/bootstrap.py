@@ -23,6 +23,7 @@ from ivcache.adapters.images.local import LocalImageSource
 from ivcache.adapters.notify import MultiNotifier, NullNotifier
 from ivcache.adapters.notify.log import LogNotifier
 from ivcache.adapters.notify.otel import MeteredStorage, OtelNotifier
+from ivcache.adapters.processes import LocalProcesses
 from ivcache.adapters.sql.engine import make_engine, upgrade
 from ivcache.adapters.sql.outbox import SqlOutbox
 from ivcache.adapters.sql.repository import SqlUnitOfWork
@@ -361,6 +362,7 @@ def wire(config: Config, *, backend: str | None = None, progress: Progress | Non
         converter=build_converter(config),
         neighbours=neighbours,
         faults=EnvFaults(),
+        processes=LocalProcesses(),
     )
     if bus is not None:
         # Before anything can announce (adopt may evict).

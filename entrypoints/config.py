@@ -23,6 +23,7 @@ import argparse
 import configparser
 import enum
 import io
+import logging
 import math
 import os
 import socket
@@ -38,6 +39,8 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from ivcache.core.errors import ConfigError, InvalidRequest
 from ivcache.core.model import DEFAULT_BACKEND, InternalTenant, Scope
 from ivcache.core.policy import EVICTION_POLICIES, CachePolicy
+
+_log = logging.getLogger("ivcache.config")
 
 __all__ = [
     "IMAGE_SOURCES",
@@ -226,8 +229,15 @@ OPTIONS: tuple[Option, ...] = (
     Option(_I, "claim_wait_seconds", float, 600.0,
            "How long a request waits for another worker's download of the same image "
            "before it is served uncached."),
-    Option(_I, "claim_lease_seconds", float, 3600.0,
-           "How old a claim may grow before another worker takes it over as dead."),
+    Option(_I, "claim_heartbeat_seconds", float, 5.0,
+           "How often a process tells that its claims (downloads), clone leases and writes "
+           "are alive. One whose process died on this machine is taken over at once; one "
+           "not heard of for three beats (its machine died) too. A slow but live download "
+           "is never taken over.", minimum=0.01),
+    Option(_I, "claim_lease_seconds", float, 0.0,
+           "Deprecated (claims now live by their heartbeat): when set and "
+           "`claim_heartbeat_seconds` is not, a third of it is the heartbeat, so a dead "
+           "machine's claim is taken over after this long, as before. A warning says so."),
     Option(_I, "keystone_cloud", str, "",
            "With `[glance] auth = keystone`: the cloud of clouds.yaml whose credentials "
            "validate callers' tokens with Keystone (`GET /v3/auth/tokens`, as "
@@ -594,11 +604,26 @@ class _Reader:
             max_count=cache["image_volume_cache_max_count"],
             eviction_policy=cache["image_volume_cache_eviction_policy"],
             claim_wait_seconds=ivc["claim_wait_seconds"],
-            claim_lease_seconds=ivc["claim_lease_seconds"],
+            claim_heartbeat_seconds=self.heartbeat_seconds(ivc),
         )
         return BackendConfig(name=name, policy=policy, **storage,
                              image_upload_use_internal_tenant=cache[
                                  "image_upload_use_internal_tenant"])
+
+    def heartbeat_seconds(self, ivc: Mapping[str, Any]) -> float:
+        """``claim_heartbeat_seconds``, or a third of the deprecated ``claim_lease_seconds``
+        when only that is set (with a warning)."""
+        beat: float = ivc["claim_heartbeat_seconds"]
+        lease: float = ivc["claim_lease_seconds"]
+        if lease and not self.is_set("ivcache", "claim_heartbeat_seconds"):
+            beat = max(lease / 3, 0.01)
+            _log.warning("%s: claim_lease_seconds is deprecated: claims live by their "
+                         "heartbeat now; claim_heartbeat_seconds = %g is used (a third of "
+                         "it). Set claim_heartbeat_seconds instead.", self.where, beat)
+        elif lease:
+            _log.warning("%s: claim_lease_seconds is deprecated and ignored: "
+                         "claim_heartbeat_seconds is set", self.where)
+        return beat
 
     def check_backend_section(self, section: str) -> None:
         """A backend section may hold anything of Cinder's, but not ivcache's global

@@ -25,6 +25,7 @@ from __future__ import annotations
 from pathlib import Path
 from types import TracebackType
 
+from ivcache.adapters.processes import LocalProcesses
 from ivcache.core.model import (
     CacheEntry,
     CreateResult,
@@ -41,6 +42,7 @@ from ivcache.core.ports import (
     ImageConverter,
     ImageSource,
     Notifier,
+    Processes,
     StorageBackend,
     Tracer,
     UnitOfWork,
@@ -81,15 +83,19 @@ class ImageVolumeCache:
                       uow: UnitOfWork, notifier: Notifier, policy: CachePolicy | None = None,
                       tenant: InternalTenant | None = None, clock: Clock | None = None,
                       tracer: Tracer | None = None,
-                      converter: ImageConverter | None = None) -> ImageVolumeCache:
+                      converter: ImageConverter | None = None,
+                      processes: Processes | None = None) -> ImageVolumeCache:
         """Wire your own adapters (any objects that fit the ports in ``ivcache.core.ports``).
 
         ``converter`` defaults to the core's raw-only pass-through: pass
         ``ivcache.adapters.convert.ImagePipeline(scratch_dir)`` to take every disk format.
+        ``processes`` defaults to this machine's (``LocalProcesses``): the claims and
+        leases of a process that died here are taken over at once.
         """
         return cls(CacheService(host=host, storage=storage, images=images, uow=uow,
                                 notifier=notifier, policy=policy, tenant=tenant, clock=clock,
-                                tracer=tracer, converter=converter))
+                                tracer=tracer, converter=converter,
+                                processes=processes or LocalProcesses()))
 
     def close(self) -> None:
         """Let the notifiers deliver what they hold (the bus notifier waits at most

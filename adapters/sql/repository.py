@@ -6,9 +6,10 @@ connection or a row.
 
 from __future__ import annotations
 
+import builtins
 import datetime as dt
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -22,8 +23,9 @@ from sqlalchemy import (
     Table,
     and_,
     bindparam,
-    case,
     delete,
+    exists,
+    func,
     insert,
     or_,
     select,
@@ -33,10 +35,18 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
 from ivcache.adapters.sql.outbox import SqlOutbox
-from ivcache.adapters.sql.tables import cache_entries, scope_totals, volume_writes
+from ivcache.adapters.sql.tables import cache_entries, cache_leases, scope_totals, volume_writes
 from ivcache.core.errors import AlreadyClaimed
 from ivcache.core.events import Event
-from ivcache.core.model import CacheEntry, EntryState, Scope, ScopeTotals
+from ivcache.core.model import (
+    CacheEntry,
+    EntryState,
+    Lease,
+    Owner,
+    Scope,
+    ScopeTotals,
+    VolumeWrite,
+)
 from ivcache.core.ports import CacheRepository, EventOutbox
 
 __all__ = ["LRU_BATCH", "SqlCacheRepository", "SqlUnitOfWork"]
@@ -47,6 +57,14 @@ LRU_BATCH = 16
 
 _T = scope_totals.c
 _E = cache_entries.c
+_L = cache_leases.c
+_W = volume_writes.c
+
+# An entry is read with ``lease_until``, the last of its leases' ``until`` (an index probe of
+# (entry_id, until) per entry).
+_LEASE_UNTIL = (select(func.max(_L.until)).where(_L.entry_id == _E.id)
+                .scalar_subquery().label("lease_until"))
+_ENTRY = (*cache_entries.c, _LEASE_UNTIL)
 
 # The statements of the hit path, built once: building a statement costs more Python than
 # running it on SQLite, and a prebuilt one keeps its cache key (SQLAlchemy memoizes it), so
@@ -59,14 +77,13 @@ _pg_upsert = postgresql.insert(scope_totals).values(scope=bindparam("b_scope"))
 _LOCK_TOTALS_PG = _pg_upsert.on_conflict_do_update(
     index_elements=[_T.scope], set_={"scope": _pg_upsert.excluded.scope},
 ).returning(*scope_totals.c)
-_FIND = select(cache_entries).where(_E.scope == bindparam("scope"),
-                                    _E.image_id == bindparam("image_id"))
-_GET = select(cache_entries).where(_E.id == bindparam("entry_id"))
+_FIND = select(*_ENTRY).where(_E.scope == bindparam("scope"),
+                              _E.image_id == bindparam("image_id"))
+_GET = select(*_ENTRY).where(_E.id == bindparam("entry_id"))
 # No values(): the SET clause is the parameters' columns (every mutable one, from ``save``).
 _SAVE = update(cache_entries).where(_E.id == bindparam("entry_id"))
-_END_LEASE = (update(cache_entries)
-              .where(_E.id == bindparam("entry_id"), _E.lease_until == bindparam("lease"))
-              .values(lease_until=None))
+_TAKE_LEASE = insert(cache_leases)
+_END_LEASE = delete(cache_leases).where(_L.id == bindparam("lease_id"))
 # Not "scope": an update's bind names must not be its table's column names.
 # The hit's savings ride the same statements, as increments: exact whatever other hits
 # commit meanwhile.
@@ -77,16 +94,18 @@ _COUNT_HIT = (update(scope_totals).where(_T.scope == bindparam("b_scope"))
 _END_HIT = update(cache_entries).where(_E.id == bindparam("entry_id")).values(
     hits=_E.hits + 1,
     bytes_saved=_E.bytes_saved + bindparam("b_bytes_saved"),
-    seconds_saved=_E.seconds_saved + bindparam("b_seconds_saved"),
-    lease_until=case((_E.lease_until == bindparam("lease"), None), else_=_E.lease_until))
-# PostgreSQL runs both of a hit's updates in one statement (one round trip): the totals'
-# update as a data-modifying CTE. PostgreSQL runs a WITH's statements in no set order, so
-# the entry's update is gated on the CTE's row (EXISTS): the totals row is locked first,
-# the order every transaction takes them in (the other order deadlocked under load). The
-# totals row exists: the lease was taken under ``lock_scope``. SQLite has no DML in CTEs
-# and runs the two statements (it has no round trips to save).
+    seconds_saved=_E.seconds_saved + bindparam("b_seconds_saved"))
+# PostgreSQL runs a hit's three writes in one statement (one round trip): the totals'
+# update and the lease's delete as data-modifying CTEs. PostgreSQL runs a WITH's statements
+# in no set order, so the entry's update is gated on the totals CTE's row (EXISTS): the
+# totals row is locked first, the order every transaction takes them in (the other order
+# deadlocked under load). The totals row exists: the lease was taken under ``lock_scope``.
+# SQLite has no DML in CTEs and runs the three statements (it has no round trips to save).
 _counted = _COUNT_HIT.returning(_T.scope).cte("counted")
-_END_HIT_PG = _END_HIT.where(select(_counted.c.scope).exists())
+_ended = _END_LEASE.returning(_L.id).cte("ended")
+# Referenced by nothing, the lease's delete is added as a CTE of its own (add_cte): it runs
+# all the same.
+_END_HIT_PG = _END_HIT.where(select(_counted.c.scope).exists()).add_cte(_ended)
 
 
 class SqlCacheRepository:
@@ -150,14 +169,14 @@ class SqlCacheRepository:
 
     def find_by_volume(self, volume_id: str) -> CacheEntry | None:
         return self._one(
-            select(cache_entries).where(_E.volume_id == volume_id).order_by(_E.id).limit(1))
+            select(*_ENTRY).where(_E.volume_id == volume_id).order_by(_E.id).limit(1))
 
     def strays(self, host: str, backend: str, scope: str) -> list[CacheEntry]:
         """Two range reads of the (host, backend, scope) index, on either side of
         ``scope``: nothing is read when every entry of the host's backend is in it."""
         found: list[CacheEntry] = []
         for other in (_E.scope < scope, _E.scope > scope):
-            query = (select(cache_entries)
+            query = (select(*_ENTRY)
                      .where(_E.host == host, _E.backend == backend, other,
                             _E.cluster.is_(None))
                      .order_by(_E.scope, _E.id))
@@ -166,7 +185,7 @@ class SqlCacheRepository:
 
     def list(self, host: str | None = None, *, scope: str | None = None,
              backend: str | None = None) -> list[CacheEntry]:
-        query = select(cache_entries).order_by(_E.host, _E.last_used, _E.id)
+        query = select(*_ENTRY).order_by(_E.host, _E.last_used, _E.id)
         if host is not None:
             query = query.where(_E.host == host)
         if scope is not None:
@@ -225,21 +244,58 @@ class SqlCacheRepository:
         self._bump(target.key, count=1, size_gb=row.size_gb)
         return True
 
-    def end_lease(self, entry_id: str, scope: str, lease: dt.datetime, *,
+    def take_lease(self, lease: Lease) -> None:
+        self._conn.execute(_TAKE_LEASE, {"id": lease.id, "entry_id": lease.entry_id,
+                                         "owner": lease.owner, "until": lease.until})
+
+    def end_lease(self, lease: Lease, scope: str, *,
                   hit: bool = False, bytes_saved: int = 0, seconds_saved: float = 0.0) -> None:
-        """One statement (two for a hit on SQLite): the totals row exists (the lease was
+        """One statement (three for a hit on SQLite): the totals row exists (the lease was
         taken under ``lock_scope``), so it is updated without the insert-if-missing. A
         hit's savings are added in the same statements."""
         if not hit:
-            self._conn.execute(_END_LEASE, {"entry_id": entry_id, "lease": lease})
+            self._conn.execute(_END_LEASE, {"lease_id": lease.id})
             return
-        params = {"entry_id": entry_id, "b_scope": scope, "lease": lease,
+        params = {"entry_id": lease.entry_id, "b_scope": scope, "lease_id": lease.id,
                   "b_bytes_saved": bytes_saved, "b_seconds_saved": seconds_saved}
         if self._conn.dialect.name == "postgresql":
             self._conn.execute(_END_HIT_PG, params)
             return
         self._conn.execute(_COUNT_HIT, params)
         self._conn.execute(_END_HIT, params)
+        self._conn.execute(_END_LEASE, params)
+
+    def leases(self, entry_id: str, now: dt.datetime) -> builtins.list[Lease]:
+        rows = self._conn.execute(select(cache_leases).where(
+            _L.entry_id == entry_id, _L.until > now).order_by(_L.id))
+        return [_lease_from_row(r) for r in rows]
+
+    def leased(self, scope: str, now: dt.datetime) -> builtins.list[Lease]:
+        """Along the index on ``until``: the leases still running, whatever the number of
+        entries."""
+        rows = self._conn.execute(
+            select(cache_leases).join(cache_entries, _E.id == _L.entry_id)
+            .where(_L.until > now, _E.scope == scope).order_by(_L.id))
+        return [_lease_from_row(r) for r in rows]
+
+    def drop_leases(self, lease_ids: Sequence[str]) -> None:
+        if lease_ids:
+            self._conn.execute(delete(cache_leases).where(_L.id.in_(list(lease_ids))))
+
+    def beat(self, owner: str, until: dt.datetime, *, claims: Sequence[str] = (),
+             leases: Sequence[str] = (), writes: Sequence[str] = ()) -> None:
+        """A statement per kind held: rows are matched by id and owner, so a claim taken
+        over meanwhile (or made READY) is left alone."""
+        if claims:
+            self._conn.execute(update(cache_entries).where(
+                _E.id.in_(list(claims)), _E.claim_owner == owner,
+                _E.state == EntryState.CREATING.value).values(claim_expires=until))
+        if leases:
+            self._conn.execute(update(cache_leases).where(
+                _L.id.in_(list(leases)), _L.owner == owner).values(until=until))
+        if writes:
+            self._conn.execute(update(volume_writes).where(
+                _W.volume_id.in_(list(writes)), _W.owner == owner).values(expires_at=until))
 
     def remove(self, entry: CacheEntry) -> bool:
         """Delete by id; return False if it was already gone.
@@ -251,22 +307,25 @@ class SqlCacheRepository:
             .returning(_E.scope, _E.size_gb)).one_or_none()
         if gone is None:
             return False
+        self._conn.execute(delete(cache_leases).where(_L.entry_id == entry.id))
         self._bump(gone.scope, count=-1, size_gb=-gone.size_gb)
         return True
 
-    def mark_writing(self, volume_id: str, host: str, until: dt.datetime) -> None:
-        self._conn.execute(delete(volume_writes).where(volume_writes.c.volume_id == volume_id))
-        self._conn.execute(insert(volume_writes).values(volume_id=volume_id, host=host,
-                                                        expires_at=until))
+    def mark_writing(self, write: VolumeWrite) -> None:
+        owner = Owner.parse(write.owner)
+        self._conn.execute(delete(volume_writes).where(_W.volume_id == write.volume_id))
+        self._conn.execute(insert(volume_writes).values(
+            volume_id=write.volume_id, host=owner.node if owner else write.owner,
+            expires_at=write.until, owner=write.owner))
 
     def end_writing(self, volume_id: str) -> None:
-        self._conn.execute(delete(volume_writes).where(volume_writes.c.volume_id == volume_id))
+        self._conn.execute(delete(volume_writes).where(_W.volume_id == volume_id))
 
-    def writing(self, volume_id: str, now: dt.datetime) -> bool:
-        found = self._conn.execute(
-            select(volume_writes.c.volume_id).where(volume_writes.c.volume_id == volume_id,
-                                                    volume_writes.c.expires_at > now))
-        return found.first() is not None
+    def writes(self) -> builtins.list[VolumeWrite]:
+        rows = self._conn.execute(select(_W.volume_id, _W.owner, _W.host, _W.expires_at)
+                                  .order_by(_W.volume_id))
+        # Marks of older versions name no owner: their time alone tells.
+        return [VolumeWrite(r.volume_id, r.owner or "", r.expires_at) for r in rows]
 
     def lru_victims(self, scope: str, now: dt.datetime) -> Iterator[CacheEntry]:
         """READY, unpinned, unleased entries of ``scope``, least recently used first, along
@@ -286,12 +345,12 @@ class SqlCacheRepository:
         (keyset pagination): entries removed while iterating do not shift the pages.
         """
         base = (
-            select(cache_entries)
+            select(*_ENTRY)
             .where(
                 _E.scope == scope,
                 _E.state == EntryState.READY.value,
                 _E.pinned.is_(False),
-                or_(_E.lease_until.is_(None), _E.lease_until <= now),
+                ~exists().where(_L.entry_id == _E.id, _L.until > now),
             )
             .order_by(*order)
             .limit(self._lru_batch)
@@ -457,6 +516,7 @@ _COUNTERS = ("hits", "bytes_saved", "seconds_saved")
 
 def _entry_to_row(entry: CacheEntry) -> dict[str, Any]:
     row = attrs.asdict(entry, recurse=False)
+    del row["lease_until"]  # the leases' (cache_leases), read with the entry
     row["state"] = entry.state.value
     # The key is the parts' (kept in a column so the unique constraint and the LRU index
     # can use it).
@@ -470,6 +530,10 @@ def _entry_from_row(row: Row[Any]) -> CacheEntry:
     values["state"] = EntryState(values["state"])
     values["pinned"] = bool(values["pinned"])
     return CacheEntry(**values)
+
+
+def _lease_from_row(row: Row[Any]) -> Lease:
+    return Lease(row.id, row.entry_id, row.owner, row.until)
 
 
 def _totals_from_row(row: Row[Any]) -> ScopeTotals:

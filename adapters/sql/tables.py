@@ -33,6 +33,7 @@ __all__ = [
     "SCOPE_LENGTH",
     "UTCDateTime",
     "cache_entries",
+    "cache_leases",
     "event_outbox",
     "metadata",
     "scope_totals",
@@ -105,8 +106,9 @@ cache_entries = Table(
     Column("last_used", UTCDateTime, nullable=False),
     Column("hits", Integer, nullable=False, server_default=_ZERO),
     Column("pinned", Boolean, nullable=False, server_default=false()),
+    # A claim's owner (an ``Owner``'s text) and where its heartbeat has moved it to (0007).
     Column("claim_expires", UTCDateTime, nullable=True),
-    Column("lease_until", UTCDateTime, nullable=True),
+    Column("claim_owner", String(255), nullable=True),
     # Seconds the miss took to fill the volume (NULL: not measured): the savings ledger's
     # and the gdsf policy's cost (migration 0004).
     Column("fill_seconds", Float, nullable=True),
@@ -156,12 +158,29 @@ event_outbox = Table(
     UniqueConstraint("message_id"),
 )
 
+#: Clones reading entries' volumes (0007; before, one ``lease_until`` per entry, which the
+#: first clone to end cleared for all): a row per clone, its owner's heartbeat moving
+#: ``until`` on. An entry with a row whose ``until`` is ahead is not evicted.
+cache_leases = Table(
+    "cache_leases",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("entry_id", String(64), nullable=False),
+    Column("owner", String(255), nullable=False),
+    Column("until", UTCDateTime, nullable=False),
+    Index("ix_cache_leases_entry_id_until", "entry_id", "until"),
+    Index("ix_cache_leases_until", "until"),
+)
+
 #: Volumes being written for a user (an uncached create: the volume exists before its bytes
-#: do), so that ``volume upload`` refuses them; a mark past ``expires_at`` is a dead writer's.
+#: do): not listed, and refused by ``volume upload``, until the write ends. ``owner`` (0007)
+#: keeps ``expires_at`` moving on by its heartbeat; a mark past it, or whose owner is gone,
+#: is a dead writer's half-written volume (reconcile's ``partial-volume``).
 volume_writes = Table(
     "volume_writes",
     metadata,
     Column("volume_id", String(255), primary_key=True),
     Column("host", String(255), nullable=False),
     Column("expires_at", UTCDateTime, nullable=False),
+    Column("owner", String(255), nullable=True),
 )

@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import Engine
 
 from ivcache.adapters.sql import SqlUnitOfWork, make_engine, upgrade
-from ivcache.core.model import EntryState, ScopeTotals
+from ivcache.core.model import CacheEntry, EntryState, ScopeTotals
 from tests.support.flight import (
     Result,
     Watcher,
@@ -99,11 +99,9 @@ def test_processes_on_two_hosts_sharing_the_database_download_once_per_host(
         assert (stats.count, stats.downloads, stats.hits, stats.misses) == (1, 1, 3, 1)
 
 
-def test_a_claim_whose_owner_was_killed_mid_download_is_taken_over_after_its_lease(
-        world: World, engine: Engine) -> None:
-    world = attrs.evolve(world, claim_lease_seconds=1.5)
-    [image] = add_tiny_images(world, [1])
-    # The owner downloads for ~8 s (0.5 s per 64 KiB): plenty of time to kill it midway.
+def _killed_mid_download(world: World, engine: Engine, image: str) -> CacheEntry:
+    """Start a worker downloading ``image`` (~8 s: 0.5 s per 64 KiB), SIGKILL it midway;
+    its claim."""
     owner = start_process(attrs.evolve(world, delay=0.5), "node-1", [(image, 1)])
     try:
         uow = SqlUnitOfWork(engine)
@@ -114,21 +112,73 @@ def test_a_claim_whose_owner_was_killed_mid_download_is_taken_over_after_its_lea
         with uow:
             claim = uow.entries.find(scope_of("node-1"), image)
         assert claim is not None and claim.state is EntryState.CREATING
+        assert claim.claim_owner is not None and f":{owner.pid}." in claim.claim_owner
     finally:
         owner.kill()  # SIGKILL: no cleanup of any kind
         owner.join()
+    return claim
+
+
+def _served_after(world: World, engine: Engine, image: str, claim: CacheEntry) -> float:
     started = time.monotonic()
     [result] = run_threads(world, "node-1", [(image, 1)])
     waited = time.monotonic() - started
     assert result.outcome == "miss"
-    assert waited < 10, "the dead owner's claim held the request up"
-    with uow:
+    with SqlUnitOfWork(engine) as uow:
         [entry] = uow.entries.list()
     assert entry.id != claim.id and entry.state is EntryState.READY
     assert totals(engine, "node-1").count == 1
     # The dead owner's half-written volume went with its claim.
     volumes = {v.id for v in world.storage("node-1").list_volumes()}
     assert claim.volume_id not in volumes and entry.volume_id in volumes
+    return waited
+
+
+def test_a_claim_whose_owner_was_killed_mid_download_is_taken_over_at_once(
+        world: World, engine: Engine) -> None:
+    # The heartbeat is slow (20 s): only the dead pid can tell, and it tells at once.
+    [image] = add_tiny_images(world, [1])
+    claim = _killed_mid_download(world, engine, image)
+    assert _served_after(world, engine, image, claim) < 2, \
+        "the dead owner's claim held the request up"
+
+
+def test_the_claim_of_an_owner_on_a_machine_that_died_is_taken_over_after_three_beats(
+        world: World, engine: Engine) -> None:
+    # The owner says it runs on another machine: its pid tells nothing here, its silent
+    # heartbeat does, after three beats (3 x 0.5 s).
+    world = attrs.evolve(world, claim_heartbeat_seconds=0.5, node="another-machine")
+    [image] = add_tiny_images(world, [1])
+    claim = _killed_mid_download(world, engine, image)
+    waited = _served_after(world, engine, image, claim)
+    assert waited < 2 * 3 * 0.5 + 1
+
+
+def test_a_slow_live_download_is_never_taken_over_however_long_it_runs(
+        world: World, engine: Engine) -> None:
+    # Its heartbeat (every 0.2 s) keeps its claim alive over an ~8 s download (16 pieces,
+    # 0.5 s apart), 13 times the three beats after which a silent claim is dead.
+    world = attrs.evolve(world, claim_heartbeat_seconds=0.2, node="another-machine")
+    [image] = add_tiny_images(world, [1], data=1 << 20)
+    owner = start_process(attrs.evolve(world, delay=0.5), "node-1", [(image, 1)])
+    try:
+        deadline = time.monotonic() + 30
+        while not world.downloads():
+            assert time.monotonic() < deadline, "the owner never started its download"
+            time.sleep(0.02)
+        time.sleep(2)  # ten beats: a silent claim would be dead three times over
+        impatient = attrs.evolve(world, claim_wait_seconds=1.0, delay=0.0)
+        [result] = run_threads(impatient, "node-1", [(image, 1)])
+        assert result.outcome == "miss-uncached"  # waited, never took the claim over
+        owner.join(60)
+        assert owner.exitcode == 0
+    finally:
+        if owner.is_alive():
+            owner.kill()
+    with SqlUnitOfWork(engine) as uow:
+        [entry] = uow.entries.list()
+    assert entry.state is EntryState.READY
+    assert len(world.downloads()) == 2  # the owner's, and the impatient one's uncached
 
 
 def test_a_waiter_gives_up_after_claim_wait_seconds_and_is_served_without_the_cache(

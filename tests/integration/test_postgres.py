@@ -16,9 +16,9 @@ import pytest
 from sqlalchemy import Engine, event, insert, make_url, text
 
 from ivcache.adapters.sql import SqlUnitOfWork, make_engine, upgrade
-from ivcache.adapters.sql.tables import cache_entries
+from ivcache.adapters.sql.tables import cache_entries, cache_leases
 from ivcache.core.errors import ConfigError
-from ivcache.core.model import CacheEntry, EntryState
+from ivcache.core.model import CacheEntry, EntryState, Lease
 from tests.support.scopes import scope_of
 
 pytestmark = pytest.mark.postgres
@@ -71,9 +71,14 @@ def test_the_lru_victim_queries_are_index_scans_without_a_sort_or_a_seq_scan(
              "volume_id": f"vol-{h}-{n:04}", "size_gb": 1, "state": "ready",
              "created_at": T0, "last_used": T0 + dt.timedelta(seconds=n % 700)}
             for h in hosts for n in range(500)]
+    # Every other entry was cloned from before: its lease row is there, long lapsed.
+    leases = [{"id": f"l-{row['id']}", "entry_id": row["id"], "owner": "node-1:1.1",
+               "until": T0} for row in rows[::2]]
     with engine.begin() as conn:  # seeded in bulk: only the reads are under test
         conn.execute(insert(cache_entries), rows)
+        conn.execute(insert(cache_leases), leases)
         conn.execute(text("ANALYZE cache_entries"))
+        conn.execute(text("ANALYZE cache_leases"))
     seen: list[tuple[str, Any]] = []
 
     def record(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any,
@@ -93,8 +98,45 @@ def test_the_lru_victim_queries_are_index_scans_without_a_sort_or_a_seq_scan(
         for sql, params in seen:
             plan = "\n".join(row[0] for row in conn.exec_driver_sql(f"EXPLAIN {sql}", params))
             assert "ix_cache_entries_scope_last_used_id" in plan, plan
+            assert "ix_cache_leases_entry_id_until" in plan, plan  # a probe per entry
             assert "Seq Scan" not in plan, plan
             assert "Sort" not in plan, plan  # the order comes straight off the index
+
+
+def test_the_running_leases_of_a_scope_are_read_off_the_until_index(engine: Engine) -> None:
+    # What making room reads when no victim is free: the clones running now, a few, never
+    # the 10,000 lapsed leases of the past nor the scope's entries.
+    rows = [{"id": f"e-{n:05}", "host": "node-1", "backend": "default", "pool": "default",
+             "scope": NODE_1, "image_id": f"img-{n:05}", "volume_id": f"vol-{n:05}",
+             "size_gb": 1, "state": "ready", "created_at": T0, "last_used": T0}
+            for n in range(10_000)]
+    leases = [{"id": f"l-{n:05}", "entry_id": f"e-{n:05}", "owner": "node-1:1.1",
+               "until": T0 + dt.timedelta(seconds=60 if n % 1000 == 0 else -60)}
+              for n in range(10_000)]
+    with engine.begin() as conn:
+        conn.execute(insert(cache_entries), rows)
+        conn.execute(insert(cache_leases), leases)
+        conn.execute(text("ANALYZE cache_entries"))
+        conn.execute(text("ANALYZE cache_leases"))
+    seen: list[tuple[str, Any]] = []
+
+    def record(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any,
+               executemany: bool) -> None:
+        if statement.lstrip().upper().startswith("SELECT"):
+            seen.append((statement, parameters))
+
+    uow = SqlUnitOfWork(engine)
+    event.listen(engine, "before_cursor_execute", record)
+    with uow:
+        running = uow.entries.leased(NODE_1, T0)
+    event.remove(engine, "before_cursor_execute", record)
+    assert [lease.entry_id for lease in running] == [f"e-{n:05}" for n in range(0, 10_000,
+                                                                                  1000)]
+    [(sql, params)] = seen
+    with engine.connect() as conn:
+        plan = "\n".join(row[0] for row in conn.exec_driver_sql(f"EXPLAIN {sql}", params))
+    assert "ix_cache_leases_until" in plan, plan
+    assert "Seq Scan" not in plan, plan
 
 
 def test_lock_scope_makes_a_second_transaction_wait_and_then_see_the_first_ones_work(
@@ -149,12 +191,14 @@ def test_first_locks_of_a_new_scope_and_ends_of_hits_racing_neither_deadlock_nor
                         if n == 0:
                             uow.entries.add(hot)
                     leased = uow.entries.get(hot.id)
+                    lease = Lease(f"lease-{n}-{r}", hot.id, f"node-3:{n}.1", T0)
                     if leased is not None:
-                        leased.lease_until = T0
+                        leased.last_used = T0
                         uow.entries.save(leased)
+                        uow.entries.take_lease(lease)
                     uow.commit()
                 with uow:
-                    uow.entries.end_lease(hot.id, NODE_3, T0, hit=True)
+                    uow.entries.end_lease(lease, NODE_3, hit=True)
                     uow.commit()
         except BaseException as exc:  # reported by the main thread
             errors.append(exc)

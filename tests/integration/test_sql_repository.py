@@ -126,9 +126,9 @@ def test_upgrading_a_new_database_twice_leaves_it_at_the_newest_revision(url: st
     upgrade(url)
     engine = make_engine(url)
     try:
-        assert current_revision(engine) == head_revision() == "0006"
+        assert current_revision(engine) == head_revision() == "0007"
         assert set(inspect(engine).get_table_names()) == {
-            "alembic_version", "cache_entries", "event_outbox", "scope_totals",
+            "alembic_version", "cache_entries", "cache_leases", "event_outbox", "scope_totals",
             "volume_writes"}
     finally:
         engine.dispose()

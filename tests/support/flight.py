@@ -30,6 +30,7 @@ from sqlalchemy import Engine, create_engine, text
 
 from ivcache.adapters.images.local import LocalImageSource
 from ivcache.adapters.memory import RecordingNotifier
+from ivcache.adapters.processes import LocalProcesses
 from ivcache.adapters.sql import SqlUnitOfWork, make_engine
 from ivcache.adapters.storage.file import FileStorage
 from ivcache.core.model import GIB, Image, RequestContext, Scope
@@ -95,7 +96,9 @@ class World:
     max_count: int = 0
     max_size_gb: int = 0
     claim_wait_seconds: float = 60.0
-    claim_lease_seconds: float = 60.0
+    claim_heartbeat_seconds: float = 20.0
+    #: the machine the workers say they run on (None: this one's name)
+    node: str | None = None
     #: hosts of one cluster share its scope and one storage directory
     cluster: str | None = None
 
@@ -118,10 +121,11 @@ class World:
                             log=self.downloads_log)
         policy = CachePolicy(max_count=self.max_count, max_size_gb=self.max_size_gb,
                              claim_wait_seconds=self.claim_wait_seconds,
-                             claim_lease_seconds=self.claim_lease_seconds)
+                             claim_heartbeat_seconds=self.claim_heartbeat_seconds)
         return CacheService(scope=self.scope(host), storage=self.storage(host),
                             images=images, uow=SqlUnitOfWork(engine),
-                            notifier=RecordingNotifier(), policy=policy)
+                            notifier=RecordingNotifier(), policy=policy,
+                            processes=LocalProcesses(self.node))
 
     def downloads(self) -> list[tuple[int, str]]:
         """(pid, image id) of every download so far."""

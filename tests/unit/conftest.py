@@ -7,6 +7,7 @@ import pytest
 
 from ivcache.adapters.memory import (
     FakeClock,
+    FakeProcesses,
     InMemoryImageSource,
     InMemoryUnitOfWork,
     RecordingNotifier,
@@ -19,8 +20,11 @@ from ivcache.core.model import (
     EntryState,
     Image,
     InternalTenant,
+    Lease,
+    Owner,
     RequestContext,
     Scope,
+    new_id,
 )
 from ivcache.core.policy import CachePolicy
 from ivcache.core.ports import ImageConverter
@@ -28,6 +32,8 @@ from ivcache.core.service import CacheService
 
 #: The scope of host node-1 on the default backend: what ``World.service()`` speaks for.
 NODE_1 = Scope("node-1").key
+#: Another process, alive unless a test kills it (``world.processes.kill(OTHER)``).
+OTHER = Owner("machine-1", 200, 2)
 
 
 class World:
@@ -42,6 +48,8 @@ class World:
         self.alice = RequestContext.for_project("alice")
         self.bob = RequestContext.for_project("bob")
         self.admin = RequestContext.for_project("ops", admin=True)
+        #: this process is machine-1's pid 100; ``processes.kill(owner)`` makes one gone
+        self.processes = FakeProcesses(Owner("machine-1", 100, 1))
 
     def storage(self, host: str = "node-1") -> FakeLvmStorage:
         if host not in self.storages:
@@ -54,7 +62,7 @@ class World:
         return CacheService(host=host, storage=self.storage(host), images=self.images,
                             uow=self.uow, notifier=self.notifier,
                             policy=policy or CachePolicy(), tenant=tenant or InternalTenant(),
-                            clock=self.clock, converter=converter)
+                            clock=self.clock, converter=converter, processes=self.processes)
 
     def image(self, image_id: str, *, gib: int = 1, data: bytes | None = None,
               owner: str = "alice", visibility: str = "public", **fields: object) -> Image:
@@ -87,23 +95,29 @@ def evictions(world: World) -> list[tuple[str, str]]:
             if isinstance(e, CacheEvict)]
 
 
-def claim(world: World, image_id: str, expires_in: float) -> CacheEntry:
+def claim(world: World, image_id: str, expires_in: float,
+          owner: Owner = OTHER) -> CacheEntry:
+    """Another process's claim, its heartbeat last heard of to run ``expires_in`` more."""
     now = world.clock.now()
     entry = CacheEntry(id="claim-1", host="node-1", image_id=image_id, volume_id="vol-claim",
                        size_gb=1, image_updated_at=now, image_hash=None,
                        state=EntryState.CREATING, created_at=now, last_used=now,
-                       claim_expires=now + dt.timedelta(seconds=expires_in))
+                       claim_expires=now + dt.timedelta(seconds=expires_in),
+                       claim_owner=str(owner))
     with world.uow as uow:
         uow.entries.add(entry)
         uow.commit()
     return entry
 
 
-def lease(world: World, image_id: str, seconds: float) -> None:
-    """As if a clone of the entry's volume were in progress for ``seconds`` more."""
+def lease(world: World, image_id: str, seconds: float, owner: Owner = OTHER) -> Lease:
+    """As if another process's clone of the entry's volume were in progress, its heartbeat
+    last heard of to run ``seconds`` more."""
     with world.uow as uow:
         entry = uow.entries.find(NODE_1, image_id)
         assert entry is not None
-        entry.lease_until = world.clock.now() + dt.timedelta(seconds=seconds)
-        uow.entries.save(entry)
+        taken = Lease(new_id(), entry.id, str(owner),
+                      world.clock.now() + dt.timedelta(seconds=seconds))
+        uow.entries.take_lease(taken)
         uow.commit()
+    return taken

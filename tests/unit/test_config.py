@@ -72,8 +72,9 @@ claim_wait_seconds = 1.5
 claim_lease_seconds = 90
 """)
     assert config.host == "node-1"
+    # The deprecated claim_lease_seconds: a dead machine's claim lapses after as long.
     assert config.backend().policy == CachePolicy(enabled=False, max_size_gb=200, max_count=50,
-                                        claim_wait_seconds=1.5, claim_lease_seconds=90.0)
+                                        claim_wait_seconds=1.5, claim_heartbeat_seconds=30.0)
     assert config.tenant == InternalTenant("svc-project", "svc-user", quota_gb=300,
                                            quota_volumes=60)
 

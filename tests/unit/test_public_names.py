@@ -38,6 +38,8 @@ CORE = {
     "NoScratchSpace", "NoSpace", "QuotaExceeded", "StorageError", "UnsafeImage",
     "UnsupportedImage", "VolumeNotFound",
     "Forbidden", "AuthError", "TokenRefused", "IdentityUnavailable",
+    # owners and heartbeats (issue 12)
+    "Heartbeat", "Lease", "Owner", "Processes", "UnknownProcesses", "VolumeWrite",
 }
 
 FACADE = {

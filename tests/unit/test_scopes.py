@@ -13,6 +13,7 @@ from ivcache.core.model import (
     CacheEntry,
     EntryState,
     InternalTenant,
+    Lease,
     Outcome,
     Scope,
     Volume,
@@ -146,8 +147,8 @@ def test_adoption_leaves_a_duplicate_that_a_clone_is_reading(world: World) -> No
     with world.uow as uow:
         entry = uow.entries.find("node-1@ceph#volumes", "img")
         assert entry is not None
-        entry.lease_until = world.clock.now().replace(year=2100)
-        uow.entries.save(entry)
+        uow.entries.take_lease(Lease("a-clone", entry.id, "machine-1:200.2",
+                                     world.clock.now().replace(year=2100)))
         uow.commit()
 
     done = service(world, Scope("node-1", "ceph", "volumes", "ceph-a"), shared).adopt()

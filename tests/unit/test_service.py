@@ -173,10 +173,9 @@ def test_pinned_and_leased_entries_are_never_victims(world: World) -> None:
         b = uow.entries.find(NODE_1, "b")
         assert a is not None and b is not None
         a.pinned = True
-        b.lease_until = world.clock.now() + dt.timedelta(seconds=60)
         uow.entries.save(a)
-        uow.entries.save(b)
         uow.commit()
+    lease(world, "b", 60)
     world.image("c")
     assert service.create_volume(world.alice, "c", 1).outcome is Outcome.MISS_UNCACHED
     assert evictions(world) == []
