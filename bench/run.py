@@ -552,6 +552,61 @@ def first_create_after_upload(work: Path) -> Figures:
             "upload_miss_seconds_reflink": miss_s}
 
 
+def _cli(home: Path, *args: str, fault: str = "") -> tuple[int, float]:
+    """Run ``ivcache ARGS`` in ``home`` (``IVCACHE_FAULT=fault`` if given): its exit code
+    and wall seconds."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IVCACHE_")}
+    env["IVCACHE_HOME"] = str(home)
+    if fault:
+        env["IVCACHE_FAULT"] = fault
+    started = time.perf_counter()
+    done = subprocess.run([str(Path(sys.executable).parent / "ivcache"), *args], env=env,
+                          capture_output=True, text=True, check=False,
+                          stdin=subprocess.DEVNULL)
+    return done.returncode, time.perf_counter() - started
+
+
+@bench("dead_claim_takeover_seconds", "dead_claim_next_request_seconds",
+       "dead_claim_plain_miss_seconds", "claim_heartbeat_seconds")
+def dead_claim_takeover(work: Path) -> Figures:
+    """Issue 12: a miss SIGKILLed mid-download (``IVCACHE_FAULT=mid-download``, a real
+    ``ivcache`` process), then the next request for the image: the seconds it took beyond a
+    plain miss of a same-sized image (the takeover's cost; goal <= 2 x
+    claim_heartbeat_seconds, the default 5). The CLI on its defaults: SQLite, file storage,
+    the local image source; 64 MiB images; the median of 3 rounds."""
+    runs = 3 if not QUICK else 1
+    takeovers, nexts, plains = [], [], []
+    for n in range(runs):
+        home = work / f"takeover-{n}"
+        home.mkdir()
+        for name in ("killed", "plain"):
+            raw = make_sparse_image(work / f"{name}-{n}.raw", virtual_mib=64, data_mib=16,
+                                    seed=name.encode())
+            code, _ = _cli(home, "image", "add", str(raw))
+            assert code == 0
+        listed = subprocess.run(
+            [str(Path(sys.executable).parent / "ivcache"), "image", "list", "--json"],
+            env={**{k: v for k, v in os.environ.items() if not k.startswith("IVCACHE_")},
+                 "IVCACHE_HOME": str(home)}, capture_output=True, text=True, check=True)
+        by_name = {i["name"].split("-")[0]: i["id"] for i in json.loads(listed.stdout)}
+        code, _ = _cli(home, "volume", "create", "--image", by_name["killed"], "--size", "1",
+                       fault="mid-download")
+        assert code == -9, code
+        code, next_s = _cli(home, "volume", "create", "--image", by_name["killed"], "--size",
+                            "1")
+        assert code == 0
+        code, plain_s = _cli(home, "volume", "create", "--image", by_name["plain"], "--size",
+                             "1")
+        assert code == 0
+        nexts.append(next_s)
+        plains.append(plain_s)
+        takeovers.append(max(0.0, next_s - plain_s))
+    return {"dead_claim_takeover_seconds": statistics.median(takeovers),
+            "dead_claim_next_request_seconds": statistics.median(nexts),
+            "dead_claim_plain_miss_seconds": statistics.median(plains),
+            "claim_heartbeat_seconds": 5.0}
+
+
 @bench("hit_vs_miss_speedup_reflink", "miss_seconds_reflink", "hit_seconds_reflink",
        "clone_ms_p50_reflink")
 def hit_vs_miss_reflink(work: Path) -> Figures:

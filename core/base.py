@@ -216,6 +216,8 @@ class Heartbeat:
                 self._thread = threading.Thread(target=self._run, name="ivcache-heartbeat",
                                                 daemon=True)
                 self._thread.start()
+            else:
+                self._cond.notify_all()  # a lingering thread: its beats start now
         try:
             yield
         finally:
@@ -234,12 +236,18 @@ class Heartbeat:
     def _run(self) -> None:
         while True:
             with self._cond:
+                if not self._holds():
+                    # Linger a beat for the next hold: back-to-back clones (a burst of hits)
+                    # then share one thread instead of starting one each.
+                    self._cond.wait(self.every)
+                    if not self._holds():
+                        self._thread = None
+                        return
                 deadline = time.monotonic() + self.every
                 while self._holds() and (left := deadline - time.monotonic()) > 0:
                     self._cond.wait(left)
                 if not self._holds():
-                    self._thread = None
-                    return
+                    continue
                 claims, leases, writes = (list(self._held[k])
                                           for k in ("claims", "leases", "writes"))
             # The work itself waits for no beat: a failed one is tried again next time.
