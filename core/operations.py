@@ -285,7 +285,9 @@ class OperatorCommands(ServiceBase):
             try:
                 size = self.storage.get_volume(write.volume_id).size_gb * GIB
             except VolumeNotFound:
-                size = 0  # the writer died before the volume was made, or after it was gone
+                # Another backend's (the marks are shared), or the writer died before making
+                # it: the backend that has the volume reaps the mark with it.
+                continue
             if fix:
                 self._delete_quietly(write.volume_id)
                 with self.uow as uow:
