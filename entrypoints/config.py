@@ -41,6 +41,8 @@ from ivcache.core.model import DEFAULT_BACKEND, InternalTenant, Scope
 from ivcache.core.policy import EVICTION_POLICIES, CachePolicy
 
 _log = logging.getLogger("ivcache.config")
+#: the files whose deprecated claim_lease_seconds was warned of
+_WARNED_LEASE: set[str] = set()
 
 __all__ = [
     "IMAGE_SOURCES",
@@ -615,12 +617,16 @@ class _Reader:
         when only that is set (with a warning)."""
         beat: float = ivc["claim_heartbeat_seconds"]
         lease: float = ivc["claim_lease_seconds"]
+        # Once per file and process, however many backends it has or times it is read.
+        warn = lease and self.where not in _WARNED_LEASE
+        _WARNED_LEASE.add(self.where)
         if lease and not self.is_set("ivcache", "claim_heartbeat_seconds"):
             beat = max(lease / 3, 0.01)
-            _log.warning("%s: claim_lease_seconds is deprecated: claims live by their "
-                         "heartbeat now; claim_heartbeat_seconds = %g is used (a third of "
-                         "it). Set claim_heartbeat_seconds instead.", self.where, beat)
-        elif lease:
+            if warn:
+                _log.warning("%s: claim_lease_seconds is deprecated: claims live by their "
+                             "heartbeat now; claim_heartbeat_seconds = %g is used (a third "
+                             "of it). Set claim_heartbeat_seconds instead.", self.where, beat)
+        elif warn:
             _log.warning("%s: claim_lease_seconds is deprecated and ignored: "
                          "claim_heartbeat_seconds is set", self.where)
         return beat
@@ -723,7 +729,7 @@ class _Reader:
                               f"{option.maximum:.0f}")
         if value < option.minimum:
             raise ConfigError(f"{self.where}: option {name} = {raw} must be at least "
-                              f"{option.minimum:.0f}")
+                              f"{option.minimum:g}")
         return value
 
     def resolve(self, option: Option, value: Any) -> Any:

@@ -364,3 +364,16 @@ def test_a_bad_backend_configuration_is_refused_naming_what_is_wrong(
     message = _refused(tmp_path, text)
     assert expected in message, message
     assert not (tmp_path / "etc" / "volumes").exists()  # nothing made
+
+
+def test_the_deprecated_claim_lease_seconds_is_a_third_heartbeat_and_warned_of_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    config = _load(tmp_path, "[ivcache]\nclaim_lease_seconds = 60\n")
+    assert config.backend().policy.claim_heartbeat_seconds == 20.0
+    _load(tmp_path, "[ivcache]\nclaim_lease_seconds = 60\n")  # read again: no second word
+    warned = [r.getMessage() for r in caplog.records if "claim_lease_seconds" in r.getMessage()]
+    assert len(warned) == 1 and "deprecated" in warned[0]
+    (tmp_path / "b").mkdir()
+    both = _load(tmp_path / "b", "[ivcache]\nclaim_lease_seconds = 60\n"
+                                 "claim_heartbeat_seconds = 2\n")
+    assert both.backend().policy.claim_heartbeat_seconds == 2.0
