@@ -1,0 +1,575 @@
+"""A random life of one host's cache on the fakes, checked after every step against a plain
+model: creates, deletes, evictions, prunes, pins, image updates and deletes, and crashes at
+the core's fault points followed by a restart and ``reconcile --fix``.
+
+The model is a few dicts: the images and their bytes, the entries (image, size, bytes,
+last use, pinned) and the users' volumes. It predicts each create's outcome and each
+step's evictions under the ``lru`` policy; after every step the service's entries, volumes,
+totals and events must say the same.
+
+A crash is a SIGKILL as the fakes can play it: at the chosen fault point the fault object
+raises ``_Crash`` (a ``BaseException``, so no ``except Exception`` catches it) and marks the
+process dead; from then on every call on the unit of work, the repository, the storage and
+the notifier raises ``_Crash`` too, so none of the dying process's cleanup runs. The
+database's rollback of its open transaction still happens (the unit of work's exit), as a
+real database's would. Then a new process starts on the same fakes and must recover
+everything by takeover or reconcile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import hypothesis.strategies as st
+from hypothesis import HealthCheck, event, settings
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+import ivcache.core
+from ivcache.adapters.memory import (
+    FakeClock,
+    InMemoryImageSource,
+    InMemoryRepository,
+    InMemoryUnitOfWork,
+    RecordingNotifier,
+)
+from ivcache.adapters.storage.fake_lvm import FakeLvmStorage
+from ivcache.core.errors import EntryNotFound, ImageNotFound, VolumeNotFound
+from ivcache.core.events import CacheEvict, CacheHit, CacheMiss, EvictReason
+from ivcache.core.model import (
+    GIB,
+    CacheEntry,
+    EntryState,
+    Image,
+    InternalTenant,
+    Outcome,
+    RequestContext,
+    new_id,
+)
+from ivcache.core.policy import CachePolicy
+from ivcache.core.service import CacheService
+
+
+def _fault_points() -> list[str]:
+    """Every ``faults.reached("...")`` point in the core: a point added there is crashed at
+    here without touching this test."""
+    found: set[str] = set()
+    for source in Path(ivcache.core.__file__).parent.glob("*.py"):
+        found.update(re.findall(r'faults\.reached\(\s*"([^"]+)"',
+                                source.read_text(encoding="utf-8")))
+    return sorted(found)
+
+
+FAULT_POINTS = _fault_points()
+IMAGES = ("img-a", "img-b", "img-c", "img-d")
+PROJECTS = ("alice", "bob")
+HOST = "node-1"
+#: The internal tenant's project (its quota is drawn per example).
+INTERNAL = InternalTenant().project_id
+
+
+def crashed_process_is_known_dead(clock: FakeClock, policy: CachePolicy) -> None:
+    """From here on, the crashed process counts as dead for the service's takeover rules.
+
+    Today a claim or clone lease is recognized as its owner's only by age: it is taken over
+    once ``claim_lease_seconds`` (claims) or ``clone_lease_seconds`` (leases) have passed, so
+    the clock jumps past both. When claims name their owner and carry a heartbeat, this is
+    the one place to change: say that the crashed owner is gone (its pid dead, or its
+    heartbeat three beats old) instead of moving time.
+    """
+    clock.advance(max(policy.claim_lease_seconds, policy.clone_lease_seconds) + 1)
+
+
+# ---------------------------------------------------------------- a process that can die
+
+class _Crash(BaseException):
+    """The process was killed here: nothing after this point runs in it."""
+
+
+class _Process:
+    """Whether the process that the service runs in is dead (after a ``_Crash``)."""
+
+    def __init__(self) -> None:
+        self.dead = False
+
+    def check(self) -> None:
+        if self.dead:
+            raise _Crash("the process is dead")
+
+    @contextlib.contextmanager
+    def outside(self) -> Iterator[None]:
+        """Run what is not the process's doing (the database rolling back its open
+        transaction), dead or not."""
+        dead, self.dead = self.dead, False
+        try:
+            yield
+        finally:
+            self.dead = dead
+
+
+class _Mortal:
+    """Every public attribute of a dead process's port raises ``_Crash``."""
+
+    _process: _Process
+
+    def __getattribute__(self, name: str) -> Any:
+        if not name.startswith("_"):
+            object.__getattribute__(self, "_process").check()
+        return object.__getattribute__(self, name)
+
+
+class _MortalRepository(_Mortal, InMemoryRepository):
+    def __init__(self, process: _Process) -> None:
+        self._process = process
+        super().__init__()
+
+
+class _MortalUnitOfWork(_Mortal, InMemoryUnitOfWork):
+    def __init__(self, process: _Process, repo: InMemoryRepository) -> None:
+        self._process = process
+        super().__init__(repo)
+
+    def __enter__(self) -> InMemoryUnitOfWork:
+        # ``with`` looks special methods up on the type, past ``__getattribute__``.
+        self._process.check()
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        # The database drops a dead connection's transaction: its rollback still happens.
+        with self._process.outside():
+            super().__exit__(*exc)
+
+
+class _MortalStorage(_Mortal, FakeLvmStorage):
+    def __init__(self, process: _Process) -> None:
+        self._process = process
+        super().__init__(capacity_gb=10_000, host=HOST)
+
+
+class _MortalNotifier(_Mortal, RecordingNotifier):
+    def __init__(self, process: _Process) -> None:
+        self._process = process
+        super().__init__()
+
+
+class _Faults:
+    """The ``FaultPoints`` port of a crash test: kills the process at the armed point."""
+
+    def __init__(self, process: _Process) -> None:
+        self._process = process
+        self.armed: str | None = None
+
+    def reached(self, point: str) -> None:
+        if point == self.armed:
+            self.armed = None
+            self._process.dead = True
+            raise _Crash(point)
+
+
+# ---------------------------------------------------------------- the model
+
+@attrs.define
+class _ImageModel:
+    gib: int
+    data: bytes
+    deleted: bool = False
+
+
+@attrs.define
+class _EntryModel:
+    size_gb: int
+    data: bytes
+    last_use: int
+    #: the service's id of the entry, so that a new entry of the image is told from it
+    entry_id: str
+    pinned: bool = False
+
+
+@attrs.frozen
+class _Plan:
+    """What a create should do: its outcome (None: ``ImageNotFound``), the entries it
+    evicts in order with their reasons, and whether it adds an entry."""
+
+    outcome: Outcome | None
+    evicted: tuple[tuple[str, EvictReason], ...] = ()
+    adds: bool = False
+
+
+def _over(policy: CachePolicy, count: int, size_gb: int) -> bool:
+    return bool((policy.max_count and count > policy.max_count)
+                or (policy.max_size_gb and size_gb > policy.max_size_gb))
+
+
+class CacheLife(RuleBasedStateMachine):
+    """One host's cache, its service rebuilt for every step (a new process after a crash),
+    against the model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.process = _Process()
+        self.clock = FakeClock()
+        self.images = InMemoryImageSource(chunk_size=4096)
+        self.notifier = _MortalNotifier(self.process)
+        self.uow = _MortalUnitOfWork(self.process, _MortalRepository(self.process))
+        self.storage = _MortalStorage(self.process)
+        self.faults = _Faults(self.process)
+        self.policy = CachePolicy()
+        self.tenant = InternalTenant()
+        self.versions = 0
+        self.tick = 0
+        # The model.
+        self.model_images: dict[str, _ImageModel] = {}
+        self.entries: dict[str, _EntryModel] = {}
+        self.user_volumes: dict[str, tuple[str, bytes]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    # -- the world --------------------------------------------------------------------
+
+    def service(self) -> CacheService:
+        return CacheService(host=HOST, storage=self.storage, images=self.images, uow=self.uow,
+                            notifier=self.notifier, policy=self.policy, tenant=self.tenant,
+                            clock=self.clock, faults=self.faults)
+
+    def _step(self) -> int:
+        """Start a step: one second later than the last one, so that last uses never tie;
+        return where this step's events start."""
+        self.tick += 1
+        self.clock.advance(1)
+        return len(self.notifier.events)
+
+    def _evictions_since(self, start: int) -> list[tuple[str, EvictReason]]:
+        return [(e.image_id, e.reason) for e in self.notifier.events[start:]
+                if isinstance(e, CacheEvict)]
+
+    def _publish_image(self, image_id: str, gib: int, data: bytes) -> None:
+        image = Image(id=image_id, name=image_id, virtual_size=gib * GIB, owner="alice",
+                      visibility="public", updated_at=self.clock.now())
+        self.images.add(image, data)
+        self.model_images[image_id] = _ImageModel(gib, data)
+
+    def _new_data(self, image_id: str) -> bytes:
+        self.versions += 1
+        return (f"{image_id} version {self.versions} ".encode() * 200)[:3000]
+
+    def _real_entries(self) -> dict[str, CacheEntry]:
+        return {e.image_id: e for e in self.service().list_entries()}
+
+    # -- the model's predictions ----------------------------------------------------------
+
+    def _lru(self) -> list[str]:
+        """The entries that may go to make room, least recently used first."""
+        return sorted((i for i, e in self.entries.items() if not e.pinned),
+                      key=lambda i: self.entries[i].last_use)
+
+    def _plan_create(self, image_id: str) -> _Plan:
+        image = self.model_images[image_id]
+        entry = self.entries.get(image_id)
+        if image.deleted:
+            gone = ((image_id, EvictReason.IMAGE_DELETED),) if entry else ()
+            return _Plan(None, gone)
+        if entry is not None and entry.data == image.data:
+            return _Plan(Outcome.HIT)
+        evicted: list[tuple[str, EvictReason]] = []
+        if entry is not None:
+            evicted.append((image_id, EvictReason.STALE))
+        if self.policy.max_size_gb and image.gib > self.policy.max_size_gb:
+            return _Plan(Outcome.MISS_UNCACHED, tuple(evicted))
+        staying = {i: e for i, e in self.entries.items() if i != image_id}
+        count, used = len(staying) + 1, sum(e.size_gb for e in staying.values()) + image.gib
+        victims: list[str] = []
+        for candidate in (i for i in self._lru() if i != image_id):
+            if not _over(self.policy, count, used):
+                break
+            victims.append(candidate)
+            count, used = count - 1, used - staying[candidate].size_gb
+        # The internal tenant's quota is asked before anything is evicted for the new entry.
+        if _over(self.policy, count, used) or self._over_quota(count, used):
+            return _Plan(Outcome.MISS_UNCACHED, tuple(evicted))
+        evicted += [(v, EvictReason.LRU) for v in victims]
+        return _Plan(Outcome.MISS, tuple(evicted), adds=True)
+
+    def _over_quota(self, count: int, size_gb: int) -> bool:
+        tenant = self.tenant
+        return bool((tenant.quota_volumes and count > tenant.quota_volumes)
+                    or (tenant.quota_gb and size_gb > tenant.quota_gb))
+
+    def _apply(self, image_id: str, plan: _Plan, entry_id: str | None = None) -> None:
+        for gone, _ in plan.evicted:
+            self.entries.pop(gone, None)
+        image = self.model_images[image_id]
+        if plan.adds:
+            assert entry_id is not None
+            self.entries[image_id] = _EntryModel(image.gib, image.data, self.tick, entry_id)
+        elif plan.outcome is Outcome.HIT:
+            self.entries[image_id].last_use = self.tick
+
+    # -- creating volumes -------------------------------------------------------------------
+
+    def _create(self, image_id: str, extra_gb: int, project: str,
+                plan: _Plan | None = None) -> tuple[str, bool]:
+        """One create as the model predicts it (or as ``plan`` says), checked; returns the
+        volume id asked for and whether the process crashed (armed fault points only)."""
+        image = self.model_images[image_id]
+        size = image.gib + extra_gb
+        volume_id = new_id()
+        plan = plan or self._plan_create(image_id)
+        start = len(self.notifier.events)
+        ctx = RequestContext.for_project(project)
+        try:
+            result = self.service().create_volume(ctx, image_id, size, volume_id=volume_id)
+        except _Crash:
+            return volume_id, True
+        except ImageNotFound:
+            assert plan.outcome is None, f"{image_id} exists, yet: not found"
+            assert self._evictions_since(start) == list(plan.evicted)
+            self._apply(image_id, plan)
+            return volume_id, False
+        assert plan.outcome is not None, f"{image_id} was deleted, yet: {result.outcome}"
+        assert result.outcome is plan.outcome
+        assert self._evictions_since(start) == list(plan.evicted), "not the predicted victims"
+        volume = result.volume
+        assert (volume.id, volume.size_gb, volume.owner) == (volume_id, size, project)
+        self.user_volumes[volume_id] = (project, image.data)
+        if plan.outcome is Outcome.HIT:
+            self.hits += 1
+        else:
+            self.misses += 1
+        self._apply(image_id, plan, result.entry_id)
+        return volume_id, False
+
+    @initialize(sizes=st.lists(st.integers(1, 3), min_size=len(IMAGES), max_size=len(IMAGES)),
+                max_count=st.integers(0, 4), max_size_gb=st.integers(0, 8),
+                quota_volumes=st.integers(0, 4), quota_gb=st.integers(0, 8))
+    def start(self, sizes: list[int], max_count: int, max_size_gb: int, quota_volumes: int,
+              quota_gb: int) -> None:
+        self.policy = CachePolicy(max_count=max_count, max_size_gb=max_size_gb)
+        self.tenant = InternalTenant(quota_gb=quota_gb, quota_volumes=quota_volumes)
+        for image_id, gib in zip(IMAGES, sizes, strict=True):
+            self._publish_image(image_id, gib, self._new_data(image_id))
+
+    @rule(image_id=st.sampled_from(IMAGES), extra_gb=st.integers(0, 2),
+          project=st.sampled_from(PROJECTS))
+    def create(self, image_id: str, extra_gb: int, project: str) -> None:
+        self._step()
+        self._create(image_id, extra_gb, project)
+
+    @rule(image_id=st.sampled_from(IMAGES), extra_gb=st.integers(0, 2),
+          project=st.sampled_from(PROJECTS), point=st.sampled_from(FAULT_POINTS),
+          take_over=st.booleans())
+    def create_and_crash(self, image_id: str, extra_gb: int, project: str, point: str,
+                         take_over: bool) -> None:
+        """A create whose process is killed at ``point`` (if its path reaches it); a new
+        process then takes the dead one's claim over by requesting the same image
+        (``take_over``), or not, and runs ``reconcile --fix``."""
+        self._step()
+        plan = self._plan_create(image_id)
+        self.faults.armed = point
+        try:
+            volume_id, crashed = self._create(image_id, extra_gb, project)
+        finally:
+            self.faults.armed = None
+        if not crashed:
+            return
+        event(f"crashed at {point}{', then taken over' if take_over else ''}")
+        self.process.dead = False  # a new process, on the same database and storage
+        crashed_process_is_known_dead(self.clock, self.policy)
+        # What the crash left, as far as the model can tell: the entries it was to evict are
+        # gone or intact, its own entry absent, or READY if it died after making it so.
+        real = {i: e.id for i, e in self._real_entries().items()}
+        for gone, _ in plan.evicted:
+            if real.get(gone) != self.entries[gone].entry_id:
+                del self.entries[gone]
+        mine = self._real_entries().get(image_id)
+        if plan.adds and mine is not None and mine.state is EntryState.READY:
+            image = self.model_images[image_id]
+            self.entries[image_id] = _EntryModel(image.gib, image.data, self.tick, mine.id)
+        if take_over:
+            self._take_over(image_id, extra_gb, project)
+        self._reconcile_after_crash()
+        with contextlib.suppress(VolumeNotFound):
+            # Never handed to its user: it must not be left behind, whole or half-made.
+            self.service().get_volume(RequestContext.for_project(project, admin=True),
+                                      volume_id)
+            raise AssertionError(f"the crashed create's volume {volume_id} was left")
+
+    def _take_over(self, image_id: str, extra_gb: int, project: str) -> None:
+        """The next request for the image, by the new process: the dead claim is taken
+        over (an eviction, reason ``reconcile``), then the request goes on as predicted."""
+        claim = self._real_entries().get(image_id)
+        plan = self._plan_create(image_id)
+        if claim is not None and claim.state is EntryState.CREATING:
+            # The model never held the claim: what follows is as if it were not there.
+            plan = attrs.evolve(plan, evicted=((image_id, EvictReason.RECONCILE),
+                                               *plan.evicted))
+        self._step()
+        self._create(image_id, extra_gb, project, plan)
+
+    def _reconcile_after_crash(self) -> None:
+        """``reconcile --fix`` reports every dead claim and orphan cache volume the crash
+        left, and repairs each."""
+        service = self.service()
+        entries = service.list_entries()
+        claims = {e.volume_id for e in entries if e.state is EntryState.CREATING}
+        owned = {e.volume_id for e in entries}
+        orphans = {v.id for v in self.storage.list_volumes(owner=INTERNAL)} - owned
+        findings = service.reconcile(fix=True)
+        assert {f.volume_id for f in findings} == claims | orphans, findings
+        assert all(f.fixed for f in findings), findings
+
+    # -- the other steps -------------------------------------------------------------------
+
+    @precondition(lambda self: bool(self.user_volumes))
+    @rule(data=st.data())
+    def delete_a_users_volume(self, data: st.DataObject) -> None:
+        start = self._step()
+        volume_id = data.draw(st.sampled_from(sorted(self.user_volumes)))
+        project, _ = self.user_volumes.pop(volume_id)
+        self.service().delete_volume(RequestContext.for_project(project), volume_id)
+        assert self._evictions_since(start) == []
+
+    @precondition(lambda self: bool(self.entries))
+    @rule(data=st.data())
+    def admin_deletes_a_cache_volume(self, data: st.DataObject) -> None:
+        start = self._step()
+        image_id = data.draw(st.sampled_from(sorted(self.entries)))
+        volume_id = self._real_entries()[image_id].volume_id
+        admin = RequestContext.for_project("ops", admin=True)
+        self.service().delete_volume(admin, volume_id)
+        del self.entries[image_id]
+        assert self._evictions_since(start) == [(image_id, EvictReason.ADMIN)]
+
+    @rule(image_id=st.sampled_from(IMAGES))
+    def evict_an_image(self, image_id: str) -> None:
+        start = self._step()
+        if image_id not in self.entries:
+            with contextlib.suppress(EntryNotFound):
+                self.service().evict(image_id=image_id)
+                raise AssertionError(f"evicted {image_id}, which has no entry")
+            return
+        self.service().evict(image_id=image_id)
+        del self.entries[image_id]
+        assert self._evictions_since(start) == [(image_id, EvictReason.ADMIN)]
+
+    @rule()
+    def evict_everything(self) -> None:
+        start = self._step()
+        self.service().evict(everything=True)
+        expected = sorted(self.entries, key=lambda i: self.entries[i].last_use)
+        self.entries.clear()
+        assert self._evictions_since(start) == [(i, EvictReason.ADMIN) for i in expected]
+
+    @rule(max_count=st.integers(0, 4), max_size_gb=st.integers(0, 8))
+    def prune_after_changing_the_limits(self, max_count: int, max_size_gb: int) -> None:
+        start = self._step()
+        self.policy = CachePolicy(max_count=max_count, max_size_gb=max_size_gb)
+        count, used = len(self.entries), sum(e.size_gb for e in self.entries.values())
+        victims: list[str] = []
+        for candidate in self._lru():
+            if not _over(self.policy, count, used):
+                break
+            victims.append(candidate)
+            count, used = count - 1, used - self.entries[candidate].size_gb
+        gone = self.service().prune()
+        assert [e.image_id for e in gone] == victims
+        assert self._evictions_since(start) == [(v, EvictReason.LRU) for v in victims]
+        for victim in victims:
+            del self.entries[victim]
+
+    @rule(image_id=st.sampled_from(IMAGES), pinned=st.booleans())
+    def pin_or_unpin(self, image_id: str, pinned: bool) -> None:
+        self._step()
+        if image_id not in self.entries:
+            with contextlib.suppress(EntryNotFound):
+                self.service().pin(image_id, pinned)
+                raise AssertionError(f"pinned {image_id}, which has no entry")
+            return
+        self.service().pin(image_id, pinned)
+        self.entries[image_id].pinned = pinned
+
+    @rule(image_id=st.sampled_from(IMAGES), new_bytes=st.booleans())
+    def update_an_image(self, image_id: str, new_bytes: bool) -> None:
+        """New bytes (its entry is stale now), or only new metadata (its entry stays); a
+        deleted image comes back with new bytes."""
+        self._step()
+        image = self.model_images[image_id]
+        data = self._new_data(image_id) if new_bytes or image.deleted else image.data
+        self._publish_image(image_id, image.gib, data)
+
+    @rule(image_id=st.sampled_from(IMAGES))
+    def delete_an_image(self, image_id: str) -> None:
+        self._step()
+        self.images.images.pop(image_id, None)
+        self.model_images[image_id].deleted = True
+
+    # -- after every step --------------------------------------------------------------------
+
+    @invariant()
+    def the_cache_is_what_the_model_says(self) -> None:
+        service = self.service()
+        real = self._real_entries()
+        assert {i: (e.size_gb, e.pinned) for i, e in real.items()} == {
+            i: (e.size_gb, e.pinned) for i, e in self.entries.items()}
+        # LRU order: the model's last uses, in the same order as the service's.
+        assert sorted(real, key=lambda i: (real[i].last_used, i)) == sorted(
+            self.entries, key=lambda i: self.entries[i].last_use)
+        now = self.clock.now()
+        for image_id, entry in real.items():
+            # Nobody waits for the dead: no claim or lease outlives its step.
+            assert entry.state is EntryState.READY, entry
+            assert not entry.leased(now), entry
+            volume = self.storage.get_volume(entry.volume_id)
+            assert (volume.owner, volume.size_gb) == (INTERNAL, entry.size_gb)
+            data = self.entries[image_id].data
+            assert self.storage.read(entry.volume_id, 0, len(data)) == data
+        totals = service.stats()
+        assert (totals.count, totals.size_gb) == (
+            len(real), sum(e.size_gb for e in real.values()))
+
+    @invariant()
+    def the_limits_and_the_quota_hold(self) -> None:
+        entries = list(self.service().list_entries())
+        count, size_gb = len(entries), sum(e.size_gb for e in entries)
+        # Lowered limits that a prune cannot reach again: only pinned entries may stay.
+        if _over(self.policy, count, size_gb):
+            assert all(e.pinned for e in entries), "over the limits with unpinned entries"
+        assert not self._over_quota(count, size_gb), "over the internal tenant's quota"
+
+    @invariant()
+    def no_users_volume_is_lost_and_no_volume_is_unaccounted_for(self) -> None:
+        owned = {e.volume_id for e in self._real_entries().values()}
+        volumes = {v.id: v for v in self.storage.list_volumes()}
+        assert {i for i, v in volumes.items() if v.owner == INTERNAL} == owned
+        assert {i for i, v in volumes.items() if v.owner != INTERNAL} == set(
+            self.user_volumes)
+        for volume_id, (project, data) in self.user_volumes.items():
+            assert volumes[volume_id].owner == project
+            assert self.storage.read(volume_id, 0, len(data)) == data
+
+    @invariant()
+    def each_completed_create_announced_and_counted_one_hit_or_miss(self) -> None:
+        hits = [e for e in self.notifier.events if isinstance(e, CacheHit)]
+        misses = [e for e in self.notifier.events if isinstance(e, CacheMiss)]
+        assert (len(hits), len(misses)) == (self.hits, self.misses)
+        totals = self.service().stats()
+        assert (totals.hits, totals.misses) == (self.hits, self.misses)
+
+    @invariant()
+    def reconcile_finds_nothing_in_a_healthy_cache(self) -> None:
+        assert self.service().reconcile() == []
+
+
+CacheLife.TestCase.settings = settings(
+    max_examples=150, stateful_step_count=30, deadline=None, database=None,
+    suppress_health_check=[HealthCheck.too_slow])
+TestARandomLifeOfTheCacheWithCrashesKeepsEveryPromise = CacheLife.TestCase
