@@ -59,6 +59,7 @@ from ivcache.core.model import (
     new_id,
 )
 from ivcache.core.policy import CachePolicy
+from ivcache.core.ports import UnitOfWork
 from ivcache.core.service import CacheService
 
 
@@ -113,7 +114,7 @@ class _Crash(BaseException):
     """The process was killed here: nothing after this point runs in it."""
 
 
-class _Process:
+class Process:
     """The process the service runs in: alive, or dead after a ``_Crash``; and, when a test
     asks, the port call before which it dies (``countdown``: the n-th from now)."""
 
@@ -165,11 +166,11 @@ class _Mortal:
     """A port of a process that can die: every public attribute of a dead process's port
     raises ``_Crash``, and each method call may be the one the process dies before."""
 
-    _process: _Process
+    _process: Process
 
     def __getattribute__(self, name: str) -> Any:
         value = object.__getattribute__(self, name)
-        process: _Process = object.__getattribute__(self, "_process")
+        process: Process = object.__getattribute__(self, "_process")
         if name.startswith("_") or process.inside:
             return value
         process.check()
@@ -179,13 +180,13 @@ class _Mortal:
 
 
 class _MortalRepository(_Mortal, InMemoryRepository):
-    def __init__(self, process: _Process) -> None:
+    def __init__(self, process: Process) -> None:
         self._process = process
         super().__init__()
 
 
 class _MortalUnitOfWork(_Mortal, InMemoryUnitOfWork):
-    def __init__(self, process: _Process, repo: InMemoryRepository) -> None:
+    def __init__(self, process: Process, repo: InMemoryRepository) -> None:
         self._process = process
         super().__init__(repo)
         self.outbox = _MortalOutbox(process)
@@ -201,19 +202,19 @@ class _MortalUnitOfWork(_Mortal, InMemoryUnitOfWork):
 
 
 class _MortalOutbox(_Mortal, InMemoryOutbox):
-    def __init__(self, process: _Process) -> None:
+    def __init__(self, process: Process) -> None:
         self._process = process
         super().__init__()
 
 
 class _MortalStorage(_Mortal, FakeLvmStorage):
-    def __init__(self, process: _Process) -> None:
+    def __init__(self, process: Process) -> None:
         self._process = process
         super().__init__(capacity_gb=10_000, host=HOST)
 
 
 class _MortalNotifier(_Mortal, RecordingNotifier):
-    def __init__(self, process: _Process) -> None:
+    def __init__(self, process: Process) -> None:
         self._process = process
         super().__init__()
 
@@ -221,7 +222,7 @@ class _MortalNotifier(_Mortal, RecordingNotifier):
 class _Faults:
     """The ``FaultPoints`` port of a crash test: kills the process at the armed point."""
 
-    def __init__(self, process: _Process) -> None:
+    def __init__(self, process: Process) -> None:
         self._process = process
         self.armed: str | None = None
 
@@ -271,11 +272,11 @@ class CacheLife(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.process = _Process()
+        self.process = Process()
         self.clock = FakeClock()
         self.images = InMemoryImageSource(chunk_size=4096)
         self.notifier = _MortalNotifier(self.process)
-        self.uow = _MortalUnitOfWork(self.process, _MortalRepository(self.process))
+        self.uow = self.unit_of_work()
         self.storage = _MortalStorage(self.process)
         self.faults = _Faults(self.process)
         self.policy = CachePolicy()
@@ -293,6 +294,10 @@ class CacheLife(RuleBasedStateMachine):
         self.counted_unannounced = 0
 
     # -- the world --------------------------------------------------------------------
+
+    def unit_of_work(self) -> UnitOfWork:
+        """The database, as the process sees it (the SQLite variant overrides this)."""
+        return _MortalUnitOfWork(self.process, _MortalRepository(self.process))
 
     def service(self) -> CacheService:
         return CacheService(host=HOST, storage=self.storage, images=self.images, uow=self.uow,
