@@ -4,6 +4,7 @@ through the same crashes."""
 
 from __future__ import annotations
 
+import atexit
 import shutil
 import tempfile
 from pathlib import Path
@@ -42,7 +43,9 @@ class _Template:
     @classmethod
     def copy(cls, to: Path) -> Path:
         if cls.path is None:
-            cls.path = Path(tempfile.mkdtemp(prefix="ivcache-model-")) / "template.db"
+            where = tempfile.mkdtemp(prefix="ivcache-model-")
+            atexit.register(shutil.rmtree, where, ignore_errors=True)
+            cls.path = Path(where) / "template.db"
             engine = make_engine(f"sqlite:///{cls.path}")
             upgrade(engine)
             engine.dispose()  # its last connection closed: the WAL is in the file now
