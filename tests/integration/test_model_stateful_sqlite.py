@@ -15,7 +15,7 @@ from sqlalchemy.engine import Engine
 from ivcache.adapters.sql.engine import make_engine, upgrade
 from ivcache.adapters.sql.repository import SqlUnitOfWork
 from ivcache.core.ports import UnitOfWork
-from tests.unit.test_model_stateful import CacheLife, Process
+from tests.unit.test_model_stateful import EXAMPLES, CacheLife, Process
 
 
 class _MortalSqlUnitOfWork(SqlUnitOfWork):
@@ -66,6 +66,6 @@ class CacheLifeOnSqlite(CacheLife):
 
 
 CacheLifeOnSqlite.TestCase.settings = settings(
-    max_examples=40, stateful_step_count=30, deadline=None, database=None,
+    max_examples=max(1, EXAMPLES // 4), stateful_step_count=30, deadline=None, database=None,
     suppress_health_check=[HealthCheck.too_slow])
 TestOnSqliteARandomLifeOfTheCacheWithCrashesKeepsEveryPromise = CacheLifeOnSqlite.TestCase
