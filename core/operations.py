@@ -46,8 +46,10 @@ class Adoption:
 @attrs.frozen
 class Finding:
     """What ``reconcile`` found: ``kind`` is ``missing-volume``, ``expired-claim``,
-    ``orphan-volume`` or ``scratch-file`` (a conversion's scratch file whose process died:
-    its ``path`` and ``size`` in bytes; no volume, so ``volume_id`` is empty)."""
+    ``orphan-cache-volume``, ``scratch-file`` (a conversion's scratch file whose process
+    died), ``partial-volume`` or ``index-damage`` (what a dead process left in the storage,
+    ``StorageBackend.leftovers``). The last three have no volume (``volume_id`` is empty):
+    their ``path`` and ``size`` in bytes say what they are."""
 
     kind: str
     volume_id: str
@@ -207,8 +209,9 @@ class OperatorCommands(ServiceBase):
         """Compare this scope's entries with its storage; with ``fix``, repair what differs.
 
         Finds entries whose volume is gone, claims whose owner died, cache volumes no
-        entry owns (left by a crash between an eviction and its volume's deletion), and
-        scratch files of conversions whose process died.
+        entry owns (left by a crash between an eviction and its volume's deletion),
+        scratch files of conversions whose process died, and what such processes left in
+        the storage (half-made data, damage to its index).
         """
         # Volumes first: an entry is committed before its volume is made, so any volume
         # listed here that has an entry will show it in the entries read after.
@@ -233,9 +236,11 @@ class OperatorCommands(ServiceBase):
         for volume_id in sorted(volumes - owned):
             if fix:
                 self._delete_quietly(volume_id)
-            findings.append(Finding("orphan-volume", volume_id, fixed=fix))
+            findings.append(Finding("orphan-cache-volume", volume_id, fixed=fix))
         for path, size in self.converter.leftovers(remove=fix):
             findings.append(Finding("scratch-file", "", path=path, size=size, fixed=fix))
+        for kind, where, size in self.storage.leftovers(remove=fix):
+            findings.append(Finding(kind, "", path=where, size=size, fixed=fix))
         return findings
 
     # ------------------------------------------------------------------ volumes

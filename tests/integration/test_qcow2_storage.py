@@ -384,7 +384,7 @@ def test_reconcile_fixes_an_orphan_on_a_full_filesystem(small_fs: Path) -> None:
 
     found = service.reconcile(fix=True)
 
-    assert [(f.kind, f.volume_id, f.fixed) for f in found] == [("orphan-volume", "orphan",
-                                                                True)]
+    assert [(f.kind, f.volume_id, f.fixed) for f in found] == [
+        ("orphan-cache-volume", "orphan", True)]
     assert storage.list_volumes() == []
     assert service.reconcile(fix=True) == []

@@ -118,7 +118,7 @@ def test_reconcile_finds_and_fixes_missing_volumes_dead_claims_and_orphans(
 
     found = {(f.kind, f.volume_id) for f in service.reconcile()}
     assert found == {("missing-volume", lost.volume_id), ("expired-claim", "vol-claim"),
-                     ("orphan-volume", "orphan-1")}
+                     ("orphan-cache-volume", "orphan-1")}
     assert len(service.list_entries()) == 3  # a dry run changes nothing
 
     assert all(f.fixed for f in service.reconcile(fix=True))
