@@ -16,6 +16,7 @@ from ivcache.core.errors import (
     EntryNotFound,
     InvalidRequest,
     NoSpace,
+    StorageError,
     VolumeNotFound,
 )
 from ivcache.core.events import EvictReason
@@ -213,9 +214,19 @@ class OperatorCommands(ServiceBase):
         scratch files of conversions whose process died, and what such processes left in
         the storage (half-made data, damage to its index).
         """
+        # The storage's own repairs first: a damaged index must be rebuilt before its
+        # volumes can be listed.
+        left = self.storage.leftovers(remove=fix)
         # Volumes first: an entry is committed before its volume is made, so any volume
         # listed here that has an entry will show it in the entries read after.
-        volumes = {v.id for v in self.storage.list_volumes(owner=self.tenant.project_id)}
+        try:
+            volumes = {v.id for v in self.storage.list_volumes(owner=self.tenant.project_id)}
+        except StorageError:
+            if not any(kind == "index-damage" for kind, _, _ in left):
+                raise
+            # An index that cannot be read (fixed, it would have been rebuilt): nothing but
+            # the damage can be reported until ``fix`` rebuilds it.
+            return [Finding(kind, "", path=where, size=size) for kind, where, size in left]
         every_scope = self.list_entries(None)
         now = self.clock.now()
         findings: list[Finding] = []
@@ -239,7 +250,7 @@ class OperatorCommands(ServiceBase):
             findings.append(Finding("orphan-cache-volume", volume_id, fixed=fix))
         for path, size in self.converter.leftovers(remove=fix):
             findings.append(Finding("scratch-file", "", path=path, size=size, fixed=fix))
-        for kind, where, size in self.storage.leftovers(remove=fix):
+        for kind, where, size in left:
             findings.append(Finding(kind, "", path=where, size=size, fixed=fix))
         return findings
 
