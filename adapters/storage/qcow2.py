@@ -89,6 +89,8 @@ _RESERVE = ".reserve"
 _RESERVE_MIN = 1 << 20
 # A data file's name: <volume id>.<token>.<format>
 _DATA_NAME = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]{0,127})\.[0-9a-f]{12}\.(raw|qcow2)")
+# The start of a volume record in an index's text (indent=1: ids at two spaces).
+_VOLUME_KEY = re.compile(r'\n  "((?:[^"\\]|\\.)+)": \{')
 # A whole volume record in an index's text (sort_keys: file, owner, size_gb).
 _VOLUME_RECORD = re.compile(
     r'"((?:[^"\\]|\\.)+)": \{\s*"file": "((?:[^"\\]|\\.)+)",\s*'
@@ -407,6 +409,7 @@ class Qcow2Storage:
             if lost and remove:
                 self._unlink(self._forget(state, set(lost)))
                 self._save(state, freeing=True)
+                names = set(os.listdir(self.files_dir))
             for name in sorted(names - set(state.files)):
                 if not self._unnamed(state, name):
                     continue
@@ -752,9 +755,15 @@ class Qcow2Storage:
                                                int(match.group(4)))
             if name in state.files and volume_id not in state.volumes and size_gb >= 1:
                 state.volumes[volume_id] = _Vol(name, size_gb, owner)
+        # Volume records are saved sorted by id after the files: every id before the last
+        # one whose record begins in the text was either whole, or was no volume (a hidden
+        # file's stem).
+        head = text.find('\n "volumes": {')
+        keys = _VOLUME_KEY.findall(text, head) if head >= 0 else []
+        known_until = json.loads(f'"{keys[-1]}"') if keys else None
         used = {volume.file for volume in state.volumes.values()}
         for stem, names in sorted(stems.items()):
-            if stem in state.volumes:
+            if stem in state.volumes or (known_until is not None and stem < known_until):
                 continue
             # The file of the stem that no other of its files backs: the volume's own (an
             # overlay it was moved onto), the newest if there are several.
