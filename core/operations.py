@@ -18,6 +18,7 @@ from ivcache.core.errors import (
     EntryNotFound,
     InvalidRequest,
     NoSpace,
+    StorageError,
     VolumeNotFound,
 )
 from ivcache.core.events import EvictReason
@@ -57,8 +58,12 @@ class Finding:
       entry may be evicted again);
     - ``missing-volume``: a READY entry whose volume is gone (fix: evicted);
     - ``partial-volume``: a user's volume whose writer died mid-write (an uncached create;
-      ``size`` its bytes; fix: deleted);
-    - ``orphan-volume``: a cache volume no entry owns (fix: deleted);
+      ``size`` its bytes; fix: deleted), or half-made data a dead process left in the
+      storage (``StorageBackend.leftovers``: no volume, ``path`` and ``size`` say what; fix:
+      removed);
+    - ``index-damage``: the storage's index or state damaged by a dead process (``path``,
+      ``size``; fix: rebuilt from what is provably there);
+    - ``orphan-cache-volume``: a cache volume no entry owns (fix: deleted);
     - ``scratch-file``: a conversion's scratch file whose process died (its ``path`` and
       ``size`` in bytes; no volume, so ``volume_id`` is empty; fix: removed)."""
 
@@ -221,13 +226,24 @@ class OperatorCommands(ServiceBase):
 
         Finds entries whose volume is gone, claims and leases whose owners died, users'
         volumes whose writer died mid-write, cache volumes no entry owns (left by a crash
-        between an eviction and its volume's deletion), and scratch files of conversions
-        whose process died (see ``Finding``). Safe while requests run: a live owner's
-        claim, lease or write is never touched; running it twice changes nothing more.
+        between an eviction and its volume's deletion), scratch files of conversions whose
+        process died, and what such processes left in the storage (half-made data, damage
+        to its index); see ``Finding``. Safe while requests run: a live owner's claim,
+        lease or write is never touched; running it twice changes nothing more.
         """
+        # The storage's own repairs first: a damaged index must be rebuilt before its
+        # volumes can be listed.
+        left = self.storage.leftovers(remove=fix)
         # Volumes first: an entry is committed before its volume is made, so any volume
         # listed here that has an entry will show it in the entries read after.
-        volumes = {v.id for v in self.storage.list_volumes(owner=self.tenant.project_id)}
+        try:
+            volumes = {v.id for v in self.storage.list_volumes(owner=self.tenant.project_id)}
+        except StorageError:
+            if not any(kind == "index-damage" for kind, _, _ in left):
+                raise
+            # An index that cannot be read (fixed, it would have been rebuilt): nothing but
+            # the damage can be reported until ``fix`` rebuilds it.
+            return [Finding(kind, "", path=where, size=size) for kind, where, size in left]
         every_scope = self.list_entries(None)
         now = self.clock.now()
         findings: list[Finding] = []
@@ -251,9 +267,11 @@ class OperatorCommands(ServiceBase):
         for volume_id in sorted(volumes - owned):
             if fix:
                 self._delete_quietly(volume_id)
-            findings.append(Finding("orphan-volume", volume_id, fixed=fix))
+            findings.append(Finding("orphan-cache-volume", volume_id, fixed=fix))
         for path, size in self.converter.leftovers(remove=fix):
             findings.append(Finding("scratch-file", "", path=path, size=size, fixed=fix))
+        for kind, where, size in left:
+            findings.append(Finding(kind, "", path=where, size=size, fixed=fix))
         return findings
 
     def _dead_leases(self, entries: list[CacheEntry], now: dt.datetime, *,

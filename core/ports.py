@@ -88,6 +88,19 @@ class StorageBackend(Protocol):
         ``StorageError`` if ``can_fill_from(source)`` is false."""
         ...
 
+    def leftovers(self, *, remove: bool) -> list[tuple[str, str, int]]:
+        """What processes that died left in the storage: (kind, path or name, bytes) of
+        each, where kind is ``partial-volume`` (data a dead process was making or
+        deleting, never a volume: its bytes on disk) or ``index-damage`` (the storage's
+        own bookkeeping disagrees with what is there: an unreadable index, a record of a
+        file that is gone, a file of its own naming that no record knows).
+
+        With ``remove``, each is repaired: partial data removed, the index rebuilt from
+        what is provably there. Nothing that is not provably the storage's own is ever
+        deleted; safe while other processes use the storage.
+        """
+        ...
+
 
 class ImageSource(Protocol):
     """Where images come from. Every call carries the caller's identity.

@@ -640,7 +640,8 @@ def _set_pinned(image_id: str, host: str | None, backend: str | None, pinned: bo
 @_host_option
 @click.option("--fix", is_flag=True, help="Repair what differs (default: report only).")
 def cache_reconcile(host: str | None, backend: str | None, fix: bool) -> None:
-    """Compare entries with the storage: missing volumes, dead claims, orphan volumes."""
+    """Compare entries with the storage: missing volumes, dead claims, orphan cache
+    volumes, and what dead processes left (partial volumes, index damage)."""
     findings = _operator_wiring(host, backend).service.reconcile(fix=fix)
     docs: list[dict[str, object]] = [
         {"kind": f.kind, "volume_id": f.volume_id, "entry_id": f.entry_id,

@@ -174,6 +174,9 @@ class MeteredStorage:
                   owner: str) -> Volume:
         return self.inner.fill_from(_unwrapped(source), src_id, dst_id, size_gb, owner)
 
+    def leftovers(self, *, remove: bool) -> list[tuple[str, str, int]]:
+        return self.inner.leftovers(remove=remove)
+
     def __getattr__(self, name: str) -> object:
         # A backend's own extras (FileStorage.last_clone_method, ...) stay reachable.
         return getattr(self.inner, name)

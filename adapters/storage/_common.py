@@ -13,6 +13,7 @@ from ivcache.core.model import GIB, check_id
 __all__ = [
     "BLOCK",
     "MIB",
+    "UNKNOWN_OWNER",
     "ZERO_BLOCK",
     "BlockWriter",
     "StagedWrite",
@@ -33,6 +34,9 @@ __all__ = [
 ]
 
 MIB = 1024**2
+#: The owner of a volume rebuilt from its data after the storage's record of it was lost:
+#: no project is called that, so only an admin sees it (and decides what to do with it).
+UNKNOWN_OWNER = "(unknown)"
 BLOCK = MIB
 ZERO_BLOCK = bytes(BLOCK)
 

@@ -19,13 +19,16 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from ivcache.adapters.faults import reached
 from ivcache.core.errors import NoSpace, StorageError
 
 __all__ = [
     "TEMP_PREFIX",
     "FileLock",
     "atomic_write",
+    "dead_owner",
     "dead_temps",
+    "disk_bytes",
     "filesystem_full",
     "fsync_dir",
     "no_space_errors",
@@ -34,9 +37,12 @@ __all__ = [
     "owner_tag",
     "sweep",
     "temp_name",
+    "temp_target",
+    "write_temp",
 ]
 
 TEMP_PREFIX = ".tmp-"
+_TOKEN_CHARS = 12
 
 _NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
@@ -121,7 +127,7 @@ def _stat(pid: int) -> tuple[str, str] | None:
 
 def temp_name(suffix: str = "") -> str:
     """A new temp-file name owned by this process: ``.tmp-<pid>.<start>-<token><suffix>``."""
-    return f"{TEMP_PREFIX}{owner_tag()}-{secrets.token_hex(6)}{suffix}"
+    return f"{TEMP_PREFIX}{owner_tag()}-{secrets.token_hex(_TOKEN_CHARS // 2)}{suffix}"
 
 
 def _temp_owner(name: str) -> str | None:
@@ -165,13 +171,31 @@ def _dead_temp(name: str) -> bool:
     return owner is not None and not owner_alive(owner)
 
 
-def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
+def atomic_write(path: Path, data: bytes, *, durable: bool = True, fault: str = "") -> None:
     """Replace ``path`` with ``data`` so a reader sees the old or the new file, never half.
 
     The data goes first to a temp file beside ``path`` (which ``sweep`` reaps if this
     process dies before the rename). ``durable`` also survives a power loss (fsync of the
-    file and of its directory).
+    file and of its directory). ``fault`` names the crash tests' fault point between the
+    temp file's write and its rename (``ivcache.adapters.faults``).
     """
+    tmp = write_temp(path, data, durable=durable)
+    try:
+        if fault:
+            reached(fault)
+        with no_space_errors(f"writing {path}"):
+            os.replace(tmp, path)
+            if durable:
+                fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_temp(path: Path, data: bytes, *, durable: bool = True) -> Path:
+    """Write ``data`` into a new temp file beside ``path`` named for it
+    (``.tmp-<owner>-<token>-<name>``, see ``temp_target``); return the temp file's path,
+    for the caller to rename onto ``path``."""
     tmp, fd = open_temp(path.parent, f"-{path.name}")
     try:
         with no_space_errors(f"writing {path}"):
@@ -183,12 +207,38 @@ def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
                     os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(tmp, path)
-            if durable:
-                fsync_dir(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    return tmp
+
+
+def temp_target(name: str) -> str | None:
+    """The name of the file that the temp file ``name`` was written for (``write_temp``):
+    what follows its token after a ``-``; None if ``name`` is no temp file, or none named
+    for a file."""
+    owner = _temp_owner(name)
+    if owner is None:
+        return None
+    rest = name[len(TEMP_PREFIX) + len(owner) + 1:]
+    token, dash, target = rest[:_TOKEN_CHARS], rest[_TOKEN_CHARS:_TOKEN_CHARS + 1], \
+        rest[_TOKEN_CHARS + 1:]
+    if dash != "-" or not target or len(token) != _TOKEN_CHARS:
+        return None
+    return target
+
+
+def dead_owner(name: str) -> bool:
+    """Whether ``name`` is a temp file whose owner is dead (``sweep`` would remove it)."""
+    return _dead_temp(name)
+
+
+def disk_bytes(path: Path) -> int:
+    """The bytes ``path`` takes on disk (a sparse file's holes take none); 0 if gone."""
+    try:
+        return os.stat(path, follow_symlinks=False).st_blocks * 512
+    except FileNotFoundError:
+        return 0
 
 
 def fsync_dir(path: Path) -> None:

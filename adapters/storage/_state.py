@@ -24,7 +24,13 @@ from ivcache.adapters.storage._common import (
     check_sized,
     check_volume_id,
 )
-from ivcache.adapters.storage._files import FileLock, atomic_write, sweep
+from ivcache.adapters.storage._files import (
+    FileLock,
+    atomic_write,
+    dead_temps,
+    disk_bytes,
+    sweep,
+)
 from ivcache.core.errors import StorageError, VolumeNotFound
 from ivcache.core.model import Volume
 from ivcache.core.ports import StorageBackend
@@ -50,8 +56,8 @@ class StateDir:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self._blocks_dir = self.path / "blocks"
-        self._blocks_dir.mkdir(parents=True, exist_ok=True)
+        self.blocks_dir = self.path / "blocks"
+        self.blocks_dir.mkdir(parents=True, exist_ok=True)
         self._cache: dict[str, dict[int, bytes]] = {}
         self._lock = FileLock(self.path / ".lock")
 
@@ -75,10 +81,11 @@ class StateDir:
         """Write the index, then remove block files that no record names any more, and the
         temp files of processes that died saving."""
         atomic_write(self.path / "index.json",
-                     json.dumps(doc, sort_keys=True, indent=1).encode(), durable=False)
+                     json.dumps(doc, sort_keys=True, indent=1).encode(), durable=False,
+                     fault=f"{doc.get('kind')}-state-save")
         sweep(self.path)
         # Under the lock no one else writes blocks: what the index does not name is garbage.
-        for entry in os.scandir(self._blocks_dir):
+        for entry in os.scandir(self.blocks_dir):
             if entry.name not in keep:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)
@@ -106,12 +113,12 @@ class StateDir:
         parts = [self._MAGIC]
         for index in sorted(blocks):
             parts += (self._INDEX.pack(index), blocks[index])
-        atomic_write(self._blocks_dir / name, b"".join(parts), durable=False)
+        atomic_write(self.blocks_dir / name, b"".join(parts), durable=False)
         self._cache[name] = dict(blocks)
         return name
 
     def _parse(self, name: str) -> dict[int, bytes]:
-        path = self._blocks_dir / name
+        path = self.blocks_dir / name
         try:
             data = path.read_bytes()
         except FileNotFoundError as exc:
@@ -225,6 +232,63 @@ class PersistedFake(Generic[V]):
         with self._txn(write=True):
             self._check_free(dst_id)
             return self._volume(self._import(dst_id, size_gb, owner, blocks))
+
+    def leftovers(self, *, remove: bool) -> list[tuple[str, str, int]]:
+        """What processes that died saving the state left under ``state_path``: temp files
+        (of blocks: ``partial-volume``; of the index: ``index-damage``), and as
+        ``index-damage`` an index that cannot be read, records of block files that are
+        gone and block files that no record names. With ``remove``: temp files and
+        unnamed block files go, volumes whose blocks are gone are dropped, and an
+        unreadable index is set aside (``index.json.damaged-<token>``) for one rebuilt
+        from the block files where the fake can (``_rebuild``). In memory: nothing."""
+        state = self._state
+        if state is None:
+            return []  # nothing outlives the process
+        with self._lock, state.locked():
+            found: list[tuple[str, str, int]] = []
+            for kind, directory in (("index-damage", state.path),
+                                    ("partial-volume", state.blocks_dir)):
+                for path in dead_temps(directory):
+                    found.append((kind, str(path), disk_bytes(path)))
+                    if remove:
+                        path.unlink(missing_ok=True)
+            index = state.path / "index.json"
+            try:
+                self._refresh(state)
+            except StorageError:
+                found.append(("index-damage", str(index), disk_bytes(index)))
+                if remove:
+                    os.replace(index, state.path / f"index.json.damaged-{secrets.token_hex(6)}")
+                    self._clear()
+                    self._serial = None
+                    self._rebuild(state)
+                    self._save(state)
+                return found
+            keep = self._files()
+            present = {name for name in os.listdir(state.blocks_dir)
+                       if not name.startswith(".tmp-")}
+            lost = sorted(keep - present)
+            found += [("index-damage", str(state.blocks_dir / name), 0) for name in lost]
+            unnamed = sorted(present - keep)
+            found += [("index-damage", str(state.blocks_dir / name),
+                       disk_bytes(state.blocks_dir / name)) for name in unnamed]
+            if remove and (lost or unnamed):
+                try:
+                    self._lose(set(lost))
+                    self._save(state)  # which removes the unnamed block files
+                except BaseException:
+                    self._serial = None
+                    raise
+            return found
+
+    def _lose(self, lost: set[str]) -> None:
+        """Drop what reads the block files ``lost`` (gone from the state directory): the
+        volumes holding them are gone; in a transaction."""
+        raise NotImplementedError
+
+    def _rebuild(self, state: StateDir) -> None:
+        """Rebuild the records from the block files after the index was lost (what the
+        fake can tell from them); by default nothing: the fake starts empty."""
 
     def _export(self, volume: V) -> dict[int, bytes]:
         """The non-zero blocks a reader of ``volume`` sees (parents included); in a

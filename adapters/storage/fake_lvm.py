@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import secrets
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -10,6 +12,8 @@ from typing import Any
 import attrs
 
 from ivcache.adapters.storage._common import (
+    BLOCK,
+    UNKNOWN_OWNER,
     ZERO_BLOCK,
     BlockWriter,
     StagedWrite,
@@ -19,9 +23,12 @@ from ivcache.adapters.storage._common import (
     check_volume_id,
     read_range,
 )
-from ivcache.adapters.storage._state import PersistedFake, Stored
-from ivcache.core.errors import VolumeNotFound
+from ivcache.adapters.storage._state import PersistedFake, StateDir, Stored
+from ivcache.core.errors import InvalidIdentifier, StorageError, VolumeNotFound
 from ivcache.core.model import GIB, Volume
+
+# A block file's name: <volume id>.<token>.blk (StateDir.write_blocks).
+_BLOCK_FILE = re.compile(r"(.+)\.[0-9a-f]{16}\.blk")
 
 __all__ = ["FakeLvmStorage"]
 
@@ -164,6 +171,35 @@ class FakeLvmStorage(PersistedFake[_LogicalVolume]):
 
     def _files(self) -> set[str]:
         return {lv.file for lv in self._volumes.values() if lv.file}
+
+    def _lose(self, lost: set[str]) -> None:
+        for volume_id in [v for v, lv in self._volumes.items() if lv.file in lost]:
+            del self._volumes[volume_id]
+
+    def _rebuild(self, state: StateDir) -> None:
+        """A volume for each volume id that block files are named by (its newest file),
+        as large as its last block needs, owned by ``UNKNOWN_OWNER``: a volume without
+        data left no file, and is lost with the index."""
+        newest: dict[str, tuple[int, str]] = {}
+        for entry in os.scandir(state.blocks_dir):
+            match = _BLOCK_FILE.fullmatch(entry.name)
+            if match is None:
+                continue
+            try:
+                volume_id = check_volume_id(match.group(1))
+            except InvalidIdentifier:
+                continue
+            stamp = entry.stat().st_mtime_ns
+            if volume_id not in newest or newest[volume_id][0] < stamp:
+                newest[volume_id] = (stamp, entry.name)
+        for volume_id, (_, name) in sorted(newest.items()):
+            try:
+                blocks = state.read_blocks(name)
+            except StorageError:
+                continue  # damaged too: nothing to rebuild from
+            size_gb = max(1, -(-(max(blocks, default=0) + 1) * BLOCK // GIB))
+            self._volumes[volume_id] = _LogicalVolume(volume_id, size_gb, UNKNOWN_OWNER,
+                                                      secrets.token_hex(8), blocks, name)
 
 
 def _put(blocks: dict[int, bytes], index: int, data: bytes | None) -> None:

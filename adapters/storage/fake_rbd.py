@@ -358,6 +358,40 @@ class FakeRbdStorage(PersistedFake[_Image]):
     def _stored(self) -> Iterable[tuple[str, Stored]]:
         return ((image.key, image) for image in self._images.values())
 
+    def _lose(self, lost: set[str]) -> None:
+        """The images and snapshots whose block file is gone lose their data; every
+        volume reading it (its own, or through a snapshot) is deleted."""
+        damaged: set[str] = set()
+        for image in self._images.values():
+            if image.file in lost:
+                image.file, image.blocks = "", {}
+                damaged.add(image.key)
+            for name, snap in image.snaps.items():
+                if snap.file in lost:
+                    snap.file, snap.blocks = "", {}
+                    damaged.add(f"{image.key}@{name}")
+        def reads_damaged(image: _Image) -> bool:
+            if image.key in damaged:
+                return True
+            ref = image.parent
+            while ref is not None:
+                if ref in damaged:
+                    return True
+                ref = self._images[ref.partition("@")[0]].parent
+            return False
+        for name in [n for n, key in sorted(self._names.items())
+                     if reads_damaged(self._images[key])]:
+            # As delete_volume does, inside this transaction.
+            image = self._get(name)
+            del self._names[name]
+            self._forget_clone_snap(image)
+            if image.snaps:
+                image.name = None
+            else:
+                self._purge(image)
+        for image in self._images.values():
+            image.objects = self._count(image)
+
     def _files(self) -> set[str]:
         """The block files the pool's images and snapshots are stored in."""
         files = {image.file for image in self._images.values()}

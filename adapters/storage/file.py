@@ -6,7 +6,18 @@ Layout of ``root``::
     <id>.json       its sidecar (size, owner): the volume exists once this file does
     .tmp-<owner>-*  a volume or sidecar being made: never visible, removed if its maker died
                     (``<owner>`` is the maker's pid and start time, see ``_files``)
+    .tmp-<owner>-<token>-<id>.json
+                    the sidecar of volume <id> being committed or deleted: while it is
+                    there and <id>.json is not, <id>.raw is half made or half deleted, so
+                    once its maker is dead both are removed
     .lock           flock'ed around every change, so processes sharing root stay consistent
+
+A commit writes the sidecar under its temp name first, renames the data onto ``<id>.raw``,
+then the sidecar onto ``<id>.json``; a delete renames the sidecar back to a temp name, then
+removes the data, then the temp sidecar. So a crash at any point leaves either a volume, or
+files that a temp name of a dead process vouches for: ``leftovers`` (reconcile) and the next
+create remove them. A ``<id>.raw`` with no sidecar and no such temp file (an older version's
+crash, or an operator's file) is left alone: nothing proves it ours.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ from typing import Literal
 
 import attrs
 
+from ivcache.adapters.faults import reached
 from ivcache.adapters.storage._common import (
     BLOCK,
     already_exists,
@@ -36,10 +48,14 @@ from ivcache.adapters.storage._files import (
     TEMP_PREFIX,
     FileLock,
     atomic_write,
+    dead_owner,
+    disk_bytes,
     fsync_dir,
     no_space_errors,
     open_temp,
-    sweep,
+    temp_name,
+    temp_target,
+    write_temp,
 )
 from ivcache.adapters.storage._sparse import SparseWriter, write_file
 from ivcache.core.errors import InvalidIdentifier, StorageError, VolumeNotFound
@@ -81,16 +97,16 @@ class FileStorage:
         self.last_clone_method: CloneMethod | None = None
         with no_space_errors(f"creating {self.root}"):
             self.root.mkdir(parents=True, exist_ok=True)
+        # Nothing is reaped here: ``cache reconcile`` must still see what a crash left.
+        # The next create reaps it (``_reap``).
         self._lock = FileLock(self.root / ".lock")
-        with self._lock.held():
-            self._reap()
 
     def create_volume(self, volume_id: str, size_gb: int, owner: str) -> Volume:
         check_sized(volume_id, size_gb)
         meta = _Meta(size_gb, owner)
         with self._lock.held():
             self._check_free(volume_id)
-            self._reserve(size_gb)
+            self._reserve(size_gb, reap=True)
             tmp, fd = open_temp(self.root, ".raw")
             try:
                 with no_space_errors(f"creating volume {volume_id}"):
@@ -193,12 +209,15 @@ class FileStorage:
         check_volume_id(volume_id)
         with self._lock.held():
             self._require(volume_id)
+            # Nothing here needs a free block, so a delete works on a full filesystem. The
+            # sidecar goes first, under a temp name of this process: the volume is gone
+            # from then on, and if a crash leaves its data, that temp file says whose it is.
+            tombstone = self.root / temp_name(f"-{volume_id}.json")
             with no_space_errors(f"deleting volume {volume_id}"):
-                # Sidecar first: from then on the volume is gone, even if a crash leaves
-                # the data behind (invisible, and replaced by the next volume of that id).
-                self._meta(volume_id).unlink()
+                os.replace(self._meta(volume_id), tombstone)
                 with contextlib.suppress(FileNotFoundError):
                     self._data(volume_id).unlink()
+                tombstone.unlink()
                 fsync_dir(self.root)
 
     def get_volume(self, volume_id: str) -> Volume:
@@ -270,23 +289,39 @@ class FileStorage:
         atomic_write(self._meta(volume_id), json.dumps(doc, sort_keys=True).encode())
 
     def _commit(self, volume_id: str, tmp: Path, meta: _Meta) -> None:
-        """Make a finished temp file the volume; call with the lock held."""
+        """Make a finished temp file the volume; call with the lock held.
+
+        The sidecar is written first, under a temp name that names the volume: a crash
+        after the data's rename leaves ``<id>.raw`` and that temp file, whose dead owner
+        tells ``leftovers`` that the data is a half-made volume of ours.
+        """
         data = self._data(volume_id)
-        with no_space_errors(f"creating volume {volume_id}"):
-            os.replace(tmp, data)
+        doc = {"id": volume_id, "size_gb": meta.size_gb, "owner": meta.owner}
+        staged = write_temp(self._meta(volume_id), json.dumps(doc, sort_keys=True).encode())
+        renamed = False
         try:
-            self._write_meta(volume_id, meta)  # the commit point: visible from here on
+            with no_space_errors(f"creating volume {volume_id}"):
+                os.replace(tmp, data)
+                renamed = True
+                reached("file-rename-sidecar")
+                os.replace(staged, self._meta(volume_id))  # the commit point: visible now
+                fsync_dir(self.root)
         except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                data.unlink()
+            if renamed and not self._meta(volume_id).exists():
+                data.unlink(missing_ok=True)
+            staged.unlink(missing_ok=True)
             raise
 
-    def _reserve(self, size_gb: int) -> None:
-        """Raise NoSpace unless ``size_gb`` more fits under ``capacity_gb``; lock held."""
+    def _reserve(self, size_gb: int, *, reap: bool = False) -> None:
+        """Raise NoSpace unless ``size_gb`` more fits under ``capacity_gb``; lock held.
+
+        What dead makers left is reaped first (with ``reap``, also without a capacity):
+        counting it would keep its room taken."""
+        if reap or self.capacity_gb:
+            self._reap()
         if not self.capacity_gb:
             return
-        # Counting the temp files of dead makers would keep their room taken until a restart.
-        names = set(sweep(self.root))
+        names = set(os.listdir(self.root))
         used = 0
         for name in names:
             # Volumes, and the temp files of volumes being made (their reservations).
@@ -296,14 +331,48 @@ class FileStorage:
                     used += os.stat(self.root / name, follow_symlinks=False).st_size
         check_room(f"storage {self.root}", self.capacity_gb, used, size_gb)
 
-    def _reap(self) -> None:
-        """Remove the temp files of processes that died making a volume.
+    def leftovers(self, *, remove: bool) -> list[tuple[str, str, int]]:
+        """Files that processes which died making or deleting a volume left (kind
+        ``partial-volume``, their bytes on disk): their temp files, and a ``<id>.raw``
+        whose sidecar is still under such a process's temp name."""
+        with self._lock.held():
+            return self._leftovers(remove=remove)
 
-        A crash between the two renames of a commit leaves ``<id>.raw`` without a sidecar:
-        invisible, not counted, and replaced by the next volume of that id. It is left
-        alone because a file that merely looks like ours may be an operator's.
-        """
-        sweep(self.root)
+    def _reap(self) -> None:
+        """Remove what processes that died making or deleting a volume left; lock held."""
+        self._leftovers(remove=True)
+
+    def _leftovers(self, *, remove: bool) -> list[tuple[str, str, int]]:
+        names = sorted(os.listdir(self.root))
+        present = set(names)
+        found: list[tuple[str, str, int]] = []
+        for name in names:
+            if not dead_owner(name):
+                continue
+            target = temp_target(name)
+            volume_id = target.removesuffix(".json") if target else ""
+            # Under the lock, and its owner dead: a sidecar under a temp name with no
+            # <id>.json beside it was never committed (or was being deleted), so the
+            # volume's data, if there, is a half-made (or half-deleted) volume of ours.
+            if target and target.endswith(".json") and _is_volume_id(volume_id) \
+                    and target not in present and f"{volume_id}.raw" in present:
+                data = self._data(volume_id)
+                found.append(("partial-volume", str(data), disk_bytes(data)))
+                if remove:
+                    data.unlink(missing_ok=True)
+            path = self.root / name
+            found.append(("partial-volume", str(path), disk_bytes(path)))
+            if remove:
+                path.unlink(missing_ok=True)
+        return found
+
+
+def _is_volume_id(text: str) -> bool:
+    try:
+        check_volume_id(text)
+    except InvalidIdentifier:
+        return False
+    return True
 
 
 def same_filesystem(one: Path, other: Path) -> bool:

@@ -21,6 +21,14 @@ its volume first moves the volume onto a new overlay of the file, and deleting i
 hides it (no longer listed; ``VolumeNotFound``). A hidden file goes when the last file it
 backs goes. Data files are named with a random token, so a volume id can be used again while
 a hidden file of the same id still backs others.
+
+What a crash leaves (``leftovers``, which ``cache reconcile`` reports and ``--fix`` repairs;
+every change also reaps the first two on its way): temp files of dead processes, data files
+the index does not name (made, but the index's save never landed), records of files that are
+gone, and an index that cannot be read. An unreadable index is kept beside the new one as
+``index.json.damaged-<token>``; the new one is rebuilt from ``files/`` (``qemu-img info``)
+and from the volume records still whole in the damaged text; a volume no whole record names
+is owned by ``(unknown)``, which only an admin sees.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -39,6 +48,7 @@ from typing import Any, Literal
 import attrs
 
 from ivcache.adapters.storage._common import (
+    UNKNOWN_OWNER,
     already_exists,
     check_at_least,
     check_clone,
@@ -52,6 +62,8 @@ from ivcache.adapters.storage._files import (
     TEMP_PREFIX,
     FileLock,
     atomic_write,
+    dead_temps,
+    disk_bytes,
     filesystem_full,
     fsync_dir,
     no_space_errors,
@@ -75,6 +87,14 @@ _READ_BLOCK = 1024**2
 _INSTALL_HINT = "install qemu-utils (apt-get install -y qemu-utils)"
 _RESERVE = ".reserve"
 _RESERVE_MIN = 1 << 20
+# A data file's name: <volume id>.<token>.<format>
+_DATA_NAME = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]{0,127})\.[0-9a-f]{12}\.(raw|qcow2)")
+# The start of a volume record in an index's text (indent=1: ids at two spaces).
+_VOLUME_KEY = re.compile(r'\n  "((?:[^"\\]|\\.)+)": \{')
+# A whole volume record in an index's text (sort_keys: file, owner, size_gb).
+_VOLUME_RECORD = re.compile(
+    r'"((?:[^"\\]|\\.)+)": \{\s*"file": "((?:[^"\\]|\\.)+)",\s*'
+    r'"owner": "((?:[^"\\]|\\.)*)",\s*"size_gb": (\d+)\s*\}')
 
 
 @attrs.frozen
@@ -174,7 +194,9 @@ class Qcow2Storage:
         with no_space_errors(f"creating {self.files_dir}"):
             self.files_dir.mkdir(parents=True, exist_ok=True)
         self._lock = FileLock(self.root / ".lock")
-        with self._changing():
+        # Nothing is reaped here, so that ``cache reconcile`` still sees what a crash left;
+        # the next change reaps it.
+        with self._lock.held():
             self._keep_reserve()
 
     def create_volume(self, volume_id: str, size_gb: int, owner: str) -> Volume:
@@ -335,19 +357,67 @@ class Qcow2Storage:
             del state.volumes[volume_id]
             gone = state.collect()
             # The index first: from then on the volume is gone even if a crash leaves its
-            # file behind (the next start removes files that the index does not name). On a
-            # full filesystem the reserve makes the room for it: a delete never jams.
-            self._save(state, freeing=True)
-            for name in gone:
-                (self.files_dir / name).unlink(missing_ok=True)
-                self._drop_templates(name)
+            # file behind (the next change removes files that the index does not name). On
+            # a full filesystem the reserve makes the room for it; without one (it could
+            # not be made), the files are freed first, then the index saved: a crash
+            # between leaves records of files that are gone, which reconcile repairs.
+            try:
+                self._save(state, freeing=True)
+            except NoSpace:
+                self._unlink(gone)
+                self._save(state, freeing=True)
+            self._unlink(gone)
             with no_space_errors(f"deleting volume {volume_id}"):
                 fsync_dir(self.files_dir)
             self._keep_reserve()
 
+    def _unlink(self, names: Iterable[str]) -> None:
+        for name in names:
+            (self.files_dir / name).unlink(missing_ok=True)
+            self._drop_templates(name)
+
     def get_volume(self, volume_id: str) -> Volume:
         check_volume_id(volume_id)
         return self._volume(volume_id, self._require(self._load(), volume_id))
+
+    def leftovers(self, *, remove: bool) -> list[tuple[str, str, int]]:
+        """What crashed processes left: their temp files in ``files/`` (``partial-volume``);
+        and as ``index-damage``, the index's temp files, an index that cannot be read, the
+        records of files that are gone, and data files or templates that no record names.
+        With ``remove``, temp files and unnamed files go, records of lost files are dropped
+        (with the volumes and overlays that read them), and an unreadable index is
+        rebuilt."""
+        with self._lock.held():
+            found: list[tuple[str, str, int]] = []
+            for kind, directory in (("index-damage", self.root),
+                                    ("partial-volume", self.files_dir)):
+                for path in dead_temps(directory):
+                    found.append((kind, str(path), disk_bytes(path)))
+                    if remove:
+                        path.unlink(missing_ok=True)
+            index = self.root / "index.json"
+            try:
+                state = self._load()
+            except StorageError:
+                found.append(("index-damage", str(index), disk_bytes(index)))
+                if remove:
+                    self._rebuild()
+                return found  # without an index, no file can be judged
+            names = set(os.listdir(self.files_dir))
+            lost = sorted(name for name in state.files if name not in names)
+            found += [("index-damage", str(self.files_dir / name), 0) for name in lost]
+            if lost and remove:
+                self._unlink(self._forget(state, set(lost)))
+                self._save(state, freeing=True)
+                names = set(os.listdir(self.files_dir))
+            for name in sorted(names - set(state.files)):
+                if not self._unnamed(state, name):
+                    continue
+                path = self.files_dir / name
+                found.append(("index-damage", str(path), disk_bytes(path)))
+                if remove:
+                    path.unlink(missing_ok=True)
+            return found
 
     def list_volumes(self, owner: str | None = None) -> list[Volume]:
         state = self._load()
@@ -527,13 +597,13 @@ class Qcow2Storage:
         data = json.dumps(state.to_json(), sort_keys=True, indent=1).encode()
         path = self.root / "index.json"
         try:
-            atomic_write(path, data)
+            atomic_write(path, data, fault="qcow2-index-save")
         except NoSpace:
             reserve = self.root / _RESERVE
             if not freeing or not reserve.exists():
                 raise
             reserve.unlink()
-            atomic_write(path, data)
+            atomic_write(path, data, fault="qcow2-index-save")
         self._keep_reserve(len(data))
 
     def _keep_reserve(self, index_size: int | None = None) -> None:
@@ -627,13 +697,106 @@ class Qcow2Storage:
         """
         sweep(self.root)  # the index's temp files
         for name in sweep(self.files_dir):
-            if name.startswith(".tpl-"):
-                base = name.removeprefix(".tpl-").removesuffix(".qcow2").rpartition("-")[0]
-                if base not in state.files:
-                    (self.files_dir / name).unlink(missing_ok=True)
-            elif name.endswith((".raw", ".qcow2")) and not name.startswith(TEMP_PREFIX) \
-                    and name not in state.files:
+            if name not in state.files and self._unnamed(state, name):
                 (self.files_dir / name).unlink(missing_ok=True)
+
+    def _unnamed(self, state: _State, name: str) -> bool:
+        """Whether ``name``, in ``files/`` and not in the index, is of this storage's own
+        naming (a data file, or a template) and unknown to the index: a leftover."""
+        if name.startswith(TEMP_PREFIX):
+            return False  # a live process's: the sweep judges temp files
+        if name.startswith(".tpl-") and name.endswith(".qcow2"):
+            base = name.removeprefix(".tpl-").removesuffix(".qcow2").rpartition("-")[0]
+            return base not in state.files
+        return _DATA_NAME.fullmatch(name) is not None and name not in state.files
+
+    def _forget(self, state: _State, lost: set[str]) -> list[str]:
+        """Drop the records of the files ``lost`` (gone from ``files/``), of the overlays
+        reading them and of the volumes on either; return the files that no record needs
+        any more (to be removed); lock held."""
+        while True:
+            readers = {name for name, f in state.files.items()
+                       if name not in lost and f.backing in lost}
+            if not readers:
+                break
+            lost |= readers
+        for name in lost:
+            state.files.pop(name, None)
+        for volume_id in [v for v, volume in state.volumes.items() if volume.file in lost]:
+            del state.volumes[volume_id]
+        return sorted(lost | set(state.collect()))
+
+    def _rebuild(self) -> None:
+        """Replace an unreadable index by one rebuilt from ``files/``; the damaged one is
+        kept as ``index.json.damaged-<token>`` for the operator; lock held."""
+        index = self.root / "index.json"
+        try:
+            text = index.read_bytes().decode("utf-8", errors="replace")
+        except OSError:
+            text = ""
+        state = _State()
+        stems: dict[str, list[str]] = {}
+        for name in sorted(os.listdir(self.files_dir)):
+            match = _DATA_NAME.fullmatch(name)
+            if match is None:
+                continue
+            fmt: Format = "raw" if match.group(2) == "raw" else "qcow2"
+            size, backing = self._probe(name, fmt)
+            state.files[name] = _File(fmt, max(1, -(-size // GIB)), backing)
+            stems.setdefault(match.group(1), []).append(name)
+        for name, f in list(state.files.items()):
+            if f.backing is not None and f.backing not in state.files:
+                # Its backing file is gone: unreadable, and no longer ours to keep.
+                del state.files[name]
+        for match in _VOLUME_RECORD.finditer(text):
+            volume_id, name, owner, size_gb = (json.loads(f'"{match.group(1)}"'),
+                                               json.loads(f'"{match.group(2)}"'),
+                                               json.loads(f'"{match.group(3)}"'),
+                                               int(match.group(4)))
+            if name in state.files and volume_id not in state.volumes and size_gb >= 1:
+                state.volumes[volume_id] = _Vol(name, size_gb, owner)
+        # Volume records are saved sorted by id after the files: every id before the last
+        # one whose record begins in the text was either whole, or was no volume (a hidden
+        # file's stem).
+        head = text.find('\n "volumes": {')
+        keys = _VOLUME_KEY.findall(text, head) if head >= 0 else []
+        known_until = json.loads(f'"{keys[-1]}"') if keys else None
+        used = {volume.file for volume in state.volumes.values()}
+        for stem, names in sorted(stems.items()):
+            if stem in state.volumes or (known_until is not None and stem < known_until):
+                continue
+            # The file of the stem that no other of its files backs: the volume's own (an
+            # overlay it was moved onto), the newest if there are several.
+            free = [n for n in names if n in state.files and n not in used and
+                    not any(state.files[o].backing == n for o in names if o in state.files)]
+            if not free:
+                continue
+            name = max(free, key=lambda n: (self.files_dir / n).stat().st_mtime_ns)
+            state.volumes[stem] = _Vol(name, state.files[name].size_gb, UNKNOWN_OWNER)
+        with no_space_errors(f"setting {index} aside"):
+            os.replace(index, self.root / f"index.json.damaged-{secrets.token_hex(6)}")
+        self._unlink(state.collect())
+        self._save(state, freeing=True)
+        self._reap(state)  # the files it could not keep (their backing file is gone)
+
+    def _probe(self, name: str, fmt: Format) -> tuple[int, str | None]:
+        """(virtual size in bytes, backing file's name in ``files/`` or None) of a data
+        file, as qemu-img reads it."""
+        path = self.files_dir / name
+        if fmt == "raw":
+            return path.stat().st_size, None
+        try:
+            proc = subprocess.run([self.qemu_img, "info", "--output=json", "-f", "qcow2",
+                                   "-U", str(path)], capture_output=True, text=True,
+                                  check=True)
+            info = json.loads(proc.stdout)
+        except (OSError, ValueError, subprocess.CalledProcessError) as exc:
+            raise StorageError(f"rebuilding the index: cannot read {path}: {exc}") from exc
+        backing = info.get("full-backing-filename") or info.get("backing-filename")
+        if backing is not None:
+            backing_path = Path(backing)
+            backing = backing_path.name if backing_path.parent == self.files_dir else "?"
+        return int(info["virtual-size"]), backing
 
 
 def _is_size(value: object) -> bool:

@@ -351,6 +351,19 @@ class RbdStorage:
                 volumes.append(volume)
         return volumes
 
+    def leftovers(self, *, remove: bool) -> list[tuple[str, str, int]]:
+        """Nothing: what a crash can leave here is either not provably ours or harmless.
+
+        An image made but never given its owner record (a crash inside create_volume or a
+        clone) cannot be told from another client's image in a pool that Cinder or
+        others share, so it is never taken. The other crash windows leave only records:
+        an owner or clone-snapshot key of an image that is gone, which nothing lists and
+        the next volume of that id overwrites, and an ``ivcache-`` snapshot that no key
+        names, which the image's delete removes. Ceph writes its own metadata
+        atomically: there is no index here to damage.
+        """
+        return []
+
     def can_fill_from(self, source: StorageBackend) -> bool:
         """Another ``RbdStorage`` on the same Ceph cluster (another pool or namespace): the
         copy runs inside the cluster (``rbd cp``), sparse, and no byte comes from the image

@@ -1,9 +1,10 @@
 """The crash matrix: a real ``ivcache`` SIGKILLed at each fault point (``IVCACHE_FAULT``,
-docs/development.md), on SQLite and PostgreSQL, file, qcow2 and fake-lvm storage, with a
-real qcow2 image. After each kill: ``cache reconcile --fix`` repairs what was left, a
-second reconcile finds nothing, and then the invariants hold: no claim or lease stuck, no
-stray file under ``storage_path`` or ``image_conversion_dir``, the next request served
-through the cache within seconds, with the right bytes."""
+docs/development.md), on SQLite and PostgreSQL, file, qcow2 and fake-lvm storage (each with
+its own storage point too), with a real qcow2 image. After each kill: ``cache reconcile
+--fix`` repairs what was left, a second reconcile finds nothing, and then the invariants
+hold: no claim or lease stuck, no stray file under ``storage_path`` or
+``image_conversion_dir``, the next request served through the cache within seconds, with
+the right bytes."""
 
 from __future__ import annotations
 
@@ -27,7 +28,12 @@ MISS = ["after-claim", "mid-download", "after-ready", "mid-clone", "after-clone"
 #: Points with a scenario of their own (see ``_crash``).
 OTHERS = ["after-victim-removed", "mid-write", "reconcile-fix"]
 STORAGES = ["file", "qcow2", "fake-lvm"]
+#: Each storage's own point, reached by a miss's first change of the storage.
+STORAGE_POINTS = {"file": "file-rename-sidecar", "qcow2": "qcow2-index-save",
+                  "fake-lvm": "fake-lvm-state-save"}
 DATABASES = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+CASES = [(point, storage) for point in MISS + OTHERS for storage in STORAGES] + [
+    (point, storage) for storage, point in STORAGE_POINTS.items()]
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +82,7 @@ def _create(cli: Cli, image_id: str, size: int = 1) -> dict[str, Any]:
 
 def _crash(cli: Cli, point: str, first: str, second: str) -> None:
     """Run what reaches ``point`` with the point armed: the process dies there."""
-    if point in MISS or point == "mid-write":
+    if point in MISS or point == "mid-write" or point in STORAGE_POINTS.values():
         _killed_at(cli, point, "volume", "create", "--image", first, "--size", "1")
     elif point == "after-victim-removed":
         _create(cli, first)  # the cache's one entry, then a miss that evicts it
@@ -126,8 +132,7 @@ def _no_strays(cli: Cli, storage: str, vols: Path) -> None:
 
 
 @pytest.mark.parametrize("database", DATABASES)
-@pytest.mark.parametrize("storage", STORAGES)
-@pytest.mark.parametrize("point", MISS + OTHERS)
+@pytest.mark.parametrize(("point", "storage"), CASES)
 def test_a_kill_at_any_point_leaves_nothing_that_reconcile_cannot_repair(
         cli: Cli, images: tuple[Path, Path, Path], request: pytest.FixtureRequest,
         point: str, storage: str, database: str) -> None:

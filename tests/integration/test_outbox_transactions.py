@@ -173,7 +173,7 @@ def test_an_eviction_whose_process_died_right_after_the_delete_is_still_announce
     assert evict.event_type == "image_volume_cache.evict"
     assert evict.payload["reason"] == "admin"
     # Its volume is left to reconcile (an orphan), as before: the event is not lost.
-    assert [f.kind for f in world.service.reconcile()] == ["orphan-volume"]
+    assert [f.kind for f in world.service.reconcile()] == ["orphan-cache-volume"]
 
 
 @pytest.mark.parametrize("kind", ["miss", "hit", "evict"])

@@ -265,7 +265,7 @@ def test_a_chain_deeper_than_the_limit_is_flattened_and_still_reads_right(
     check_clean(storage)
 
 
-def test_files_left_by_a_crashed_process_are_removed_on_the_next_start(
+def test_files_left_by_a_crashed_process_are_reported_and_removed_by_the_next_change(
         tmp_path: Path) -> None:
     storage = Qcow2Storage(tmp_path / "vols")
     storage.create_volume("keep", 1, "alice")
@@ -276,10 +276,15 @@ def test_files_left_by_a_crashed_process_are_removed_on_the_next_start(
     template = storage.files_dir / ".tpl-gone.0123456789ab.qcow2-1.qcow2"
     template.write_bytes(b"x")
 
-    Qcow2Storage(tmp_path / "vols")
+    again = Qcow2Storage(tmp_path / "vols")
+    assert again.leftovers(remove=False) == [
+        ("partial-volume", str(stray_tmp), os.stat(stray_tmp).st_blocks * 512),
+        ("index-damage", str(template), os.stat(template).st_blocks * 512),
+        ("index-damage", str(orphan), os.stat(orphan).st_blocks * 512)]
+    again.create_volume("next", 1, "bob")
 
     assert not stray_tmp.exists() and not orphan.exists() and not template.exists()
-    assert [v.id for v in storage.list_volumes()] == ["keep"]
+    assert [v.id for v in storage.list_volumes()] == ["keep", "next"]
 
 
 def test_a_crash_mid_save_of_the_index_leaves_nothing_after_the_next_change(
@@ -384,7 +389,7 @@ def test_reconcile_fixes_an_orphan_on_a_full_filesystem(small_fs: Path) -> None:
 
     found = service.reconcile(fix=True)
 
-    assert [(f.kind, f.volume_id, f.fixed) for f in found] == [("orphan-volume", "orphan",
-                                                                True)]
+    assert [(f.kind, f.volume_id, f.fixed) for f in found] == [
+        ("orphan-cache-volume", "orphan", True)]
     assert storage.list_volumes() == []
     assert service.reconcile(fix=True) == []

@@ -6,8 +6,14 @@ from __future__ import annotations
 import attrs
 import pytest
 
-from ivcache.core.errors import EntryNotFound, InvalidRequest, NoSpace, VolumeNotFound
-from ivcache.core.model import Outcome
+from ivcache.core.errors import (
+    EntryNotFound,
+    InvalidRequest,
+    NoSpace,
+    StorageError,
+    VolumeNotFound,
+)
+from ivcache.core.model import Outcome, Volume
 from ivcache.core.policy import CachePolicy
 from tests.unit.conftest import World, claim, evictions, lease
 
@@ -118,7 +124,7 @@ def test_reconcile_finds_and_fixes_missing_volumes_dead_claims_and_orphans(
 
     found = {(f.kind, f.volume_id) for f in service.reconcile()}
     assert found == {("missing-volume", lost.volume_id), ("dead-claim", "vol-claim"),
-                     ("orphan-volume", "orphan-1")}
+                     ("orphan-cache-volume", "orphan-1")}
     assert len(service.list_entries()) == 3  # a dry run changes nothing
 
     assert all(f.fixed for f in service.reconcile(fix=True))
@@ -190,3 +196,44 @@ def test_an_admin_deleting_another_hosts_cache_volume_evicts_on_that_host(
     assert world.service(host="node-2").stats().evictions == 1
     assert world.service(host="node-1").stats().evictions == 0
     assert evictions(world) == [("img", "admin")]
+
+
+def test_reconcile_reports_what_dead_processes_left_in_the_storage_and_fixes_it(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    service = world.service()
+    left = [("partial-volume", "/vols/half.raw", 4096), ("index-damage", "/vols/index.json", 7)]
+    asked: list[bool] = []
+
+    def leftovers(*, remove: bool) -> list[tuple[str, str, int]]:
+        asked.append(remove)
+        found = list(left)
+        if remove:
+            left.clear()
+        return found
+
+    monkeypatch.setattr(world.storage(), "leftovers", leftovers)
+
+    assert [(f.kind, f.volume_id, f.path, f.size, f.fixed) for f in service.reconcile()] == [
+        ("partial-volume", "", "/vols/half.raw", 4096, False),
+        ("index-damage", "", "/vols/index.json", 7, False)]
+    assert [f.fixed for f in service.reconcile(fix=True)] == [True, True]
+    assert service.reconcile(fix=True) == []
+    assert asked == [False, True, True]
+
+
+def test_reconcile_with_an_unreadable_storage_index_reports_the_damage_alone(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    service = world.service()
+    damage = [("index-damage", "/vols/index.json", 7)]
+    monkeypatch.setattr(world.storage(), "leftovers", lambda *, remove: damage)
+
+    def unreadable(owner: str | None = None) -> list[Volume]:
+        raise StorageError("index /vols/index.json is corrupt")
+
+    monkeypatch.setattr(world.storage(), "list_volumes", unreadable)
+
+    assert [(f.kind, f.path) for f in service.reconcile()] == [
+        ("index-damage", "/vols/index.json")]
+    damage.clear()
+    with pytest.raises(StorageError, match="corrupt"):
+        service.reconcile()
