@@ -4,6 +4,8 @@ refused at once, until ``cache evict --image`` forgets it."""
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 from tests.e2e.conftest import Cli
@@ -57,3 +59,23 @@ def test_with_negative_cache_seconds_0_each_create_tries_again(
         run = cli.fails("volume", "create", "--image", image["id"], "--size", "1", env=env)
         assert "remembered" not in run.err
     assert os.path.exists(_stored(cli, image["id"]))
+
+
+def test_a_qcow2_swapped_for_one_with_a_backing_file_is_read_once_then_remembered(
+        cli: Cli, tmp_path: Path) -> None:
+    good, bad = tmp_path / "good.qcow2", tmp_path / "bad.qcow2"
+    (tmp_path / "base.raw").write_bytes(b"\0" * (1 << 20))
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(good), "64M"], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b",
+                    str(tmp_path / "base.raw"), "-F", "raw", str(bad), "64M"], check=True)
+    image = cli.ok("image", "add", str(good), "--disk-format", "qcow2", "--json").json()
+    # Its stored data swapped for a qcow2 naming a backing file (a host file it could read).
+    shutil.copyfile(bad, _stored(cli, image["id"]))
+    create = ("volume", "create", "--image", image["id"], "--size", "1")
+    # A qcow2 is read whole into scratch space first, so its hash is what refuses it.
+    first = cli.fails(*create)
+    assert "the image is corrupt" in first.err and "remembered" not in first.err
+    _stored(cli, image["id"]).unlink()
+    second = cli.fails(*create)
+    assert second.err.startswith(first.err.rstrip()) and "remembered for" in second.err
+    assert cli.ok("cache", "--admin", "stats", "--json").json()["downloads"] == 0
