@@ -16,6 +16,7 @@ from ivcache.core.errors import AlreadyClaimed, ImageNotFound, InvalidRequest, I
 from ivcache.core.events import Event
 from ivcache.core.model import (
     GIB,
+    BadImage,
     CacheEntry,
     EntryState,
     Image,
@@ -53,11 +54,17 @@ class InMemoryRepository:
         self._writes: dict[str, VolumeWrite] = {}
         #: clones' leases, by lease id
         self._leases: dict[str, Lease] = {}
+        #: the negative cache, by (scope, image id)
+        self._bad: dict[tuple[str, str], BadImage] = {}
 
     def lock_scope(self, scope: str) -> ScopeTotals:
         # Like the SQL one, locking a scope makes its totals row exist.
         self._totals.setdefault(scope, ScopeTotals(scope))
         return self._totals[scope]
+
+    def lock_quota(self) -> None:
+        # The fake's units of work already run one at a time.
+        pass
 
     def totals(self, scope: str) -> ScopeTotals:
         return self._totals.get(scope, ScopeTotals(scope))
@@ -208,6 +215,20 @@ class InMemoryRepository:
     def writes(self) -> builtins.list[VolumeWrite]:
         return sorted(self._writes.values(), key=lambda w: w.volume_id)
 
+    def mark_bad(self, scope: str, image_id: str, bad: BadImage, now: dt.datetime) -> None:
+        self._bad = {k: v for k, v in self._bad.items() if v.until > now}
+        self._bad[scope, image_id] = bad
+
+    def bad(self, scope: str, image_id: str, content: str,
+            now: dt.datetime) -> BadImage | None:
+        found = self._bad.get((scope, image_id))
+        if found is None or found.content != content or found.until <= now:
+            return None
+        return found
+
+    def forget_bad(self, scope: str, image_id: str) -> bool:
+        return self._bad.pop((scope, image_id), None) is not None
+
     def lru_victims(self, scope: str, now: dt.datetime) -> Iterator[CacheEntry]:
         # A cluster's scope holds entries of several hosts: LRU order ignores the host.
         for e in sorted(self.list(scope=scope), key=lambda e: (e.last_used, e.id)):
@@ -234,7 +255,7 @@ class InMemoryOutbox:
 
 
 _Snapshot = tuple[dict[str, CacheEntry], dict[str, ScopeTotals], dict[str, VolumeWrite],
-                  dict[str, Lease], int]
+                  dict[str, Lease], int, dict[tuple[str, str], BadImage]]
 
 
 class InMemoryUnitOfWork:
@@ -272,6 +293,7 @@ class InMemoryUnitOfWork:
                 self.entries._writes = dict(self._snapshot[2])
                 self.entries._leases = dict(self._snapshot[3])
                 del self.outbox.events[self._snapshot[4]:]
+                self.entries._bad = dict(self._snapshot[5])
         finally:
             self._snapshot = None
             self._holder = None
@@ -285,7 +307,7 @@ class InMemoryUnitOfWork:
     def _copy(self) -> _Snapshot:
         return ({k: copy.copy(v) for k, v in self.entries._entries.items()},
                 dict(self.entries._totals), dict(self.entries._writes),
-                dict(self.entries._leases), len(self.outbox.events))
+                dict(self.entries._leases), len(self.outbox.events), dict(self.entries._bad))
 
 
 class InMemoryImageSource:

@@ -18,6 +18,7 @@ __all__ = [
     "DEFAULT_BACKEND",
     "GIB",
     "MAX_VOLUME_GB",
+    "BadImage",
     "CacheEntry",
     "CreateResult",
     "EntryState",
@@ -288,6 +289,19 @@ class VolumeWrite:
 
     volume_id: str
     owner: str
+    until: dt.datetime
+
+
+@attrs.frozen
+class BadImage:
+    """A finding that an image's data failed verification (the negative cache): ``kind``
+    names the error (``ChecksumMismatch``...), ``reason`` is its message, ``content`` the
+    image content it is about (its hash, else its ``updated_at``), ``until`` when it is
+    forgotten."""
+
+    content: str
+    kind: str
+    reason: str
     until: dt.datetime
 
 

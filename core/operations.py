@@ -108,7 +108,8 @@ class OperatorCommands(ServiceBase):
 
     def evict(self, *, image_id: str | None = None, entry_id: str | None = None,
               everything: bool = False) -> list[CacheEntry]:
-        """Evict by image, by entry or all of this scope's entries (reason ``admin``)."""
+        """Evict by image, by entry or all of this scope's entries (reason ``admin``). By
+        image, the image's negative-cache finding in this scope is forgotten too."""
         if sum((image_id is not None, entry_id is not None, everything)) != 1:
             raise InvalidRequest("say exactly one of: an image, an entry, or all")
         key = self.scope.key
@@ -118,7 +119,14 @@ class OperatorCommands(ServiceBase):
                 raise EntryNotFound(entry_id)
             targets = [entry]
         elif image_id is not None:
+            # The negative cache's finding goes too: the operator fixed the image, or wants
+            # it tried again now.
+            with self.uow as uow:
+                forgot = uow.entries.forget_bad(key, image_id)
+                uow.commit()
             found = self._find(key, image_id)
+            if found is None and forgot:
+                return []
             if found is None:
                 raise EntryNotFound(f"for image {image_id} in {key}")
             targets = [found]

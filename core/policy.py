@@ -42,7 +42,8 @@ class CachePolicy:
     leases and writes are still alive; one whose owner is provably gone is taken over at
     once, one not heard of for three beats (an owner on another machine) too.
     ``eviction_policy`` (one of ``EVICTION_POLICIES``) says which entries give way
-    first.
+    first. An image whose data failed verification is refused at once for
+    ``negative_cache_seconds`` (0: never remembered).
     """
 
     enabled: bool = True
@@ -51,6 +52,7 @@ class CachePolicy:
     claim_wait_seconds: float = 600.0
     claim_heartbeat_seconds: float = 5.0
     eviction_policy: str = "lru"
+    negative_cache_seconds: float = 300.0
 
     def __attrs_post_init__(self) -> None:
         for name in ("max_size_gb", "max_count"):
@@ -58,6 +60,8 @@ class CachePolicy:
                 raise ValueError(f"{name} must be 0 (unlimited) or positive")
         if not 0 < self.claim_heartbeat_seconds < 1e9:
             raise ValueError("claim_heartbeat_seconds must be a positive number of seconds")
+        if not 0 <= self.negative_cache_seconds < 1e9:
+            raise ValueError("negative_cache_seconds must be 0 (off) or a number of seconds")
         if self.eviction_policy not in EVICTION_POLICIES:
             raise ValueError(f"eviction_policy {self.eviction_policy!r} is not one of "
                              f"{', '.join(EVICTION_POLICIES)}")

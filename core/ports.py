@@ -11,6 +11,7 @@ from typing import Protocol, runtime_checkable
 
 from ivcache.core.events import Event
 from ivcache.core.model import (
+    BadImage,
     CacheEntry,
     Image,
     Lease,
@@ -256,6 +257,13 @@ class CacheRepository(Protocol):
 
     def lock_scope(self, scope: str) -> ScopeTotals: ...
 
+    def lock_quota(self) -> None:
+        """Take the one quota lock, for the rest of the transaction: the internal tenant's
+        quota spans every scope, so claims on different hosts check it one at a time. It is
+        always taken after the transaction's scope rows (the fixed order that keeps two
+        transactions from waiting on each other)."""
+        ...
+
     def totals(self, scope: str) -> ScopeTotals: ...
 
     def all_totals(self) -> list[ScopeTotals]: ...
@@ -350,6 +358,21 @@ class CacheRepository(Protocol):
 
     def writes(self) -> builtins.list[VolumeWrite]:
         """Every volume being written (the marks not ended: their owners may be dead)."""
+        ...
+
+    def mark_bad(self, scope: str, image_id: str, bad: BadImage, now: dt.datetime) -> None:
+        """Remember that the image's data was found bad in ``scope`` (replacing any earlier
+        finding for it there); findings expired by ``now`` are dropped on the way."""
+        ...
+
+    def bad(self, scope: str, image_id: str, content: str,
+            now: dt.datetime) -> BadImage | None:
+        """The finding on the image in ``scope``, if it is about this ``content`` and has
+        not expired by ``now`` (one primary-key read)."""
+        ...
+
+    def forget_bad(self, scope: str, image_id: str) -> bool:
+        """Drop the finding on the image in ``scope``; False if there was none."""
         ...
 
     def lru_victims(self, scope: str, now: dt.datetime) -> Iterator[CacheEntry]:

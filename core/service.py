@@ -22,12 +22,16 @@ from ivcache.core.base import Filled, Neighbour, NullTracer, SystemClock, anythi
 from ivcache.core.errors import (
     AlreadyClaimed,
     ChecksumMismatch,
+    CorruptImage,
+    ImageFormatMismatch,
     ImageNotActive,
     ImageNotFound,
     ImageUnavailable,
     InvalidSize,
     IvcacheError,
     NoSpace,
+    UnsafeImage,
+    UnsupportedImage,
     VolumeNotFound,
 )
 from ivcache.core.events import (
@@ -41,6 +45,7 @@ from ivcache.core.events import (
 from ivcache.core.model import (
     GIB,
     MAX_VOLUME_GB,
+    BadImage,
     CacheEntry,
     CreateResult,
     EntryState,
@@ -303,6 +308,8 @@ class CacheService(OperatorCommands, VolumeUploads):
         None if the image cannot be cached now. ``AlreadyClaimed`` if another worker won.
         ``size_gb`` is the size the caller asked for, if any (checked against the disk's
         virtual size as soon as the image's header tells it)."""
+        # Before the claim: a known bad image makes no room and holds no claim.
+        self._refuse_if_bad(image)
         for _ in range(2):
             # Without a size asked (warm), nothing else stops a disk no volume can hold.
             _no_larger_than_any_volume(image, image.min_size_gb)
@@ -334,9 +341,14 @@ class CacheService(OperatorCommands, VolumeUploads):
             victims = self._victims_for(repo, totals, now, size)
             # The quota is checked before anything is evicted: evicting for a new entry
             # that the quota then refuses would lose the old entries for nothing.
-            if victims is None or not self.tenant.quota_allows(repo.all_totals(), size,
-                                                               victims):
+            if victims is None:
                 return None
+            if self.tenant.quota_gb or self.tenant.quota_volumes:
+                # After the scope's row, as always: other hosts' claims add to the same
+                # quota, and without this one lock two of them could both fit it.
+                repo.lock_quota()
+                if not self.tenant.quota_allows(repo.all_totals(), size, victims):
+                    return None
             self._make_room(repo, totals, victims)
             entry = CacheEntry(
                 id=new_id(), host=scope.host, image_id=image.id, volume_id=new_id(),
@@ -385,7 +397,7 @@ class CacheService(OperatorCommands, VolumeUploads):
             neighbour = self._fill_from_neighbour(image, entry)
             created = neighbour is not None
             if neighbour is None:
-                with self._open(ctx, image) as disk:
+                with self._remembering(image), self._open(ctx, image) as disk:
                     self._check_fits(image, disk, asked_gb=size_gb,
                                      reserved_gb=entry.size_gb)
                     self.storage.create_volume(entry.volume_id, entry.size_gb,
@@ -481,7 +493,9 @@ class CacheService(OperatorCommands, VolumeUploads):
                   size_gb: int, *, miss: bool = False) -> Volume:
         """Download straight into the caller's new volume (cache disabled, or no room);
         with ``miss``, count the miss and keep its event in the download's transaction."""
-        with self._open(ctx, image) as disk, self._writing(vol_id):
+        self._refuse_if_bad(image)
+        with self._remembering(image), self._open(ctx, image) as disk, \
+                self._writing(vol_id):
             self._check_fits(image, disk, asked_gb=size_gb, reserved_gb=size_gb)
             volume = self.storage.create_volume(vol_id, size_gb, ctx.project_id)
             try:
@@ -500,6 +514,37 @@ class CacheService(OperatorCommands, VolumeUploads):
         self.notifier.publish(ImageDownloaded(image.id, self.host, nbytes, seconds,
                                               scope=self.scope.key))
         return volume
+
+    # ------------------------------------------------------------------ the negative cache
+    #
+    # Keyed on the image's content and the scope, never on the caller: the caller was
+    # authorized before any of this, and an authorization failure is never remembered.
+
+    def _refuse_if_bad(self, image: Image) -> None:
+        """Raise the remembered error if this content of the image was found bad here."""
+        if not self.policy.negative_cache_seconds:
+            return
+        now = self.clock.now()
+        bad = self._read(lambda repo: repo.bad(self.scope.key, image.id,
+                                               _content_key(image), now))
+        if bad is not None:
+            raise _remembered(image.id, bad, (bad.until - now).total_seconds())
+
+    @contextlib.contextmanager
+    def _remembering(self, image: Image) -> Iterator[None]:
+        """Remember the image as bad if its data fails verification in the block."""
+        try:
+            yield
+        except _BAD_DATA as exc:
+            seconds = self.policy.negative_cache_seconds
+            if seconds:
+                now = self.clock.now()
+                bad = BadImage(_content_key(image), _kind(exc), str(exc),
+                               now + dt.timedelta(seconds=seconds))
+                with self.uow as uow:
+                    uow.entries.mark_bad(self.scope.key, image.id, bad, now)
+                    uow.commit()
+            raise
 
     # ------------------------------------------------------------------ the image's bytes
     #
@@ -558,10 +603,53 @@ class CacheService(OperatorCommands, VolumeUploads):
                          scope=self.scope.key)
 
 
+class _NoVolumeHoldsIt(InvalidSize):
+    """The image's header gives a disk larger than any volume: a property of its data (the
+    negative cache remembers it), unlike a size the caller asked that is too small."""
+
+
+#: The errors that are properties of an image's data, remembered for
+#: ``negative_cache_seconds``. Not ``ImageUnavailable`` (unreachable, cut short: the network),
+#: ``ConversionFailed`` or ``NoScratchSpace`` (this machine's limits): those may pass.
+_BAD_DATA: tuple[type[IvcacheError], ...] = (
+    ChecksumMismatch, UnsafeImage, UnsupportedImage, ImageFormatMismatch, CorruptImage,
+    _NoVolumeHoldsIt)
+_KINDS: dict[str, type[IvcacheError]] = {
+    cls.__name__: cls for cls in (ChecksumMismatch, UnsafeImage, UnsupportedImage,
+                                  ImageFormatMismatch, CorruptImage, InvalidSize)}
+
+
+def _content_key(image: Image) -> str:
+    """What the negative cache's findings are about: the image's hash, else its updated_at
+    (a re-upload changes either, and the image is tried again)."""
+    if image.content_hash:
+        return image.content_hash
+    return image.updated_at.isoformat() if image.updated_at else ""
+
+
+def _kind(exc: IvcacheError) -> str:
+    return "InvalidSize" if isinstance(exc, InvalidSize) else type(exc).__name__
+
+
+def _remembered(image_id: str, bad: BadImage, seconds_left: float) -> IvcacheError:
+    """The remembered finding as an error of its kind (the CLI's exit and message the same
+    as the first time)."""
+    cls = _KINDS.get(bad.kind, CorruptImage)
+    error = cls.__new__(cls)
+    # Not cls.__init__: ChecksumMismatch's wants the hashes, which were not kept.
+    IvcacheError.__init__(error, f"{bad.reason} (remembered for {math.ceil(seconds_left)} s "
+                                 f"more; `ivcache cache evict --image {image_id}` forgets it)")
+    if isinstance(error, ChecksumMismatch):
+        error.image_id = image_id
+    return error
+
+
 def _no_larger_than_any_volume(image: Image, needed_gb: int, why: str = "") -> None:
     if needed_gb > MAX_VOLUME_GB:
+        # From the header (``why``): the data's property; from the metadata: the request's.
+        error = _NoVolumeHoldsIt if why else InvalidSize
         why = why or f"it needs {needed_gb} GiB"
-        raise InvalidSize(f"image {image.id}: {why}, larger than any volume can be (at most "
+        raise error(f"image {image.id}: {why}, larger than any volume can be (at most "
                           f"{MAX_VOLUME_GB} GiB): it cannot be cached or copied into a volume")
 
 

@@ -236,6 +236,12 @@ OPTIONS: tuple[Option, ...] = (
            "are alive. One whose process died on this machine is taken over at once; one "
            "not heard of for three beats (its machine died) too. A slow but live download "
            "is never taken over.", minimum=0.01),
+    Option(_I, "negative_cache_seconds", float, 300.0,
+           "How long an image whose data failed verification (its checksum, a format "
+           "safety check, a disk no volume can hold) is refused at once, per image content "
+           "and scope, instead of being downloaded again (0: never remembered). A network "
+           "failure or an authorization failure is never remembered; `ivcache cache evict "
+           "--image ID` forgets the image's finding."),
     Option(_I, "claim_lease_seconds", float, 0.0,
            "Deprecated (claims now live by their heartbeat): when set and "
            "`claim_heartbeat_seconds` is not, a third of it is the heartbeat, so a dead "
@@ -607,6 +613,7 @@ class _Reader:
             eviction_policy=cache["image_volume_cache_eviction_policy"],
             claim_wait_seconds=ivc["claim_wait_seconds"],
             claim_heartbeat_seconds=self.heartbeat_seconds(ivc),
+            negative_cache_seconds=ivc["negative_cache_seconds"],
         )
         return BackendConfig(name=name, policy=policy, **storage,
                              image_upload_use_internal_tenant=cache[

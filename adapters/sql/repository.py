@@ -35,10 +35,17 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
 from ivcache.adapters.sql.outbox import SqlOutbox
-from ivcache.adapters.sql.tables import cache_entries, cache_leases, scope_totals, volume_writes
+from ivcache.adapters.sql.tables import (
+    bad_images,
+    cache_entries,
+    cache_leases,
+    scope_totals,
+    volume_writes,
+)
 from ivcache.core.errors import AlreadyClaimed
 from ivcache.core.events import Event
 from ivcache.core.model import (
+    BadImage,
     CacheEntry,
     EntryState,
     Lease,
@@ -59,6 +66,7 @@ _T = scope_totals.c
 _E = cache_entries.c
 _L = cache_leases.c
 _W = volume_writes.c
+_B = bad_images.c
 
 # An entry is read with ``lease_until``, the last of its leases' ``until`` (an index probe of
 # (entry_id, until) per entry).
@@ -69,6 +77,8 @@ _ENTRY = (*cache_entries.c, _LEASE_UNTIL)
 # The statements of the hit path, built once: building a statement costs more Python than
 # running it on SQLite, and a prebuilt one keeps its cache key (SQLAlchemy memoizes it), so
 # each run only binds its parameters.
+#: the key of the totals row whose lock is the quota's (see ``lock_quota``)
+_QUOTA_LOCK = "*quota*"
 _LOCK_TOTALS = select(scope_totals).where(_T.scope == bindparam("scope")).with_for_update()
 # PostgreSQL: make the row if missing and lock it, in one statement (an upsert locks the row
 # it updates, as FOR UPDATE would), so a scope's first transactions racing to make the row
@@ -145,12 +155,19 @@ class SqlCacheRepository:
         self._locked.add(scope)
         return _totals_from_row(row)
 
+    def lock_quota(self) -> None:
+        """PostgreSQL: the lock of a reserved totals row (``_QUOTA_LOCK``, never a scope's
+        key: those hold an ``@``). SQLite: the database's write lock, held from BEGIN."""
+        if self._conn.dialect.name == "postgresql":
+            self._conn.execute(_LOCK_TOTALS_PG, {"b_scope": _QUOTA_LOCK}).one()
+
     def totals(self, scope: str) -> ScopeTotals:
         row = self._conn.execute(select(scope_totals).where(_T.scope == scope)).one_or_none()
         return _totals_from_row(row) if row is not None else ScopeTotals(scope)
 
     def all_totals(self) -> list[ScopeTotals]:
-        rows = self._conn.execute(select(scope_totals).order_by(_T.scope))
+        rows = self._conn.execute(
+            select(scope_totals).where(_T.scope != _QUOTA_LOCK).order_by(_T.scope))
         return [_totals_from_row(r) for r in rows]
 
     def count_stats(self, scope: str, *, hits: int = 0, misses: int = 0, evictions: int = 0,
@@ -326,6 +343,26 @@ class SqlCacheRepository:
                                   .order_by(_W.volume_id))
         # Marks of older versions name no owner: their time alone tells.
         return [VolumeWrite(r.volume_id, r.owner or "", r.expires_at) for r in rows]
+
+    def mark_bad(self, scope: str, image_id: str, bad: BadImage, now: dt.datetime) -> None:
+        # Expired findings go here, by the index on until: rare writes, no sweeper needed.
+        self._conn.execute(delete(bad_images).where(
+            or_(_B.until <= now, and_(_B.scope == scope, _B.image_id == image_id))))
+        self._conn.execute(insert(bad_images).values(
+            scope=scope, image_id=image_id, content=bad.content, kind=bad.kind,
+            reason=bad.reason, until=bad.until))
+
+    def bad(self, scope: str, image_id: str, content: str,
+            now: dt.datetime) -> BadImage | None:
+        row = self._conn.execute(select(_B.content, _B.kind, _B.reason, _B.until).where(
+            _B.scope == scope, _B.image_id == image_id, _B.content == content,
+            _B.until > now)).one_or_none()
+        return None if row is None else BadImage(row.content, row.kind, row.reason, row.until)
+
+    def forget_bad(self, scope: str, image_id: str) -> bool:
+        gone = self._conn.execute(delete(bad_images).where(
+            _B.scope == scope, _B.image_id == image_id))
+        return bool(gone.rowcount)
 
     def lru_victims(self, scope: str, now: dt.datetime) -> Iterator[CacheEntry]:
         """READY, unpinned, unleased entries of ``scope``, least recently used first, along

@@ -32,6 +32,7 @@ __all__ = [
     "NAMING_CONVENTION",
     "SCOPE_LENGTH",
     "UTCDateTime",
+    "bad_images",
     "cache_entries",
     "cache_leases",
     "event_outbox",
@@ -183,4 +184,20 @@ volume_writes = Table(
     Column("host", String(255), nullable=False),
     Column("expires_at", UTCDateTime, nullable=False),
     Column("owner", String(255), nullable=True),
+)
+
+#: Images whose data failed verification (a checksum, a format safety check, a disk no volume
+#: can hold), per scope (0008): refused at once until ``until``, while the image's content
+#: (``content``: its hash, else its ``updated_at``) is the one found bad. One row per image
+#: and scope; a new finding replaces it.
+bad_images = Table(
+    "bad_images",
+    metadata,
+    Column("scope", String(SCOPE_LENGTH), primary_key=True),
+    Column("image_id", String(255), primary_key=True),
+    Column("content", String(255), nullable=False),
+    Column("kind", String(64), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("until", UTCDateTime, nullable=False),
+    Index("ix_bad_images_until", "until"),
 )

@@ -9,8 +9,10 @@ the requests really overlap a download (see ``tests/support/flight.py``).
 from __future__ import annotations
 
 import collections
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import attrs
@@ -19,7 +21,9 @@ from sqlalchemy import Engine
 
 from ivcache.adapters.sql import SqlUnitOfWork, make_engine, upgrade
 from ivcache.core.model import CacheEntry, EntryState, ScopeTotals
+from ivcache.core.service import CacheService
 from tests.support.flight import (
+    CTX,
     Result,
     Watcher,
     World,
@@ -245,3 +249,26 @@ def test_with_max_size_4_gb_twelve_concurrent_misses_never_hold_more_than_4_gb(
     with uow:
         entries = uow.entries.list("node-1")
     assert stats.size_gb == sum(e.size_gb for e in entries) <= 4
+
+
+def _claim_after(go: threading.Barrier, service: CacheService, image_id: str) -> str:
+    go.wait()
+    return service.create_volume(CTX, image_id, 1).outcome.value
+
+
+def test_claims_on_four_hosts_racing_for_the_last_volume_of_the_quota_leave_one_winner(
+        world: World, engine: Engine) -> None:
+    hosts = [f"node-{n}" for n in range(1, 5)]
+    for rounds in range(1, 6):
+        # Each round the quota has room for one more cache volume, and four hosts race.
+        world = attrs.evolve(world, quota_volumes=rounds, delay=0.0)
+        images = add_tiny_images(world, [1] * len(hosts), data=4 << 10)
+        services = [world.service(host, engine) for host in hosts]
+        go = threading.Barrier(len(hosts))
+        with ThreadPoolExecutor(len(hosts)) as pool:
+            won = list(pool.map(_claim_after, [go] * len(hosts), services, images))
+        # The others were served without the cache: the quota had no room left.
+        assert sorted(won) == ["miss"] + ["miss-uncached"] * 3
+        uow = SqlUnitOfWork(engine)
+        with uow:
+            assert sum(len(uow.entries.list(h)) for h in hosts) == rounds

@@ -235,3 +235,33 @@ def test_lock_scope_on_one_host_does_not_hold_up_another_host(engine: Engine) ->
         assert done.wait(5), "node-2 waited for node-1's lock"
         first.commit()
     thread.join(5)
+
+
+def test_the_quota_lock_makes_a_claim_on_another_host_wait_and_is_never_a_scopes_totals(
+        engine: Engine) -> None:
+    first, second = SqlUnitOfWork(engine), SqlUnitOfWork(engine)
+    locked = threading.Event()
+    waited: list[float] = []
+
+    def other() -> None:
+        locked.wait(10)
+        started = time.monotonic()
+        with second:
+            second.entries.lock_scope(NODE_2)
+            second.entries.lock_quota()
+            waited.append(time.monotonic() - started)
+            second.commit()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    with first:
+        first.entries.lock_scope(NODE_1)
+        first.entries.lock_quota()
+        locked.set()
+        time.sleep(0.5)  # the other host's claim is now queued on the quota's lock
+        first.entries.add(make_entry("img-1"))
+        first.commit()
+    thread.join(10)
+    assert waited[0] >= 0.4
+    with first:
+        assert [t.scope for t in first.entries.all_totals()] == sorted([NODE_1, NODE_2])

@@ -20,7 +20,14 @@ from ivcache.adapters.memory import InMemoryUnitOfWork
 from ivcache.adapters.sql import SqlUnitOfWork, make_engine, upgrade
 from ivcache.adapters.sql.tables import cache_entries
 from ivcache.core.errors import AlreadyClaimed
-from ivcache.core.model import CacheEntry, EntryState, Lease, ScopeTotals, VolumeWrite
+from ivcache.core.model import (
+    BadImage,
+    CacheEntry,
+    EntryState,
+    Lease,
+    ScopeTotals,
+    VolumeWrite,
+)
 from ivcache.core.ports import UnitOfWork
 from tests.support.scopes import scope_of
 
@@ -734,3 +741,55 @@ def test_a_volume_is_being_written_from_its_mark_until_it_ends(uow: UnitOfWork) 
         uow.entries.end_writing("vol-2")  # not committed: rolled back
     with uow:
         assert uow.entries.writes() == [VolumeWrite("vol-2", "node-2:2.2", at(120))]
+
+
+# -- the negative cache (images whose data failed verification) ---------------------------
+
+def test_a_bad_image_is_remembered_per_scope_and_content_until_it_expires(
+        uow: UnitOfWork) -> None:
+    bad = BadImage("sha512:00ff", "ChecksumMismatch", "image img-1: corrupt", at(300))
+    with uow:
+        uow.entries.mark_bad(NODE_1, "img-1", bad, T0)
+        uow.commit()
+    with uow:
+        assert uow.entries.bad(NODE_1, "img-1", "sha512:00ff", at(299)) == bad
+        assert uow.entries.bad(NODE_1, "img-1", "sha512:00ff", at(300)) is None
+        # Another content of the image, another image, another scope: nothing known.
+        assert uow.entries.bad(NODE_1, "img-1", "sha512:abcd", T0) is None
+        assert uow.entries.bad(NODE_1, "img-2", "sha512:00ff", T0) is None
+        assert uow.entries.bad(NODE_2, "img-1", "sha512:00ff", T0) is None
+
+
+def test_a_new_finding_replaces_the_last_and_forget_bad_drops_it(uow: UnitOfWork) -> None:
+    later = BadImage("sha512:abcd", "UnsafeImage", "image img-1: a backing file", at(600))
+    with uow:
+        uow.entries.mark_bad(NODE_1, "img-1",
+                             BadImage("sha512:00ff", "ChecksumMismatch", "corrupt", at(300)),
+                             T0)
+        uow.entries.mark_bad(NODE_1, "img-1", later, at(10))
+        uow.commit()
+    with uow:
+        assert uow.entries.bad(NODE_1, "img-1", "sha512:00ff", at(20)) is None
+        assert uow.entries.bad(NODE_1, "img-1", "sha512:abcd", at(20)) == later
+        assert uow.entries.forget_bad(NODE_1, "img-1")
+        assert not uow.entries.forget_bad(NODE_1, "img-1")
+        uow.commit()
+    with uow:
+        assert uow.entries.bad(NODE_1, "img-1", "sha512:abcd", at(20)) is None
+
+
+def test_marking_an_image_bad_drops_expired_findings_and_is_rolled_back_uncommitted(
+        uow: UnitOfWork) -> None:
+    with uow:
+        uow.entries.mark_bad(NODE_1, "old", BadImage("c", "CorruptImage", "r", at(10)), T0)
+        uow.commit()
+    with uow:
+        uow.entries.mark_bad(NODE_2, "new", BadImage("c", "CorruptImage", "r", at(100)),
+                             at(50))
+        uow.commit()
+    with uow:
+        # Expired either way; gone from the table too, so forgetting finds nothing.
+        assert not uow.entries.forget_bad(NODE_1, "old")
+        uow.entries.forget_bad(NODE_2, "new")  # not committed: rolled back
+    with uow:
+        assert uow.entries.bad(NODE_2, "new", "c", at(60)) is not None

@@ -33,7 +33,7 @@ from ivcache.adapters.memory import RecordingNotifier
 from ivcache.adapters.processes import LocalProcesses
 from ivcache.adapters.sql import SqlUnitOfWork, make_engine
 from ivcache.adapters.storage.file import FileStorage
-from ivcache.core.model import GIB, Image, RequestContext, Scope
+from ivcache.core.model import GIB, Image, InternalTenant, RequestContext, Scope
 from ivcache.core.policy import CachePolicy
 from ivcache.core.service import CacheService
 
@@ -97,6 +97,8 @@ class World:
     max_size_gb: int = 0
     claim_wait_seconds: float = 60.0
     claim_heartbeat_seconds: float = 20.0
+    #: the internal tenant's quota of cache volumes (0: none)
+    quota_volumes: int = 0
     #: the machine the workers say they run on (None: this one's name)
     node: str | None = None
     #: hosts of one cluster share its scope and one storage directory
@@ -125,6 +127,7 @@ class World:
         return CacheService(scope=self.scope(host), storage=self.storage(host),
                             images=images, uow=SqlUnitOfWork(engine),
                             notifier=RecordingNotifier(), policy=policy,
+                            tenant=InternalTenant(quota_volumes=self.quota_volumes),
                             processes=LocalProcesses(self.node))
 
     def downloads(self) -> list[tuple[int, str]]:
