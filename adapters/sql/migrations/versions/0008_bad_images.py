@@ -2,7 +2,7 @@
 ``negative_cache_seconds``, so that a burst of requests for a broken image downloads it
 once.
 
-Revision ID: 0008_bad_images
+Revision ID: 0008
 Revises: 0007
 Create Date: 2026-12-03
 """
@@ -16,7 +16,7 @@ from alembic import op
 
 __all__ = ["downgrade", "upgrade"]
 
-revision: str = "0008_bad_images"
+revision: str = "0008"
 down_revision: str | Sequence[str] | None = "0007"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
