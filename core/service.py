@@ -610,10 +610,12 @@ class _NoVolumeHoldsIt(InvalidSize):
 
 #: The errors that are properties of an image's data, remembered for
 #: ``negative_cache_seconds``. Not ``ImageUnavailable`` (unreachable, cut short: the network),
-#: ``ConversionFailed`` or ``NoScratchSpace`` (this machine's limits): those may pass.
+#: ``ConversionFailed`` or ``NoScratchSpace`` (this machine's limits): those may pass. Not
+#: ``UnsupportedImage`` either: it is decided by the metadata or the first bytes (no
+#: download to save) and often by the configuration (allow_compression_on_image_upload,
+#: image_conversion_disable), which the operator may change the next minute.
 _BAD_DATA: tuple[type[IvcacheError], ...] = (
-    ChecksumMismatch, UnsafeImage, UnsupportedImage, ImageFormatMismatch, CorruptImage,
-    _NoVolumeHoldsIt)
+    ChecksumMismatch, UnsafeImage, ImageFormatMismatch, CorruptImage, _NoVolumeHoldsIt)
 _KINDS: dict[str, type[IvcacheError]] = {
     cls.__name__: cls for cls in (ChecksumMismatch, UnsafeImage, UnsupportedImage,
                                   ImageFormatMismatch, CorruptImage, InvalidSize)}

@@ -15,6 +15,7 @@ from ivcache.core.errors import (
     ImageUnavailable,
     InvalidSize,
     UnsafeImage,
+    UnsupportedImage,
 )
 from ivcache.core.model import GIB, MAX_VOLUME_GB, Scope
 from ivcache.core.policy import CachePolicy
@@ -187,3 +188,17 @@ def test_evict_by_image_forgets_the_finding(world: World) -> None:
     with pytest.raises(ChecksumMismatch):
         service.create_volume(world.alice, "img", 1)
     assert world.images.downloads == 2
+
+
+def test_a_refusal_the_configuration_decides_is_never_remembered(world: World) -> None:
+    # Without a converter only bare raw images are taken (as a compressed image without
+    # allow_compression_on_image_upload): the operator may change that the next minute, and
+    # the refusal costs no download anyway.
+    world.image("img", disk_format="qcow2")
+    service = world.service()
+    for _ in range(2):
+        with pytest.raises(UnsupportedImage):
+            service.create_volume(world.alice, "img", 1)
+    with world.uow as uow:
+        assert uow.entries.bad(NODE_1, "img", world.images.images["img"].content_hash or "",
+                               world.clock.now()) is None
