@@ -16,7 +16,7 @@ import functools
 import os
 import secrets
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ivcache.adapters.faults import reached
@@ -27,6 +27,7 @@ __all__ = [
     "FileLock",
     "atomic_write",
     "dead_owner",
+    "dead_temp_leftovers",
     "dead_temps",
     "disk_bytes",
     "filesystem_full",
@@ -164,6 +165,19 @@ def dead_temps(directory: Path) -> list[Path]:
     """The temp files in ``directory`` whose owner is dead, by name (``sweep`` removes
     them; this only says which they are)."""
     return [directory / name for name in sorted(os.listdir(directory)) if _dead_temp(name)]
+
+
+def dead_temp_leftovers(places: Iterable[tuple[str, Path]], *,
+                        remove: bool) -> list[tuple[str, str, int]]:
+    """The dead owners' temp files in each (kind, directory) of ``places``, as storage
+    leftovers: (kind, path, bytes on disk); with ``remove``, they are removed."""
+    found: list[tuple[str, str, int]] = []
+    for kind, directory in places:
+        for path in dead_temps(directory):
+            found.append((kind, str(path), disk_bytes(path)))
+            if remove:
+                path.unlink(missing_ok=True)
+    return found
 
 
 def _dead_temp(name: str) -> bool:

@@ -27,7 +27,7 @@ from ivcache.adapters.storage._common import (
 from ivcache.adapters.storage._files import (
     FileLock,
     atomic_write,
-    dead_temps,
+    dead_temp_leftovers,
     disk_bytes,
     sweep,
 )
@@ -245,13 +245,8 @@ class PersistedFake(Generic[V]):
         if state is None:
             return []  # nothing outlives the process
         with self._lock, state.locked():
-            found: list[tuple[str, str, int]] = []
-            for kind, directory in (("index-damage", state.path),
-                                    ("partial-volume", state.blocks_dir)):
-                for path in dead_temps(directory):
-                    found.append((kind, str(path), disk_bytes(path)))
-                    if remove:
-                        path.unlink(missing_ok=True)
+            found = dead_temp_leftovers((("index-damage", state.path),
+                                         ("partial-volume", state.blocks_dir)), remove=remove)
             index = state.path / "index.json"
             try:
                 self._refresh(state)

@@ -62,7 +62,7 @@ from ivcache.adapters.storage._files import (
     TEMP_PREFIX,
     FileLock,
     atomic_write,
-    dead_temps,
+    dead_temp_leftovers,
     disk_bytes,
     filesystem_full,
     fsync_dir,
@@ -388,13 +388,8 @@ class Qcow2Storage:
         (with the volumes and overlays that read them), and an unreadable index is
         rebuilt."""
         with self._lock.held():
-            found: list[tuple[str, str, int]] = []
-            for kind, directory in (("index-damage", self.root),
-                                    ("partial-volume", self.files_dir)):
-                for path in dead_temps(directory):
-                    found.append((kind, str(path), disk_bytes(path)))
-                    if remove:
-                        path.unlink(missing_ok=True)
+            found = dead_temp_leftovers((("index-damage", self.root),
+                                         ("partial-volume", self.files_dir)), remove=remove)
             index = self.root / "index.json"
             try:
                 state = self._load()
