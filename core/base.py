@@ -338,9 +338,7 @@ class ServiceBase:
         stopped (three beats without one)."""
         if entry.state is not EntryState.CREATING:
             return False
-        if entry.claim_expires is not None and entry.claim_expires <= now:
-            return True
-        return self._gone(entry.claim_owner)
+        return entry.claim_expired(now) or self._gone(entry.claim_owner)
 
     def _writes(self) -> dict[str, VolumeWrite]:
         """The volumes being written, by id (their writers may be dead: half-written)."""
