@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import builtins
 import datetime as dt
+import functools
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
@@ -31,7 +32,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import IntegrityError
 
 from ivcache.adapters.sql.outbox import SqlOutbox
@@ -80,13 +81,22 @@ _ENTRY = (*cache_entries.c, _LEASE_UNTIL)
 #: the key of the totals row whose lock is the quota's (see ``lock_quota``)
 _QUOTA_LOCK = "*quota*"
 _LOCK_TOTALS = select(scope_totals).where(_T.scope == bindparam("scope")).with_for_update()
-# PostgreSQL: make the row if missing and lock it, in one statement (an upsert locks the row
-# it updates, as FOR UPDATE would), so a scope's first transactions racing to make the row
-# need no second try either.
-_pg_upsert = postgresql.insert(scope_totals).values(scope=bindparam("b_scope"))
-_LOCK_TOTALS_PG = _pg_upsert.on_conflict_do_update(
-    index_elements=[_T.scope], set_={"scope": _pg_upsert.excluded.scope},
-).returning(*scope_totals.c)
+
+
+@functools.cache
+def _lock_totals_pg() -> Insert:
+    """PostgreSQL: make the row if missing and lock it, in one statement (an upsert locks
+    the row it updates, as FOR UPDATE would), so a scope's first transactions racing to make
+    the row need no second try either. Built on first use: importing SQLAlchemy's PostgreSQL
+    dialect costs every SQLite command a tenth of a second at start."""
+    from sqlalchemy.dialects import postgresql
+
+    upsert = postgresql.insert(scope_totals).values(scope=bindparam("b_scope"))
+    return upsert.on_conflict_do_update(
+        index_elements=[_T.scope], set_={"scope": upsert.excluded.scope},
+    ).returning(*scope_totals.c)
+
+
 _FIND = select(*_ENTRY).where(_E.scope == bindparam("scope"),
                               _E.image_id == bindparam("image_id"))
 _GET = select(*_ENTRY).where(_E.id == bindparam("entry_id"))
@@ -143,7 +153,7 @@ class SqlCacheRepository:
         """
         row: Row[Any] | None
         if self._conn.dialect.name == "postgresql":
-            row = self._conn.execute(_LOCK_TOTALS_PG, {"b_scope": scope}).one()
+            row = self._conn.execute(_lock_totals_pg(), {"b_scope": scope}).one()
         else:
             # SQLite's write lock is held from BEGIN: nobody can insert the row between the
             # read and the insert, and only a scope's first transaction pays the insert.
@@ -159,7 +169,7 @@ class SqlCacheRepository:
         """PostgreSQL: the lock of a reserved totals row (``_QUOTA_LOCK``, never a scope's
         key: those hold an ``@``). SQLite: the database's write lock, held from BEGIN."""
         if self._conn.dialect.name == "postgresql":
-            self._conn.execute(_LOCK_TOTALS_PG, {"b_scope": _QUOTA_LOCK}).one()
+            self._conn.execute(_lock_totals_pg(), {"b_scope": _QUOTA_LOCK}).one()
 
     def totals(self, scope: str) -> ScopeTotals:
         row = self._conn.execute(select(scope_totals).where(_T.scope == scope)).one_or_none()
@@ -534,6 +544,8 @@ def _insert_or_ignore(conn: Connection, table: Table, values: Mapping[str, Any])
     """``INSERT ... ON CONFLICT DO NOTHING`` in the connection's dialect."""
     name = conn.dialect.name
     if name == "postgresql":
+        from sqlalchemy.dialects import postgresql
+
         return postgresql.insert(table).values(values).on_conflict_do_nothing()
     if name == "sqlite":
         return sqlite.insert(table).values(values).on_conflict_do_nothing()

@@ -32,7 +32,7 @@ from ivcache.adapters.sql import (
     make_engine,
     upgrade,
 )
-from ivcache.adapters.sql.engine import _alembic_config
+from ivcache.adapters.sql.engine import HEAD_REVISION, _alembic_config
 from ivcache.adapters.sql.repository import LRU_BATCH
 from ivcache.adapters.sql.tables import cache_entries, metadata
 from ivcache.core.errors import AlreadyClaimed, ConfigError
@@ -121,12 +121,34 @@ def test_the_sql_classes_fit_the_ports(uow: SqlUnitOfWork) -> None:
 
 # -- schema and migrations ---------------------------------------------------------------------
 
+def test_an_up_to_date_database_is_told_without_alembic_and_an_older_one_is_migrated(
+        url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    upgrade(url, "0007")
+    calls: list[str] = []
+    real = command.upgrade
+
+    def counted(config: Any, revision: str) -> None:
+        calls.append(revision)
+        real(config, revision)
+
+    monkeypatch.setattr(command, "upgrade", counted)
+    upgrade(url)  # 0007 -> head: alembic's path
+    assert calls == ["head"]
+    upgrade(url)  # up to date: one SELECT, no alembic
+    assert calls == ["head"]
+    engine = make_engine(url)
+    try:
+        assert current_revision(engine) == HEAD_REVISION
+    finally:
+        engine.dispose()
+
+
 def test_upgrading_a_new_database_twice_leaves_it_at_the_newest_revision(url: str) -> None:
     upgrade(url)
     upgrade(url)
     engine = make_engine(url)
     try:
-        assert current_revision(engine) == head_revision() == "0008"
+        assert current_revision(engine) == head_revision() == HEAD_REVISION == "0008"
         assert set(inspect(engine).get_table_names()) == {
             "alembic_version", "bad_images", "cache_entries", "cache_leases", "event_outbox",
             "scope_totals", "volume_writes"}
