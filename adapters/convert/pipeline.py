@@ -36,9 +36,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Protocol, runtime_checkable
-
-from oslo_utils.imageutils import format_inspector as fi
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from ivcache.adapters.convert.export import VolumeExport
 from ivcache.adapters.convert.formats import (
@@ -62,6 +60,9 @@ from ivcache.core.errors import (
 )
 from ivcache.core.model import GIB, Image
 from ivcache.core.ports import ImageData, StorageBackend, VolumeData
+
+if TYPE_CHECKING:
+    from oslo_utils.imageutils import format_inspector as fi
 
 __all__ = ["HEAD_LIMIT", "ImagePipeline", "QemuTarget", "RawFileTarget"]
 
