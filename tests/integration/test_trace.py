@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from bench.trace import Request, main, read_log, replay, working_set_gb, zipf_trace
+from bench.trace import (
+    Request,
+    fixed_set_gb,
+    main,
+    read_log,
+    replay,
+    working_set_gb,
+    zipf_trace,
+)
 
 
 def test_the_seeded_trace_is_pinned() -> None:
@@ -70,10 +78,24 @@ def test_the_script_replays_a_log_under_both_policies_or_one(
     log.write_text("a 2\na 2\na 2\nb 3\nc 3\na 2\n", encoding="utf-8")
     assert main(["--log", str(log), "--cache-fraction", str(5 / 8)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in lines] == ["lru", "gdsf"]
+    assert [line.split()[0] for line in lines] == ["lru", "gdsf", "fixed"]
     assert "gb_downloaded 10 " in lines[0] and "gb_downloaded 8 " in lines[1]
     assert main(["--log", str(log), "--policy", "gdsf"]) == 0
     assert capsys.readouterr().out.startswith("gdsf ")
     log.write_text("a two\n", encoding="utf-8")
     assert main(["--log", str(log)]) == 1
     assert "line 1: 'a two'" in capsys.readouterr().err
+
+
+def test_the_fixed_set_yardstick_keeps_the_most_requested_images_that_fit() -> None:
+    # 5 GiB of cache: a (3 requests) then b (2; 3 GiB) fit; c (2 requests too, but 4 GiB)
+    # does not, and d (1 request) is downloaded once either way.
+    trace = [Request("a", 2)] * 3 + [Request("b", 3)] * 2 + [Request("c", 4)] * 2 + [
+        Request("d", 1)]
+    assert working_set_gb(trace) == 10
+    assert fixed_set_gb(trace, cache_fraction=0.5) == 2 + 3 + 4 * 2 + 1
+    # Room for all: each image once, the working set.
+    assert fixed_set_gb(trace, cache_fraction=1.0) == 10
+    # A yardstick, not a bound: each image's requests come in one burst here, and lru,
+    # which follows recency, downloads each image once (10), better than any fixed set.
+    assert replay(trace, cache_fraction=0.5, policy="lru").gb_downloaded == 10
