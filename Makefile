@@ -59,21 +59,25 @@ imports: install
 bare-imports:
 	python3 tools/check_bare_imports.py
 
-# Two lanes at once: the real-part suites (tests/integration: PostgreSQL, glance-api, Ceph,
-# RabbitMQ, Keystone, qemu-img) followed by the wheel test, and unit + e2e. Much of each is
-# waiting for servers, disks and CLI processes, so on two cores they overlap well; every
-# fixture takes its own temporary directory and free ports, so they cannot meet (the wheel
-# is built in build/lib and .build, never in build/__editable__.*, which the other lane's
-# editable install reads). Each lane's output is printed as a whole when it ends.
+# Two lanes at once, about equal in length: the real-part suites (tests/integration:
+# PostgreSQL, glance-api, Ceph, RabbitMQ, Keystone, qemu-img, with the e2e files that drive
+# the CLI against Glance, Keystone and RabbitMQ, so they share that lane's servers)
+# followed by the wheel test; and unit + the rest of e2e. Much of each is waiting for
+# servers, disks and CLI processes, so on two cores they overlap well; every fixture takes
+# its own temporary directory and free ports, so they cannot meet (the wheel is built in
+# build/lib and .build, never in build/__editable__.*, which the other lane's editable
+# install reads). Each lane's output is printed as a whole when it ends.
+E2E_WITH_SERVERS = tests/e2e/test_cli_glance.py tests/e2e/test_cli_keystone.py \
+	tests/e2e/test_cli_messaging.py
 test: install lint
 	$(MAKE) --no-print-directory -j2 --output-sync=target test-integration test-rest
 
 test-integration: install
-	$(PYTEST) -p no:cacheprovider tests/integration
+	$(PYTEST) -p no:cacheprovider tests/integration $(E2E_WITH_SERVERS)
 	$(MAKE) --no-print-directory wheel-test
 
 test-rest: install
-	$(PYTEST) -p no:cacheprovider tests/unit tests/e2e
+	$(PYTEST) -p no:cacheprovider tests/unit tests/e2e $(addprefix --ignore=,$(E2E_WITH_SERVERS))
 
 unit: install
 	$(PYTEST) tests/unit
