@@ -486,7 +486,7 @@ def _image_formats_on(root: Path, work: Path, suffix: str, name: str) -> Figures
             while chunk := f.read(MIB):
                 digest.update(chunk)
 
-    # Each run measures all four one after the other, so a busy machine slows them alike.
+    # Each run measures all five one after the other, so a busy machine slows them alike.
     times: dict[str, list[float]] = {"raw": [], "qcow2": [], "bare": [], "sha512": [],
                                      "durable": []}
     for _ in range(runs):
