@@ -105,8 +105,18 @@ def read_log(lines: Iterable[str]) -> list[Request]:
     return trace
 
 
+def image_sizes(trace: Sequence[Request]) -> dict[str, int]:
+    """Each distinct image of the trace and its size in GiB."""
+    return {r.image_id: r.size_gb for r in trace}
+
+
 def working_set_gb(trace: Sequence[Request]) -> int:
-    return sum({r.image_id: r.size_gb for r in trace}.values())
+    return sum(image_sizes(trace).values())
+
+
+def cache_gb(trace: Sequence[Request], cache_fraction: float) -> int:
+    """The cache's bound: ``cache_fraction`` of the working set, at least 1 GiB."""
+    return max(1, math.floor(working_set_gb(trace) * cache_fraction))
 
 
 #: A download's fake duration per GiB (about 128 MiB/s). With a cost proportional to size,
@@ -119,16 +129,16 @@ def replay(trace: Sequence[Request], *, cache_fraction: float = 0.15, policy: st
     """Every request through ``CacheService.create_volume`` with the cache bounded to
     ``cache_fraction`` of the working set, evicting by ``policy``; one second of fake time
     between requests, and ``seconds_per_gib`` of it per GiB downloaded."""
-    cache_gb = max(1, math.floor(working_set_gb(trace) * cache_fraction))
+    bound = cache_gb(trace, cache_fraction)
     clock = FakeClock(dt.datetime(2026, 1, 1, tzinfo=dt.UTC))
     images = InMemoryImageSource(clock=clock, seconds_per_gib=seconds_per_gib)
-    for image_id, size in {r.image_id: r.size_gb for r in trace}.items():
+    for image_id, size in image_sizes(trace).items():
         images.add(Image(id=image_id, name=image_id, virtual_size=size * GIB,
                          updated_at=clock.now()), image_id.encode())
     service = CacheService(
         host="trace", storage=FakeLvmStorage(10**9, host="trace"), images=images,
         uow=InMemoryUnitOfWork(), notifier=RecordingNotifier(), clock=clock,
-        policy=CachePolicy(max_size_gb=cache_gb, eviction_policy=policy))
+        policy=CachePolicy(max_size_gb=bound, eviction_policy=policy))
     hits = gb = 0
     for request in trace:
         result = service.create_volume(CTX, request.image_id, request.size_gb)
@@ -139,7 +149,7 @@ def replay(trace: Sequence[Request], *, cache_fraction: float = 0.15, policy: st
         # The user's volume is not what is measured: drop it so storage stays small.
         service.storage.delete_volume(result.volume.id)
         clock.advance(1)
-    return Replay(len(trace), hits, len(trace) - hits, gb, cache_gb)
+    return Replay(len(trace), hits, len(trace) - hits, gb, bound)
 
 
 def fixed_set_gb(trace: Sequence[Request], *, cache_fraction: float = 0.15) -> int:
@@ -150,13 +160,12 @@ def fixed_set_gb(trace: Sequence[Request], *, cache_fraction: float = 0.15) -> i
     Keeping image i saves ``(requests_i - 1) * size_i`` GiB for ``size_i`` GiB of cache, so
     the request count is the worth per GiB, and taking images by it is the greedy answer to
     that knapsack."""
-    cache_gb = max(1, math.floor(working_set_gb(trace) * cache_fraction))
-    sizes = {r.image_id: r.size_gb for r in trace}
+    sizes = image_sizes(trace)
     counts: dict[str, int] = {}
     for request in trace:
         counts[request.image_id] = counts.get(request.image_id, 0) + 1
     kept: set[str] = set()
-    room = cache_gb
+    room = cache_gb(trace, cache_fraction)
     for image_id in sorted(sizes, key=lambda i: (-counts[i], -sizes[i], i)):
         if sizes[image_id] <= room:
             kept.add(image_id)
